@@ -1,0 +1,63 @@
+"""The functional API: `dar_attention` and `compute_key_weights`."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import select_backend
+from .call import make_call
+from .config import DARConfig
+from .layout import TokenLayout
+
+
+def compute_key_weights(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout | list[TokenLayout],
+                        cfg: DARConfig | None = None, attn_mask: torch.Tensor | None = None,
+                        scale: float | None = None, *, is_causal: bool = False,
+                        backend: str = "auto") -> torch.Tensor:
+    """DAR key weights ``w`` of shape ``(B, Lk)``, float32 (docs/semantics.md, steps 1-6).
+
+    Arguments are those of `dar_attention` without ``v``. Keys outside every reference range, and
+    every key of a row with no generated-image queries or no reference keys, get weight 1.
+    """
+    call = make_call(q, k, None, layout, cfg, attn_mask, scale, is_causal)
+    if not call.plan.active:
+        return torch.ones(q.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
+    return select_backend(backend, call).key_weights(call)
+
+
+def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  layout: TokenLayout | list[TokenLayout], cfg: DARConfig | None = None,
+                  attn_mask: torch.Tensor | None = None, scale: float | None = None, *,
+                  is_causal: bool = False, backend: str = "auto", return_weights: bool = False):
+    """Attention with Dynamic Attention Rebalancing, a drop-in for SDPA.
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` queries; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``, with
+            ``Hq % Hk == 0`` (grouped-query attention). Any strides (a ``(B, L, H, D)`` tensor
+            transposed to ``(B, H, L, D)`` is used without a copy by the triton backend).
+        layout: one `TokenLayout` for the whole batch, or a list of B of them.
+        cfg: a `DARConfig` (default ``DARConfig()``).
+        attn_mask: boolean (True = attend) or additive float mask broadcastable to
+            ``(B, Hq, Lq, Lk)``, as in SDPA.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        is_causal: SDPA's top-left causal mask; cannot be combined with ``attn_mask``.
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``"auto"`` (triton on CUDA when it
+            supports the inputs, else torch; never the reference).
+        return_weights: also return the key weights.
+
+    Returns:
+        ``(B, Hq, Lq, Dv)`` in q's dtype, or ``(out, w)`` with ``w`` of shape ``(B, Lk)`` float32.
+    """
+    if v is None:
+        raise TypeError("v must be a torch.Tensor (use dar.compute_key_weights for weights alone)")
+    if not isinstance(return_weights, bool):
+        raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    call = make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal)
+    impl = select_backend(backend, call)
+    w = impl.key_weights(call) if call.plan.active else None
+    out = impl.attention(call, w)
+    if return_weights:
+        if w is None:
+            w = torch.ones(q.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
+        return out, w
+    return out

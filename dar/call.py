@@ -1,0 +1,81 @@
+"""`DARCall`: one validated `dar_attention` / `compute_key_weights` call, as backends receive it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .config import DARConfig
+from .layout import TokenLayout, resolve_layouts
+from .masks import MaskSpec, make_mask_spec
+from .plan import DARPlan, make_plan
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class DARCall:
+    """Everything a backend needs. ``v`` is None for `compute_key_weights`."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor | None
+    layouts: tuple[TokenLayout, ...]
+    cfg: DARConfig
+    mask: MaskSpec
+    scale: float
+    plan: DARPlan
+
+    @property
+    def groups_per_kv(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, H, L, D) like SDPA, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal) -> DARCall:
+    """Validate the public arguments (raising ValueError/TypeError that name them) and plan the batch."""
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    if v is not None:
+        _check_tensor("v", v)
+    if cfg is None:
+        cfg = DARConfig()
+    if not isinstance(cfg, DARConfig):
+        raise TypeError(f"cfg must be a dar.DARConfig, got {type(cfg).__name__}")
+    b, hq, lq, d = q.shape
+    _, hk, lk, dk = k.shape
+    if k.shape[0] != b:
+        raise ValueError(f"q and k batch sizes differ: {b} vs {k.shape[0]}")
+    if dk != d:
+        raise ValueError(f"q and k head dims differ: {d} vs {dk}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"the number of query heads Hq={hq} must be a multiple of the number of key heads Hk={hk}")
+    for name, t in (("k", k), ("v", v)):
+        if t is None:
+            continue
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if v is not None and (v.shape[0] != b or v.shape[1] != hk or v.shape[2] != lk):
+        raise ValueError(f"v must have shape (B, Hk, Lk, Dv) = ({b}, {hk}, {lk}, Dv), got {tuple(v.shape)}")
+    if min(b, hq, lq, lk, d) == 0:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must not have zero-sized dims")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    mask = make_mask_spec(attn_mask, is_causal, q, lk)
+    layouts = resolve_layouts(layout, b, lq, lk)
+    plan = make_plan(layouts, lq, lk, cfg)
+    return DARCall(q, k, v, layouts, cfg, mask, float(scale), plan)

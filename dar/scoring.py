@@ -1,0 +1,112 @@
+"""Steps 3-6 of docs/semantics.md in plain torch: sampled-query attention mass -> key weights.
+
+Shared by the torch backend and by inspection tools. Tensors are at most ``B x Hq x m x Lk``
+(m sampled queries) and ``B x G x Lk`` (G reference groups); never ``Lq x Lk``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .call import DARCall
+from .config import DARConfig
+
+DEGENERATE_SPAN = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyStats:
+    """Per-key statistics of one call, all (B, Lk) float32.
+
+    mass:   r, attention mass the sampled queries put on each key (summed over heads and samples).
+    rhat:   r̂, the min-max normalised mass within the key's group; NaN for keys outside R and
+            for keys of degenerate groups.
+    weight: w, the key weights.
+    """
+
+    mass: torch.Tensor
+    rhat: torch.Tensor
+    weight: torch.Tensor
+
+
+def sampled_attention_mass(call: DARCall) -> torch.Tensor:
+    """(B, Lk) float32: ``r_k = sum_i sum_h softmax(scale * q_i k^T + mask)_k`` over sampled rows i."""
+    q, k, plan = call.q, call.k, call.plan
+    b, hq, _, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    pt = plan.tensors(q.device)
+    rows = pt.samples.long()  # (B, M), -1 = padding
+    valid = rows >= 0
+    rows = rows.clamp(min=0)
+    m = rows.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qs = q.gather(2, rows[:, None, :, None].expand(b, hq, m, d)).to(acc)
+    qs = qs.reshape(b, hk, call.groups_per_kv * m, d)  # heads of one KV group share a matmul
+    logits = torch.matmul(qs, k.to(acc).transpose(-1, -2)).mul_(call.scale)
+    logits = logits.reshape(b, hq, m, lk)
+    bias = call.mask.rows_bias(rows, hq)
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    # A row with no allowed key has all -inf logits; give it zero mass instead of NaN.
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(logits - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    p = p * valid[:, None, :, None]
+    return p.sum(dim=(1, 2)).float()
+
+
+def group_quantile(values: torch.Tensor, member: torch.Tensor, tau: float) -> torch.Tensor:
+    """torch.quantile's linear rule, per group: values/member (B, G, Lk) -> (B, G)."""
+    n = member.sum(dim=-1)
+    ordered = torch.where(member, values, torch.full_like(values, float("inf"))).sort(dim=-1).values
+    pos = tau * (n - 1).clamp(min=0).to(values.dtype)
+    lo = pos.floor()
+    hi = pos.ceil()
+    v_lo = ordered.gather(-1, lo.long()[..., None])[..., 0]
+    v_hi = ordered.gather(-1, hi.long()[..., None])[..., 0]
+    return torch.lerp(v_lo, v_hi, pos - lo)
+
+
+def weights_from_mass(mass: torch.Tensor, key_groups: torch.Tensor, key_allowed: torch.Tensor | None,
+                      num_groups: int, cfg: DARConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 5-6: per-group min-max normalisation and thresholds -> ``(w, rhat)``, both (B, Lk) float32."""
+    b, lk = mass.shape
+    in_r = key_groups >= 0
+    if key_allowed is not None:
+        in_r = in_r & key_allowed
+    gids = torch.arange(max(num_groups, 1), device=mass.device, dtype=key_groups.dtype)
+    member = (key_groups[:, None, :] == gids[None, :, None]) & in_r[:, None, :]  # (B, G, Lk)
+    r = mass[:, None, :].expand(b, gids.numel(), lk)
+    lo = torch.where(member, r, torch.full_like(r, float("inf"))).amin(dim=-1, keepdim=True)
+    hi = torch.where(member, r, torch.full_like(r, float("-inf"))).amax(dim=-1, keepdim=True)
+    span = hi - lo  # -inf for an empty group
+    ok = span > DEGENERATE_SPAN
+    rhat = (r - torch.where(ok, lo, torch.zeros_like(lo))) / torch.where(ok, span, torch.ones_like(span))
+    use = member & ok
+    if cfg.thresholds == "quantile":
+        t_hi = group_quantile(rhat, use, cfg.tau_high)[..., None]
+        t_lo = group_quantile(rhat, use, cfg.tau_low)[..., None]
+    else:
+        t_hi, t_lo = cfg.tau_high, cfg.tau_low
+    one = torch.ones_like(rhat)
+    w = torch.where(rhat >= t_hi, one * (1.0 + cfg.gamma), torch.where(rhat <= t_lo, one * (1.0 - cfg.gamma), one))
+    # Each key belongs to at most one group: add that group's deviation from 1.
+    weight = 1.0 + torch.where(use, w - 1.0, torch.zeros_like(w)).sum(dim=1)
+    rhat_key = torch.where(use, rhat, torch.zeros_like(rhat)).sum(dim=1)
+    rhat_key = torch.where(use.any(dim=1), rhat_key, torch.full_like(rhat_key, float("nan")))
+    return weight.float(), rhat_key.float()
+
+
+def key_statistics(call: DARCall) -> KeyStats:
+    """r, r̂ and w of a call, computed with the torch implementation (used for inspection)."""
+    mass = sampled_attention_mass(call)
+    pt = call.plan.tensors(call.q.device)
+    w, rhat = weights_from_mass(mass, pt.key_groups(call.plan.lk), call.mask.key_allowed(),
+                                call.plan.num_groups, call.cfg)
+    if not call.plan.active:
+        w = torch.ones_like(w)
+    return KeyStats(mass, rhat, w)
