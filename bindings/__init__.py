@@ -1,0 +1,43 @@
+"""Model bindings: `enable` / `disable` / `rebalanced` dispatch to the diffusers or transformers binding.
+
+- diffusers pipelines and transformer models: `dar.bindings.diffusers`.
+- transformers models using ``attn_implementation="dar"``: `dar.bindings.transformers`.
+Both import their library lazily, so ``import dar`` never pulls diffusers or transformers in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+
+
+def _binding_for(target):
+    # A transformers model is recognised without importing transformers when it isn't loaded.
+    tf = sys.modules.get("transformers")
+    if tf is not None and isinstance(target, tf.PreTrainedModel):
+        return importlib.import_module("dar.bindings.transformers")
+    return importlib.import_module("dar.bindings.diffusers")
+
+
+def enable(target, config=None, **kwargs):
+    """Turn DAR on for a diffusers pipeline / transformer, or a transformers model (see each binding)."""
+    return _binding_for(target).enable(target, config, **kwargs)
+
+
+def disable(target) -> None:
+    """Restore ``target``'s original behaviour exactly."""
+    _binding_for(target).disable(target)
+
+
+@contextlib.contextmanager
+def rebalanced(target, config=None, **kwargs):
+    """``with dar.rebalanced(pipe_or_model, cfg, ...):`` — `enable` on entry, `disable` on exit."""
+    handle = enable(target, config, **kwargs)
+    try:
+        yield handle
+    finally:
+        disable(target)
+
+
+__all__ = ["enable", "disable", "rebalanced"]

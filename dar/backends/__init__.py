@@ -11,9 +11,9 @@ from .base import Backend
 
 logger = logging.getLogger("dar")
 
-BACKENDS = ("reference", "torch", "triton", "auto")
+BACKENDS = ("reference", "torch", "triton", "flex", "auto")
 _MODULES = {"reference": ("reference", "ReferenceBackend"), "torch": ("torch", "TorchBackend"),
-            "triton": ("triton", "TritonBackend")}
+            "triton": ("triton", "TritonBackend"), "flex": ("flex", "FlexBackend")}
 _instances: dict[str, Backend] = {}
 _warned: set[str] = set()
 
