@@ -116,10 +116,11 @@ def _cached_tensors(plan: DARPlan, device: torch.device) -> PlanTensors:
     return _build_tensors(plan, device)
 
 
-@torch.compiler.assume_constant_result
 def make_plan(layouts: tuple[TokenLayout, ...], lq: int, lk: int, cfg: DARConfig) -> DARPlan:
-    """Build (or fetch from cache) the plan of a batch; a compile-time constant under torch.compile."""
-    return _make_plan(layouts, lq, lk, cfg.num_samples, cfg.sampling, cfg.seed, cfg.normalize, cfg.queries, cfg.gamma)
+    """Build (or fetch from cache) the plan of a batch. Pure Python on ints: torch.compile folds it."""
+    # Under torch.compile the cache is bypassed explicitly: dynamo traces (and folds) the Python.
+    build = _make_plan.__wrapped__ if torch.compiler.is_compiling() else _make_plan
+    return build(layouts, lq, lk, cfg.num_samples, cfg.sampling, cfg.seed, cfg.normalize, cfg.queries, cfg.gamma)
 
 
 @functools.lru_cache(maxsize=256)

@@ -7,8 +7,17 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=1024)
+@torch.compiler.assume_constant_result
 def sample_positions(n: int, m: int, method: str, seed: int) -> tuple[int, ...]:
+    """Sorted positions ``0 <= p < n`` of the ``m`` sampled entries of a list of length ``n``.
+
+    A compile-time constant under torch.compile (it draws from a CPU generator).
+    """
+    return _sample_positions(n, m, method, seed)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sample_positions(n: int, m: int, method: str, seed: int) -> tuple[int, ...]:
     """Sorted positions ``0 <= p < n`` of the ``m`` sampled entries of a list of length ``n``.
 
     ``"strided"``: ``floor((j + 0.5) * n / m)`` for ``j = 0..m-1`` (exact integer arithmetic).

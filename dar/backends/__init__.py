@@ -14,18 +14,29 @@ logger = logging.getLogger("dar")
 BACKENDS = ("reference", "torch", "triton", "flex", "auto")
 _MODULES = {"reference": ("reference", "ReferenceBackend"), "torch": ("torch", "TorchBackend"),
             "triton": ("triton", "TritonBackend"), "flex": ("flex", "FlexBackend")}
-_instances: dict[str, Backend] = {}
 _warned: set[str] = set()
 
 
+def _load(name: str):
+    """Import a backend module up front (so torch.compile never traces an import); keep the error."""
+    mod, cls = _MODULES[name]
+    try:
+        return getattr(importlib.import_module(f".{mod}", __name__), cls)()
+    except ImportError as exc:
+        return exc
+
+
+_instances: dict[str, Backend | ImportError] = {name: _load(name) for name in _MODULES}
+
+
 def get_backend(name: str) -> Backend:
-    """The backend object named ``name`` (not "auto")."""
+    """The backend object named ``name`` (not "auto"); ImportError if it cannot load here."""
     if name not in _MODULES:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name not in _instances:
-        mod, cls = _MODULES[name]
-        _instances[name] = getattr(importlib.import_module(f".{mod}", __name__), cls)()
-    return _instances[name]
+    backend = _instances[name]
+    if isinstance(backend, ImportError):
+        raise ImportError(f"the {name} backend cannot be loaded: {backend}") from backend
+    return backend
 
 
 def triton_available() -> str | None:

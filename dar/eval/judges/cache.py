@@ -1,0 +1,66 @@
+"""On-disk cache of judge replies.
+
+A judge at temperature 0 asked the same question about the same images should give the
+same answer, so rescoring a run (a new report, a second formula, a crash) must not pay
+for the calls again. Keys are SHA-256 digests of the model name, the generation
+settings, the system and user prompts and the SHA-256 of every image's bytes -- never
+of credentials, which are not part of the question.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..atomic import atomic_write_json
+from .base import image_sha256
+
+
+class ResponseCache:
+    """One JSON file per reply under ``directory/<k[:2]>/<k>.json``, written atomically."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(
+        model: str,
+        prompt: str,
+        images: Sequence[str | os.PathLike[str]],
+        *,
+        system: str | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> str:
+        material = {
+            "model": model,
+            "system": system,
+            "prompt": prompt,
+            "images": [image_sha256(path) for path in images],
+            "settings": settings or {},
+        }
+        blob = json.dumps(material, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> str | None:
+        path = self._path(key)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                entry = json.load(handle)
+        except FileNotFoundError:
+            return None
+        reply = entry.get("reply") if isinstance(entry, dict) else None
+        if not isinstance(reply, str):
+            raise ValueError(f"corrupt judge cache entry {path}: no 'reply' string")
+        return reply
+
+    def put(self, key: str, reply: str, *, model: str) -> None:
+        atomic_write_json(self._path(key), {"model": model, "reply": reply})

@@ -1,0 +1,177 @@
+"""Judge over any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, ...).
+
+Why the ``openai`` package instead of a hand-written HTTP client: it already speaks the
+wire format every compatible server implements, and its transport retries are exactly
+what a long benchmark run needs -- exponential backoff with jitter on timeouts,
+connection errors, 408/409/429 and 5xx, honouring ``Retry-After`` -- plus redaction of
+the ``Authorization`` header in its own debug logs. It is imported lazily (only when an
+:class:`OpenAIJudge` is built) so the scoring functions of :mod:`dar.eval.micon` and
+:mod:`dar.eval.mico` work without it installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from .base import JudgeError, image_data_url, image_mime
+from .cache import ResponseCache
+
+logger = logging.getLogger(__name__)
+
+# Sent when no key variable is named: local vLLM/SGLang servers accept any bearer token,
+# but the openai client refuses to start without one.
+PLACEHOLDER_KEY = "EMPTY"
+
+
+class OpenAIJudge:
+    """Chat-completions judge with timeouts, retries, bounded concurrency and a reply cache.
+
+    Args:
+        base_url: server root including ``/v1``, e.g. ``http://127.0.0.1:8000/v1``.
+        model: model name as the server knows it (e.g. ``Qwen/Qwen3-VL-32B-Instruct``).
+        api_key_env: name of the environment variable holding the API key. The key is read
+            once, handed to the HTTP client and never stored in results, caches or logs.
+            ``None`` sends a placeholder key (fine for local servers).
+        timeout: seconds per HTTP request before it is abandoned (and retried).
+        max_retries: transport retries per request (timeouts, connection errors, 429, 5xx).
+        concurrency: maximum requests in flight from this judge across all threads.
+        cache_dir: directory for the on-disk reply cache; ``None`` disables caching.
+        temperature: sampling temperature; 0 for reproducible verdicts.
+        max_tokens: cap on reply length.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 4,
+        concurrency: int = 4,
+        cache_dir: str | os.PathLike[str] | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+    ):
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be a non-empty string, got {model!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+
+        if api_key_env is None:
+            secret = PLACEHOLDER_KEY
+            logger.info("no api_key_env given; sending a placeholder API key (fine for local servers)")
+        else:
+            if not isinstance(api_key_env, str) or not api_key_env:
+                raise ValueError(f"api_key_env must name an environment variable, got {api_key_env!r}")
+            secret = os.environ.get(api_key_env, "")
+            if not secret:
+                raise ValueError(f"api_key_env: environment variable {api_key_env!r} is not set or empty")
+
+        try:
+            import openai
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("OpenAIJudge needs the 'openai' package: pip install 'dar[eval]'") from err
+
+        self.name = model
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.concurrency = concurrency
+        self.temperature = float(temperature)
+        self.max_tokens = max_tokens
+        self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
+        self._openai = openai
+        self._client = openai.OpenAI(base_url=base_url, api_key=secret, timeout=self.timeout, max_retries=max_retries)
+        self._redact_value = secret if secret != PLACEHOLDER_KEY else None
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    def __repr__(self) -> str:
+        # Deliberately without the key.
+        return f"OpenAIJudge(base_url={self.base_url!r}, model={self.name!r}, api_key_env={self.api_key_env!r})"
+
+    def describe(self) -> dict[str, Any]:
+        """Settings safe to write into run metadata (no credentials)."""
+        return {
+            "backend": "openai",
+            "base_url": self.base_url,
+            "model": self.name,
+            "api_key_env": self.api_key_env,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "timeout": self.timeout,
+            "max_retries": self.max_retries,
+            "concurrency": self.concurrency,
+        }
+
+    def _redact(self, text: str) -> str:
+        if self._redact_value:
+            text = text.replace(self._redact_value, "***")
+        return text
+
+    def complete(
+        self,
+        prompt: str,
+        images: Sequence[str | os.PathLike[str]] = (),
+        *,
+        system: str | None = None,
+        refresh: bool = False,
+    ) -> str:
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string")
+        paths = [Path(p) for p in images]
+        for path in paths:
+            image_mime(path)  # validates the type before any network traffic
+            if not path.is_file():
+                raise FileNotFoundError(f"judge image not found: {path}")
+
+        key = None
+        if self.cache is not None:
+            settings = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+            key = ResponseCache.key(self.name, prompt, paths, system=system, settings=settings)
+            if not refresh:
+                cached = self.cache.get(key)
+                if cached is not None:
+                    return cached
+
+        content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
+        content += [{"type": "image_url", "image_url": {"url": image_data_url(path)}} for path in paths]
+        messages: list[dict[str, Any]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": content})
+
+        with self._slots:
+            try:
+                response = self._client.chat.completions.create(
+                    model=self.name,
+                    messages=messages,
+                    temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                )
+            except self._openai.APIError as err:
+                raise JudgeError(self._redact(f"{type(err).__name__}: {err}")) from None
+        try:
+            reply = response.choices[0].message.content
+        except (AttributeError, IndexError, TypeError):
+            raise JudgeError("judge response has no choices[0].message") from None
+        reply = reply or ""
+        # Empty replies are not cached: asking again may help.
+        if self.cache is not None and key is not None and reply.strip():
+            self.cache.put(key, reply, model=self.name)
+        return reply
