@@ -82,7 +82,7 @@ def _row_weights(call: DARCall, b: int) -> torch.Tensor:
         idx = torch.tensor(keys, device=r.device)
         rg = r[idx]
         lo, hi = rg.min(), rg.max()
-        if float(hi - lo) <= 1e-12:
+        if float((hi - lo).detach()) <= 1e-12:
             continue
         rhat = (rg - lo) / (hi - lo)
         if cfg.thresholds == "quantile":
