@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .report import _task_order, score_scale
+from .report import task_order, score_scale
 from .runs import STATUS_OK, RunStore
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def compare(
             stacklevel=2,
         )
     scores_a, scores_b = _scores(store_a), _scores(store_b)
-    tasks = _task_order(id_a.get("benchmark", ""), {t for t, _ in scores_a} | {t for t, _ in scores_b})
+    tasks = task_order(id_a.get("benchmark", ""), {t for t, _ in scores_a} | {t for t, _ in scores_b})
     result = Comparison(
         benchmark=id_a.get("benchmark", "unknown"),
         run_a=str(store_a.run_dir),

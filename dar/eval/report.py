@@ -20,7 +20,7 @@ FORMULA_TEXT = {
 }
 
 
-def _task_order(benchmark: str, tasks: Iterable[str]) -> list[str]:
+def task_order(benchmark: str, tasks: Iterable[str]) -> list[str]:
     if benchmark == "micon":
         from .micon.protocol import TASKS as order
     elif benchmark == "mico":
@@ -51,7 +51,7 @@ def summarize(run: RunStore | str | os.PathLike[str]) -> dict[str, Any]:
     by_task: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_task.setdefault(record["task"], []).append(record)
-    tasks = _task_order(benchmark, set(expected) | set(by_task))
+    tasks = task_order(benchmark, set(expected) | set(by_task))
 
     def block(task_records: list[dict[str, Any]], expected_keys: set, pooled: bool) -> dict[str, Any]:
         def key(r: Mapping[str, Any]) -> Any:
