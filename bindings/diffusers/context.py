@@ -1,0 +1,94 @@
+"""Per-thread record of which enabled model and which attention layer are running right now.
+
+The interceptors replace a module-level name (``dispatch_attention_fn``) shared by every model of a
+family, so they need to know, at call time, whether the call comes from an enabled model and from
+which of its attention layers. Forward hooks push that onto two per-thread stacks:
+
+- ``calls``: one entry per running transformer forward of an enabled model (pushed by the model's
+  pre-hook, popped by its always-called post-hook). The entry says how this forward is rebalanced.
+- ``layers``: one `LayerFrame` per running attention module of an enabled model.
+
+Stacks (not single slots) keep nested or re-entrant forwards correct; thread-local storage keeps two
+pipelines running in two threads apart. Everything pushed is a long-lived object (frames are made at
+enable time, `Active` entries are interned per model), so torch.compile guards on them stay stable
+from one step to the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+_local = threading.local()
+
+
+def calls_stack() -> list:
+    stack = getattr(_local, "calls", None)
+    if stack is None:
+        stack = _local.calls = []
+    return stack
+
+
+def layers_stack() -> list:
+    stack = getattr(_local, "layers", None)
+    if stack is None:
+        stack = _local.layers = []
+    return stack
+
+
+def current():
+    """``(active, frame)`` for the innermost running attention layer of an enabled model, or None.
+
+    ``active`` is the entry its model's forward pushed (an `Active`, or that model's `PASSIVE`
+    marker when this forward is not rebalanced). Traced by torch.compile: plain attribute and list
+    reads only.
+    """
+    layers = getattr(_local, "layers", None)
+    calls = getattr(_local, "calls", None)
+    if not layers or not calls:
+        return None
+    frame = layers[-1]
+    active = calls[-1]
+    if active.state is not frame.state:
+        return None  # the innermost forward belongs to another model (a nested call)
+    return active, frame
+
+
+def remove_last(stack: list, item) -> None:
+    """Pop ``item`` from ``stack`` (normally its top; searched if an exception skipped a pop)."""
+    if stack and stack[-1] is item:
+        stack.pop()
+        return
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is item:
+            del stack[i]
+            return
+
+
+@dataclasses.dataclass(eq=False)
+class LayerFrame:
+    """One attention module of an enabled model: its index, qualified name and whether it is selected."""
+
+    state: object
+    index: int
+    name: str
+    selected: bool
+
+
+@dataclasses.dataclass(eq=False, frozen=True)
+class Active:
+    """How the running forward of ``state``'s model is rebalanced.
+
+    layouts: a tuple of one `TokenLayout` per batch row (or one `TokenLayout` for the whole batch,
+             from a ``layout_fn``), or None when this forward is not rebalanced (step
+             filtered out, no reference tokens).
+    seq_len: the joint sequence length the layouts were derived for; attention calls with another
+             query or key length (IP-adapter keys, KV-cache reference self-attention) pass through.
+             None for layouts from a user's ``layout_fn``: those apply to every call they fit.
+    """
+
+    state: object
+    layouts: object
+    seq_len: int | None
+    gen_end: int = 0  # largest gen / ref range end over the rows (for the fit check of user layouts)
+    ref_end: int = 0

@@ -1,0 +1,313 @@
+"""Per-model DAR state (hooks, interception sites, settings) and the handle `enable` returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import threading
+import warnings
+import weakref
+from typing import Callable
+
+import torch
+
+import dar
+from dar import DARConfig, TokenLayout
+
+from . import context, intercept, layouts
+from .steps import StepClock, StepFilter, layer_selection, timestep_value
+
+logger = logging.getLogger("dar.bindings.diffusers")
+
+LAYOUT_FN_HELP = ("pass layout_fn=callable(module, call_kwargs) -> TokenLayout | list[TokenLayout] | None "
+                  "(call_kwargs: the transformer forward's arguments by name)")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Settings:
+    """What `enable` was asked for; replaced as a whole (never mutated) when `enable` runs again."""
+
+    config: DARConfig
+    backend: str
+    layout_fn: Callable  # (model, call_kwargs, memo) -> (layouts, seq_len) | None
+    family: str
+    steps: StepFilter
+    recorder: object | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Now:
+    step: int
+    timestep: float | None
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_signature(cls) -> inspect.Signature | None:
+    try:
+        return inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def call_kwargs(module, args: tuple, kwargs: dict) -> dict:
+    """The transformer forward's arguments by parameter name (positional ones included)."""
+    if not args:
+        return dict(kwargs)
+    sig = _forward_signature(type(module))
+    if sig is None:
+        return dict(kwargs)
+    try:
+        bound = sig.bind_partial(module, *args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    out = dict(bound.arguments)
+    out.pop(next(iter(sig.parameters)), None)  # self
+    for name, p in sig.parameters.items():
+        if p.kind == p.VAR_KEYWORD and name in out:
+            out.update(out.pop(name))
+    return out
+
+
+def _user_layout_fn(fn):
+    """Adapt a user's ``layout_fn(module, call_kwargs)`` to the internal ``(layouts, seq_len)`` form."""
+
+    def derive(model, kw, memo):
+        got = fn(model, kw)
+        if got is None:
+            return None
+        if isinstance(got, TokenLayout):
+            return got, None
+        if isinstance(got, (list, tuple)) and got and all(isinstance(x, TokenLayout) for x in got):
+            return tuple(got), None
+        raise TypeError(f"layout_fn must return a dar.TokenLayout, a list of them (one per batch row) or None, "
+                        f"got {type(got).__name__}")
+
+    return derive
+
+
+class ModelState:
+    """DAR's hooks, sites and settings for one transformer model."""
+
+    def __init__(self, model: torch.nn.Module, clock: StepClock):
+        self.model_ref = weakref.ref(model)
+        self.clock = clock
+        self.settings: Settings | None = None
+        self.now = Now(0, None)
+        self.passive = context.Active(self, None, None)
+        self.frames: list[context.LayerFrame] = []
+        self.hooks: list = []
+        self.sites: list[intercept.Site] = []
+        self.memo: dict = {}
+        self._interned: dict = {}
+        self._said: set[str] = set()
+        self.owner = None  # the DARHandle that enabled this model
+
+    # -- messages ----------------------------------------------------------------------------------
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            warnings.warn(message, stacklevel=3)
+            logger.warning(message)
+
+    def note_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            logger.info(message)
+
+    # -- install / remove --------------------------------------------------------------------------
+    def install(self, model: torch.nn.Module) -> None:
+        attn = [(name, mod) for name, mod in model.named_modules() if getattr(mod, "processor", None) is not None]
+        if not attn:
+            raise TypeError(f"dar.enable: {type(model).__name__} has no diffusers attention modules (modules with a "
+                            f"`processor`); DAR can only be enabled on diffusers transformers")
+        found, skipped = [], []
+        for name, mod in attn:
+            site = intercept.find_site(mod.processor)
+            (found if site is not None else skipped).append((name, mod, site))
+        if not found:
+            raise TypeError(f"dar.enable: none of the attention processors of {type(model).__name__} "
+                            f"({sorted({type(m.processor).__name__ for _, m in attn})}) reach attention through "
+                            f"diffusers' dispatch_attention_fn or F.scaled_dot_product_attention")
+        if skipped:
+            warnings.warn(f"dar: {len(skipped)} attention modules of {type(model).__name__} use processors DAR cannot "
+                          f"intercept ({sorted({type(m.processor).__name__ for _, m, _ in skipped})}); they run "
+                          f"unchanged", stacklevel=4)
+        try:
+            sites = {}
+            for _, mod, (namespace, sname, kind) in found:
+                sites.setdefault((id(namespace), sname), (namespace, sname, kind))
+            for namespace, sname, kind in sites.values():
+                self.sites.append(intercept.acquire(namespace, sname, kind))
+            for index, (name, mod, _) in enumerate(found):
+                frame = context.LayerFrame(self, index, name, True)
+                self.frames.append(frame)
+                self.hooks.append(mod.register_forward_pre_hook(functools.partial(_layer_enter, frame)))
+                self.hooks.append(mod.register_forward_hook(functools.partial(_layer_exit, frame), always_call=True))
+            self.hooks.append(model.register_forward_pre_hook(self._forward_enter, with_kwargs=True))
+            self.hooks.append(model.register_forward_hook(self._forward_exit, with_kwargs=True, always_call=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        for site in self.sites:
+            intercept.release(site)
+        self.sites.clear()
+        self.frames.clear()
+        self._interned.clear()
+        self.memo.clear()
+
+    def configure(self, settings: Settings, layers) -> None:
+        selected = layer_selection(layers, [f.name for f in self.frames])
+        for frame, sel in zip(self.frames, selected):
+            frame.selected = sel
+        self.settings = settings
+        self._interned.clear()
+        self.memo.clear()
+
+    # -- per forward -------------------------------------------------------------------------------
+    def intern(self, lays, seq_len) -> context.Active:
+        """One long-lived `Active` per distinct layout (stable torch.compile guards across steps)."""
+        key = (lays, seq_len)
+        hit = self._interned.get(key)
+        if hit is None:
+            if len(self._interned) >= 256:
+                self._interned.clear()
+            rows = (lays,) if isinstance(lays, TokenLayout) else lays
+            gen_end = max((e for lay in rows for _, e in lay.gen), default=0)
+            ref_end = max((e for lay in rows for _, e in lay.ref), default=0)
+            hit = self._interned[key] = context.Active(self, lays, seq_len, gen_end, ref_end)
+        return hit
+
+    def _forward_enter(self, module, args, kwargs):
+        s = self.settings
+        step = self.clock.begin_forward()
+        kw = None
+        timestep = None
+        if s.steps.needs_timestep or s.recorder is not None:
+            kw = call_kwargs(module, args, kwargs)
+            timestep = timestep_value(kw.get("timestep"))
+        self.now = Now(step, timestep)
+        entry = self.passive
+        if s.steps(step, timestep):
+            if kw is None:
+                kw = call_kwargs(module, args, kwargs)
+            derived = s.layout_fn(module, kw, self.memo)
+            if derived is not None:
+                entry = self.intern(*derived)
+        context.calls_stack().append(entry)
+        return None
+
+    def _forward_exit(self, module, args, kwargs, output):
+        stack = context.calls_stack()
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].state is self:
+                del stack[i]
+                break
+        return None
+
+
+def _layer_enter(frame, module, args):
+    context.layers_stack().append(frame)
+
+
+def _layer_exit(frame, module, args, output):
+    stack = context.layers_stack()
+    if stack and stack[-1] is frame:
+        stack.pop()
+    else:
+        context.remove_last(stack, frame)
+
+
+class DARHandle:
+    """What `dar.enable` returns for a diffusers pipeline or transformer.
+
+    Attributes: ``target`` (what was enabled), ``models`` (the transformers DAR runs in),
+    ``config``, ``backend``, ``layer_names`` (per model, the attention modules in index order).
+    ``step`` is the current step index (see docs/diffusers.md for the counting rule);
+    `reset_steps` sets it back to 0. Usable as a context manager that disables on exit.
+    """
+
+    def __init__(self, target, clock: StepClock):
+        self._target_ref = weakref.ref(target)
+        self.clock = clock
+        self.states: list[ModelState] = []
+        self.scheduler_patches: list[tuple[object, str, object]] = []
+        self.lock = threading.RLock()
+
+    @property
+    def target(self):
+        return self._target_ref()
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [m for m in (s.model_ref() for s in self.states) if m is not None]
+
+    @property
+    def config(self) -> DARConfig | None:
+        return self.states[0].settings.config if self.states else None
+
+    @property
+    def backend(self) -> str | None:
+        return self.states[0].settings.backend if self.states else None
+
+    @property
+    def layer_names(self) -> list[list[str]]:
+        return [[f.name for f in s.frames] for s in self.states]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.states)
+
+    @property
+    def step(self) -> int:
+        return self.clock.step
+
+    def reset_steps(self) -> None:
+        self.clock.reset()
+
+    def disable(self) -> None:
+        from . import disable
+
+        target = self.target
+        if target is not None:
+            disable(target)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.disable()
+        return False
+
+    def __repr__(self) -> str:
+        names = [type(m).__name__ for m in self.models]
+        return f"DARHandle(target={type(self.target).__name__}, models={names}, config={self.config}, enabled={self.enabled})"
+
+
+def make_settings(model, config, backend, layout_fn, steps, recorder) -> Settings:
+    if config is None:
+        config = DARConfig()
+    if not isinstance(config, DARConfig):
+        raise TypeError(f"config must be a dar.DARConfig or None, got {type(config).__name__}")
+    if not isinstance(backend, str) or backend not in dar.BACKENDS:
+        raise ValueError(f"backend must be one of {dar.BACKENDS}, got {backend!r}")
+    if recorder is not None and not callable(getattr(recorder, "observe", None)):
+        raise TypeError(f"recorder must have an observe(...) method (e.g. a dar.Recorder), got {type(recorder).__name__}")
+    if layout_fn is not None:
+        if not callable(layout_fn):
+            raise TypeError(f"layout_fn must be a callable (module, call_kwargs) -> TokenLayout | list | None, "
+                            f"got {type(layout_fn).__name__}")
+        fn, family = _user_layout_fn(layout_fn), "layout_fn"
+    else:
+        fam = layouts.family_of(model)
+        if fam is None:
+            raise ValueError(f"dar.enable: no automatic token layout for {type(model).__name__} (supported: "
+                             f"{', '.join(layouts.SUPPORTED)}); {LAYOUT_FN_HELP}")
+        family, fn = fam
+    return Settings(config, backend, fn, family, StepFilter(steps), recorder)

@@ -1,0 +1,244 @@
+"""Interception sites: the names through which attention processors reach the attention kernel.
+
+diffusers processors call ``dispatch_attention_fn(query, key, value, ...)`` with ``(B, L, H, D)``
+tensors, looked up in their own module's namespace at call time (QwenImage, FLUX.2, FLUX.1).
+OmniGen's processor calls ``F.scaled_dot_product_attention`` on ``(B, H, L, D)`` tensors through
+the module-level name ``F``. A *site* is such a (namespace, name) pair. Enabling a model replaces
+the name by an interceptor for as long as at least one enabled model uses it; the last `release`
+puts the original object back, so identity checks hold after `disable`.
+
+The interceptor never reimplements a processor: it receives exactly the arguments the processor
+passed, decides from the per-thread context (`context.current`) whether the call is rebalanced, and
+otherwise forwards ``*args, **kwargs`` untouched to the original function, i.e. to whatever
+attention backend the user selected in diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import types
+import warnings
+
+import torch
+
+import dar
+
+from . import context
+
+logger = logging.getLogger("dar.bindings.diffusers")
+
+DISPATCH = "dispatch"  # diffusers dispatch_attention_fn: (B, L, H, D) tensors
+SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention reached via a module-level `F`
+
+_DISPATCH_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+                   "attention_kwargs", "backend", "parallel_config")
+_DISPATCH_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                      "enable_gqa": False, "attention_kwargs": None, "backend": None, "parallel_config": None}
+_DISPATCH_POSITIONAL = 9  # backend / parallel_config are keyword-only
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def _bind(names, positional: int, defaults: dict, args: tuple, kwargs: dict):
+    """Map a call's arguments onto parameter names; None when they don't match the signature."""
+    if len(args) > positional:
+        return None
+    bound = dict(defaults)
+    for name, value in zip(names, args):
+        bound[name] = value
+    for name, value in kwargs.items():
+        if name not in names:
+            return None
+        bound[name] = value
+    if "query" not in bound or "key" not in bound or "value" not in bound:
+        return None
+    return bound
+
+
+def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """DAR attention for one intercepted call, in SDPA layout; None means "pass this call through"."""
+    state = active.state
+    settings = state.settings
+    lq, lk = q.shape[2], k.shape[2]
+    if active.seq_len is not None:
+        if lq != active.seq_len or lk != active.seq_len:
+            # Not the joint sequence the layout describes (IP-adapter keys, KV-cache reference
+            # self-attention): this call does not see the reference tokens as laid out.
+            state.note_once(f"skip-len-{frame.index}-{lq}-{lk}",
+                            f"dar: layer {frame.name!r} has an attention call with Lq={lq}, Lk={lk} != the joint "
+                            f"sequence length {active.seq_len}; that call is not rebalanced")
+            return None
+    elif active.gen_end > lq or active.ref_end > lk:
+        state.warn_once(f"fit-{frame.index}",
+                        f"dar: the layout_fn layout does not fit an attention call of layer {frame.name!r} "
+                        f"(Lq={lq}, Lk={lk}); that call is not rebalanced")
+        return None
+    if dropout_p != 0.0:
+        state.warn_once("dropout", "dar: attention calls with dropout_p > 0 are not rebalanced (DAR has no dropout)")
+        return None
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        return None  # the original raises for mismatched heads without enable_gqa; let it
+    if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape[0] == q.shape[0] and attn_mask.shape[1] == lk:
+        # dispatch's native backend reads a 2-D mask as a (B, Lk) key-padding mask.
+        attn_mask = attn_mask[:, None, None, :]
+    recorder = settings.recorder
+    if recorder is None:
+        return dar.dar_attention(q, k, v, active.layouts, settings.config, attn_mask, scale,
+                                 is_causal=bool(is_causal), backend=settings.backend)
+    out, w = dar.dar_attention(q, k, v, active.layouts, settings.config, attn_mask, scale,
+                               is_causal=bool(is_causal), backend=settings.backend, return_weights=True)
+    now = state.now
+    layout = active.layouts if isinstance(active.layouts, dar.TokenLayout) else list(active.layouts)
+    recorder.observe(layer=frame.index, layer_name=frame.name, step=now.step, timestep=now.timestep,
+                     q=q, k=k, v=v, layout=layout, config=settings.config, attn_mask=attn_mask,
+                     scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
+                     weights=w, output=out)
+    return out
+
+
+def make_dispatch_interceptor(original):
+    """A stand-in for ``dispatch_attention_fn`` that rebalances calls of enabled models."""
+
+    def dar_dispatch_attention_fn(*args, **kwargs):
+        hit = context.current()
+        if hit is None:
+            return original(*args, **kwargs)
+        active, frame = hit
+        if active.layouts is None or not frame.selected:
+            return original(*args, **kwargs)
+        a = _bind(_DISPATCH_NAMES, _DISPATCH_POSITIONAL, _DISPATCH_DEFAULTS, args, kwargs)
+        if a is None:
+            return original(*args, **kwargs)
+        if a["parallel_config"] is not None or a["attention_kwargs"]:
+            active.state.warn_once("parallel", "dar: attention calls with a context-parallel config or backend-specific "
+                                               "attention_kwargs are not rebalanced")
+            return original(*args, **kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor) and k.dim() == 4):
+            return original(*args, **kwargs)
+        # (B, L, H, D) -> (B, H, L, D) views: no copy; DAR accepts any strides.
+        out = _rebalance(active, frame, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), a["attn_mask"],
+                         a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"])
+        if out is None:
+            return original(*args, **kwargs)
+        return out.transpose(1, 2)
+
+    dar_dispatch_attention_fn._dar_original = original
+    return dar_dispatch_attention_fn
+
+
+def make_sdpa_interceptor(original):
+    """A stand-in for ``F.scaled_dot_product_attention`` (SDPA layout in and out)."""
+
+    def dar_scaled_dot_product_attention(*args, **kwargs):
+        hit = context.current()
+        if hit is None:
+            return original(*args, **kwargs)
+        active, frame = hit
+        if active.layouts is None or not frame.selected:
+            return original(*args, **kwargs)
+        a = _bind(_SDPA_NAMES, len(_SDPA_NAMES), _SDPA_DEFAULTS, args, kwargs)
+        if a is None:
+            return original(*args, **kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor) and k.dim() == 4):
+            return original(*args, **kwargs)
+        out = _rebalance(active, frame, q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"],
+                         a["enable_gqa"])
+        if out is None:
+            return original(*args, **kwargs)
+        return out
+
+    dar_scaled_dot_product_attention._dar_original = original
+    return dar_scaled_dot_product_attention
+
+
+def _functional_proxy(functional: types.ModuleType) -> types.ModuleType:
+    """A module object like ``torch.nn.functional`` whose SDPA is intercepted.
+
+    It holds the very same function objects, so everything else the processor's module does through
+    ``F`` is unchanged (and torch.compile still recognises those functions).
+    """
+    proxy = types.ModuleType("dar_functional_proxy", "torch.nn.functional with DAR's SDPA interceptor")
+    for name, value in vars(functional).items():
+        if name not in ("__name__", "__doc__", "__spec__", "__loader__", "__package__"):
+            setattr(proxy, name, value)
+    proxy.scaled_dot_product_attention = make_sdpa_interceptor(functional.scaled_dot_product_attention)
+    proxy._dar_original = functional
+    return proxy
+
+
+@dataclasses.dataclass(eq=False)
+class Site:
+    namespace: dict
+    name: str
+    kind: str
+    original: object
+    replacement: object
+    users: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.namespace.get('__name__', '?')}.{self.name}"
+
+
+_sites: dict[tuple[int, str], Site] = {}
+_lock = threading.RLock()
+
+
+def find_site(processor) -> tuple[dict, str, str] | None:
+    """``(namespace, name, kind)`` through which ``processor`` reaches attention, or None."""
+    call = getattr(type(processor), "__call__", None)
+    namespace = getattr(call, "__globals__", None)
+    code = getattr(call, "__code__", None)
+    if namespace is None or code is None:
+        return None
+    if callable(namespace.get("dispatch_attention_fn")):
+        return namespace, "dispatch_attention_fn", DISPATCH
+    f = namespace.get("F")
+    if "scaled_dot_product_attention" in code.co_names and (
+        f is torch.nn.functional or getattr(f, "_dar_original", None) is torch.nn.functional
+    ):
+        return namespace, "F", SDPA
+    return None
+
+
+def acquire(namespace: dict, name: str, kind: str) -> Site:
+    """Install (or share) the interceptor at ``namespace[name]``."""
+    with _lock:
+        key = (id(namespace), name)
+        site = _sites.get(key)
+        if site is None:
+            # (If someone wrapped our interceptor since, it is still in the chain: share the site.)
+            original = namespace[name]
+            if kind == DISPATCH:
+                replacement = make_dispatch_interceptor(original)
+            else:
+                replacement = _functional_proxy(original)
+            site = Site(namespace, name, kind, original, replacement)
+            namespace[name] = replacement
+            _sites[key] = site
+        site.users += 1
+        return site
+
+
+def release(site: Site) -> None:
+    """Drop one user of ``site``; the last one restores the original object."""
+    with _lock:
+        site.users -= 1
+        if site.users > 0:
+            return
+        if _sites.get((id(site.namespace), site.name)) is site:
+            del _sites[(id(site.namespace), site.name)]
+        if site.namespace.get(site.name) is site.replacement:
+            site.namespace[site.name] = site.original
+        else:
+            warnings.warn(f"dar: {site.label} was replaced by someone else while DAR was enabled; leaving the "
+                          f"current object in place", stacklevel=3)
+
+
+def installed_sites() -> list[Site]:
+    with _lock:
+        return list(_sites.values())
