@@ -1,0 +1,11 @@
+"""dar.kernels: the fused Triton kernels behind ``backend="triton"`` (see docs/kernels.md).
+
+- `dar.kernels.attention`: rebalanced flash attention forward, registered as the custom op
+  ``torch.ops.dar.rebalanced_attention``.
+- `dar.kernels.scoring`: sampled-query scoring -> key weights, registered as ``torch.ops.dar.key_weights``.
+- `dar.kernels.autotune`: the per-GPU autotuning tables.
+
+Importing this package does not import triton; the submodules do (and raise ImportError without it).
+"""
+
+__all__ = ["attention", "autotune", "scoring"]

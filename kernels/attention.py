@@ -1,0 +1,375 @@
+"""Rebalanced flash attention, forward: step 7 of docs/semantics.md as one Triton kernel.
+
+For query row i of head h (key/value head ``h // (Hq / Hk)``) the kernel computes
+``out_i = sum_j softmax_j(l_ij) v_j`` over the allowed keys, with the logits
+
+    l_ij = scale * <q_i, k_j> * w_j + bias_j      key_scale,  row i rebalanced
+    l_ij = scale * <q_i, k_j> + ln w_j + bias_j    prob_scale, row i rebalanced
+    l_ij = scale * <q_i, k_j> + bias_j             every other row (and w = None)
+
+``bias_j`` is the key bias (``-inf`` = padded key); ``is_causal`` adds SDPA's top-left rule
+(``-inf`` for ``j > i``). A row with no allowed key outputs 0, as SDPA does.
+
+One program owns a ``BLOCK_M`` tile of query rows of one (batch, head) and streams the keys in
+``BLOCK_N`` tiles with the online softmax (running max ``m``, running sum ``l``, fp32 accumulator).
+The key weights are one ``(BLOCK_N,)`` float32 load per key tile, applied to the logits in
+registers: DAR adds no pass over K or V and no memory beyond ``w`` itself.
+
+Output: ``(B, Hq, Lq, Dv)`` in q's dtype, laid out like q (see `empty_output`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import AUTOTUNE_KEY, candidate_configs, prune_for, seq_bucket
+
+LOG2E = 1.4426950408889634  # the kernel works in base 2: exp(x) = exp2(x * log2(e))
+MAX_HEAD_DIM = 256
+MODES = ("key_scale", "prob_scale")
+
+# Accuracy this kernel promises against float64 math on the same (rounded) inputs, per input dtype:
+# |out - exact| <= atol + rtol * |exact|. The tests assert exactly these numbers. fp16/bf16 lose
+# precision where flash attention always does: P is rounded to the input dtype before P @ V, and
+# the output is rounded once more.
+TOLERANCE = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (3e-3, 3e-3),
+    torch.bfloat16: (2.5e-2, 2.5e-2),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr):
+    """Load a 2-D tile, masking (with zeros) only the dims that can run past the tensor."""
+    if ROW_MASK and COL_MASK:
+        x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif ROW_MASK:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif COL_MASK:
+        x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _rebalanced_rows(GEN, stride_gb, stride_gg, G, off_b, rows):
+    """(BLOCK_M,) bool: which ``rows`` lie in one of batch row ``off_b``'s half-open ranges.
+
+    Padding ranges are (0, 0) and match nothing, so G can be the batch's maximum.
+    """
+    on = rows < 0
+    gen = GEN + off_b.to(tl.int64) * stride_gb
+    for g in range(0, G):
+        start = tl.load(gen + g * stride_gg)
+        end = tl.load(gen + g * stride_gg + 1)
+        on = on | ((rows >= start) & (rows < end))
+    return on
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, w_row, bias_row, rows, row_on, tile_on,
+                  start, stop, Lk, stride_kn, stride_vn, stride_biasn, qk_scale, d_ok, dv_ok,
+                  BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  HAS_W: tl.constexpr, PROB_SCALE: tl.constexpr, ROW_MIXED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, MASK_D: tl.constexpr, MASK_DV: tl.constexpr,
+                  DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold the key tiles ``[start, stop)`` into the online softmax state ``(acc, l_i, m_i)``.
+
+    BOUNDARY tiles may hold keys past ``Lk`` or (causal) past a row's diagonal and are masked;
+    the others are loaded and used without any mask. ROW_MIXED tiles have both rebalanced and
+    plain rows and pick the logit rule per element; otherwise one rule serves the whole tile
+    (``tile_on``), which costs a ``(BLOCK_N,)`` vector op instead of a ``(BLOCK_M, BLOCK_N)`` select.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    # Move to the first tile with a 64-bit offset; the per-tile offsets stay 32-bit.
+    k_ptrs += tl.cast(start, tl.int64) * stride_kn
+    v_ptrs += tl.cast(start, tl.int64) * stride_vn
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        key_ok = cols < Lk
+
+        # Stage 1: raw scores q k^T for this key tile (fp32).
+        k = _load_tile(k_ptrs, key_ok, d_ok, BOUNDARY, MASK_D)
+        if DOT_F32:  # interpreter only: see the note on DOT_F32 in the kernel
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+
+        # Stage 2: DAR in registers, in base-2 logits (qk_scale = scale * log2 e).
+        if HAS_W:
+            if BOUNDARY:
+                w = tl.load(w_row + cols, mask=key_ok, other=1.0)
+            else:
+                w = tl.load(w_row + cols)
+            if PROB_SCALE:
+                lw = tl.log2(w)  # ln w in base-2 units is log2 w
+                if ROW_MIXED:
+                    s = qk * qk_scale + tl.where(row_on[:, None], lw[None, :], 0.0)
+                else:
+                    s = qk * qk_scale + tl.where(tile_on, lw, 0.0)[None, :]
+            else:
+                ws = w * qk_scale  # scale and w fold into one per-key multiplier
+                if ROW_MIXED:
+                    s = qk * tl.where(row_on[:, None], ws[None, :], qk_scale)
+                else:
+                    s = qk * tl.where(tile_on, ws, qk_scale)[None, :]
+        else:
+            s = qk * qk_scale
+        if HAS_BIAS:
+            if BOUNDARY:
+                bias = tl.load(bias_row + cols * stride_biasn, mask=key_ok, other=float("-inf"))
+            else:
+                bias = tl.load(bias_row + cols * stride_biasn)
+            s += bias[None, :] * LOG2E
+        if BOUNDARY:
+            allowed = key_ok[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (cols[None, :] <= rows[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+
+        # Stage 3: online softmax update.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row whose keys so far are all masked has m_new = -inf; subtracting 0 instead keeps
+        # exp2(-inf - m) at 0 rather than NaN, so such rows end with l = 0 and acc = 0.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        # Stage 4: acc = alpha * acc + P V, with P rounded to V's dtype as the tensor cores want.
+        v = _load_tile(v_ptrs, key_ok, dv_ok, BOUNDARY, MASK_DV)
+        p = p.to(v_ptrs.dtype.element_ty)
+        if DOT_F32:
+            v = v.to(tl.float32)
+            p = p.to(tl.float32)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _rebalanced_attention_fwd(
+    Q, K, V, W, GEN, BIAS, Out,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_wb, stride_gb, stride_gg, stride_biasb, stride_biasn,
+    Hq, KV_GROUP, Lq, Lk, G, qk_scale,
+    LQ_BUCKET, LK_BUCKET,  # autotune key only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_W: tl.constexpr, PROB_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Which tile: axis 0 walks query tiles of one (batch, head), so neighbouring programs share
+    # K/V in L2. Causal grids start with the last query tiles, which have the most keys to visit.
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // Hq
+    off_h = pid_bh % Hq
+    off_hk = off_h // KV_GROUP  # GQA/MQA: index the shared K/V head, never repeat it
+    m0 = pid_m * BLOCK_M
+
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = m0 + offs_m
+    row_ok = rows < Lq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)  # head dims are padded to a power of two and masked
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    # Base pointers with 64-bit offsets: batch/head/row strides overflow int32 past 2^31 elements.
+    b64 = off_b.to(tl.int64)
+    q_ptrs = (Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qm
+              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    k_ptrs = (K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+              + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+    q = _load_tile(q_ptrs, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    # DOT_F32 (set only under TRITON_INTERPRET=1): the CPU interpreter multiplies bf16 dot operands
+    # as raw bit patterns (triton #11584), and any bf16 arithmetic there is wrong too, so dot
+    # operands are widened to fp32 right after loading. Exact: products of two fp16/bf16 numbers
+    # are representable in fp32. DOT_PRECISION is "ieee" for fp32 inputs (true fp32 products, as
+    # SDPA gives), else the default "tf32", which fp16/bf16 operands ignore.
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    # Which of this tile's rows DAR rebalances, and whether the tile is all of one kind.
+    if HAS_W:
+        row_on = _rebalanced_rows(GEN, stride_gb, stride_gg, G, off_b, rows) & row_ok
+        n_on = tl.sum(row_on.to(tl.int32), 0)
+        tile_on = n_on > 0
+        mixed = tile_on & (n_on < tl.minimum(Lq - m0, BLOCK_M))
+        w_row = W + b64 * stride_wb
+    else:
+        row_on = row_ok
+        tile_on = False
+        mixed = False
+        w_row = W
+    bias_row = BIAS + b64 * stride_biasb if HAS_BIAS else BIAS
+
+    # Key range: tiles in [0, full) need no mask; [full, stop) hold the Lk edge or, causal, the
+    # diagonal. Causal tiles past the tile's last row are masked for every row: never visited.
+    if IS_CAUSAL:
+        stop = tl.minimum(Lk, m0 + BLOCK_M)
+        full = tl.minimum((m0 + 1) // BLOCK_N, Lk // BLOCK_N) * BLOCK_N
+    else:
+        stop = Lk
+        full = (Lk // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if mixed:
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, w_row, bias_row, rows, row_on, tile_on, 0, full, Lk,
+            stride_kn, stride_vn, stride_biasn, qk_scale, d_ok, dv_ok, BLOCK_N, False, IS_CAUSAL, HAS_W,
+            PROB_SCALE, True, HAS_BIAS, HEAD_DIM != BLOCK_D, HEAD_DIM_V != BLOCK_DV, DOT_F32, DOT_PRECISION)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, w_row, bias_row, rows, row_on, tile_on, full, stop, Lk,
+            stride_kn, stride_vn, stride_biasn, qk_scale, d_ok, dv_ok, BLOCK_N, True, IS_CAUSAL, HAS_W,
+            PROB_SCALE, True, HAS_BIAS, HEAD_DIM != BLOCK_D, HEAD_DIM_V != BLOCK_DV, DOT_F32, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, w_row, bias_row, rows, row_on, tile_on, 0, full, Lk,
+            stride_kn, stride_vn, stride_biasn, qk_scale, d_ok, dv_ok, BLOCK_N, False, IS_CAUSAL, HAS_W,
+            PROB_SCALE, False, HAS_BIAS, HEAD_DIM != BLOCK_D, HEAD_DIM_V != BLOCK_DV, DOT_F32, DOT_PRECISION)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, w_row, bias_row, rows, row_on, tile_on, full, stop, Lk,
+            stride_kn, stride_vn, stride_biasn, qk_scale, d_ok, dv_ok, BLOCK_N, True, IS_CAUSAL, HAS_W,
+            PROB_SCALE, False, HAS_BIAS, HEAD_DIM != BLOCK_D, HEAD_DIM_V != BLOCK_DV, DOT_F32, DOT_PRECISION)
+
+    # Epilogue: normalise; rows that saw no allowed key have l = 0 and acc = 0 and output 0.
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_ptrs = (Out + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
+              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+try:  # the interpreter swaps every @triton.jit function for an InterpretedFunction at import time
+    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
+
+    INTERPRETED = isinstance(_rebalanced_attention_fwd, _Interpreted)
+except ImportError:  # pragma: no cover - older triton layouts
+    INTERPRETED = False
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel(capability: tuple[int, int] | None):
+    """The kernel wrapped in an autotuner whose candidates suit this GPU (None: interpreter)."""
+    return triton.autotune(
+        configs=candidate_configs(capability), key=AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": prune_for(capability)},
+    )(_rebalanced_attention_fwd)
+
+
+def empty_output(q: torch.Tensor, dv: int) -> torch.Tensor:
+    """A ``(B, Hq, Lq, Dv)`` tensor laid out like q: a transposed ``(B, Lq, Hq, Dv)`` buffer when q
+    is a transposed ``(B, L, H, D)`` tensor (so a model's ``out.transpose(1, 2).reshape(B, L, H * Dv)``
+    costs no copy), else contiguous ``(B, Hq, Lq, Dv)``."""
+    b, h, lq, _ = q.shape
+    if h > 1 and lq > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty(b, lq, h, dv).transpose(1, 2)
+    return q.new_empty(b, h, lq, dv)
+
+
+def _check(q, k, v, w, gen_ranges, key_bias, mode) -> None:
+    """Shape/dtype checks on metadata only (no host synchronisation)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        if t.dtype not in TOLERANCE:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    b, hq, _, d = q.shape
+    _, hk, lk, _ = k.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[0] != b or k.shape[3] != d or tuple(v.shape[:3]) != (b, hk, lk):
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hq % hk:
+        raise ValueError(f"Hq={hq} must be a multiple of Hk={hk}")
+    if max(d, v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got D={d}, Dv={v.shape[3]}")
+    if (w is None) != (gen_ranges is None):
+        raise ValueError("w and gen_ranges must be given together (or both None for plain attention)")
+    if w is not None:
+        if w.dtype != torch.float32 or tuple(w.shape) != (b, lk):
+            raise ValueError(f"w must be float32 of shape (B, Lk) = {(b, lk)}, got {w.dtype} {tuple(w.shape)}")
+        if gen_ranges.dtype != torch.int32 or gen_ranges.dim() != 3 or gen_ranges.shape[0] != b or gen_ranges.shape[2] != 2:
+            raise ValueError(f"gen_ranges must be int32 of shape (B, G, 2), got {gen_ranges.dtype} {tuple(gen_ranges.shape)}")
+    if key_bias is not None and (key_bias.dtype != torch.float32 or tuple(key_bias.shape) != (b, lk)):
+        raise ValueError(f"key_bias must be float32 of shape (B, Lk) = {(b, lk)}, got {key_bias.dtype} {tuple(key_bias.shape)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+@torch.library.custom_op("dar::rebalanced_attention", mutates_args=())
+def rebalanced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Optional[torch.Tensor],
+                         gen_ranges: Optional[torch.Tensor], key_bias: Optional[torch.Tensor],
+                         is_causal: bool, scale: float, mode: str) -> torch.Tensor:
+    """Flash attention with DAR's key weights; see the module docstring for the exact logits.
+
+    q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv): any strides, fp16/bf16/fp32.
+    w (B, Lk) float32 and gen_ranges (B, G, 2) int32 (half-open rebalanced query ranges, (0, 0)
+    padding), both None for plain attention. key_bias (B, Lk) float32 additive, -inf = padded key.
+    Returns (B, Hq, Lq, Dv) in q's dtype, laid out like q (`empty_output`).
+    """
+    _check(q, k, v, w, gen_ranges, key_bias, mode)
+    b, hq, lq, d = q.shape
+    _, hk, lk, dv = v.shape
+    out = empty_output(q, dv)
+    has_w, has_bias = w is not None, key_bias is not None
+    if has_w:
+        w = w.contiguous()  # (B, Lk) rows are read as unit-stride vectors
+        gen_ranges = gen_ranges.contiguous()
+    dummy = out  # stands in for absent optional tensors; their loads are compiled out
+    W, GEN, BIAS = (w if has_w else dummy), (gen_ranges if has_w else dummy), (key_bias if has_bias else dummy)
+    capability = None if INTERPRETED else torch.cuda.get_device_capability(q.device)
+    kernel = _tuned_kernel(capability)
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            q, k, v, W, GEN, BIAS, out,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            W.stride(0) if has_w else 0, GEN.stride(0) if has_w else 0, GEN.stride(1) if has_w else 0,
+            BIAS.stride(0) if has_bias else 0, BIAS.stride(1) if has_bias else 0,
+            hq, hq // hk, lq, lk, gen_ranges.shape[1] if has_w else 0, scale * LOG2E,
+            seq_bucket(lq), seq_bucket(lk),
+            HEAD_DIM=d, HEAD_DIM_V=dv,
+            BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+            IS_CAUSAL=is_causal, HAS_W=has_w, PROB_SCALE=mode == "prob_scale", HAS_BIAS=has_bias,
+            DOT_F32=INTERPRETED, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+    return out
+
+
+@rebalanced_attention.register_fake
+def _(q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode):
+    _check(q, k, v, w, gen_ranges, key_bias, mode)
+    return empty_output(q, v.shape[-1])
+
+
+__all__ = ["INTERPRETED", "MAX_HEAD_DIM", "MODES", "TOLERANCE", "empty_output", "rebalanced_attention"]
