@@ -1,0 +1,77 @@
+"""The triton backend: DAR in two fused Triton kernels (docs/kernels.md).
+
+``key_weights`` runs the sampled-query scoring kernel (``dar::key_weights``), ``attention`` the
+rebalanced flash-attention kernel (``dar::rebalanced_attention``). Both take the plan as small
+int32 device tensors and the mask as a ``(B, Lk)`` key bias, so nothing here synchronises with
+the device and nothing ``Lq x Lk`` is built. Forward only: calls that need gradients go to torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton  # noqa: F401  (the kernels below need it; without it this backend is unavailable)
+except ImportError as exc:  # re-raised as a plain ImportError: dar.backends records it as "unavailable"
+    raise ImportError(f"the triton backend needs the `triton` package ({exc})") from exc
+
+from ..call import DARCall
+from ..kernels import attention as _attention
+from .base import Backend
+
+try:  # imported up front so torch.compile never traces an import
+    from ..kernels.scoring import key_weights as _key_weights_kernel
+except ImportError as exc:  # kernels/scoring.py not present in this checkout
+    _key_weights_kernel = None
+    _SCORING_MISSING = f"dar.kernels.scoring cannot be imported ({exc})"
+
+# Batch x query heads is the grid's second axis, which CUDA caps at 65535.
+_MAX_GRID_Y = 65535
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unsupported(self, call: DARCall) -> str | None:
+        q, k, v = call.q, call.k, call.v
+        dev = q.device.type
+        if dev != "cuda" and not (_attention.INTERPRETED and dev == "cpu"):
+            return (f"q is on {q.device}; the triton kernels run on CUDA devices "
+                    "(or on the CPU under TRITON_INTERPRET=1)")
+        if q.dtype not in _attention.TOLERANCE:
+            return f"q has dtype {q.dtype}; the triton kernels take float16, bfloat16 or float32"
+        dv = v.shape[-1] if v is not None else q.shape[-1]
+        if max(q.shape[-1], dv) > _attention.MAX_HEAD_DIM:
+            return (f"the head dim (D={q.shape[-1]}, Dv={dv}) exceeds {_attention.MAX_HEAD_DIM}, "
+                    "the largest the triton kernels support")
+        if call.mask.mask is not None and not call.mask.is_key_only:
+            return (f"attn_mask of shape {tuple(call.mask.mask.shape)} is not a key-only mask; the triton "
+                    "kernels take key-padding masks / key biases of shape (B or 1, 1, 1, Lk) and is_causal")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
+            return "q, k or v requires grad and the triton kernels are forward-only"
+        if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+            return f"B * Hq = {q.shape[0] * q.shape[1]} exceeds {_MAX_GRID_Y}, the kernel grid's limit"
+        if dev == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+            return "bfloat16 needs a GPU of compute capability 8.0 or newer"
+        return None
+
+    def key_weights(self, call: DARCall) -> torch.Tensor:
+        if _key_weights_kernel is None:
+            raise ImportError(f"the triton backend cannot score keys: {_SCORING_MISSING}")
+        pt = call.plan.tensors(call.q.device)
+        cfg = call.cfg
+        return _key_weights_kernel(call.q, call.k, pt.samples, pt.ref_ranges, pt.ref_groups, call.plan.num_groups,
+                           call.mask.key_bias(), call.mask.is_causal, call.scale, cfg.gamma,
+                           cfg.tau_high, cfg.tau_low, cfg.thresholds)
+
+    def attention(self, call: DARCall, weights: torch.Tensor | None) -> torch.Tensor:
+        gen_ranges = None
+        if weights is None or not call.plan.active:
+            weights = None  # plain attention: gamma = 0, or no row has both queries and references
+        else:
+            gen_ranges = call.plan.tensors(call.q.device).gen_ranges
+            weights = weights.float()
+        return torch.ops.dar.rebalanced_attention(
+            call.q, call.k, call.v, weights, gen_ranges, call.mask.key_bias(), call.mask.is_causal,
+            call.scale, call.cfg.mode,
+        )
