@@ -180,7 +180,7 @@ def _row_lse_kernel(Q, K, Samples, KeyBias, Lse,
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), 1)
         m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     rows = start_r + tl.arange(0, BLOCK_M)
     # Lse is (B, Hq, M) contiguous, so KV head hk's packed rows are one contiguous run.
     tl.store(Lse + (b.to(tl.int64) * H_KV + hk) * (GROUP * M) + rows, lse, mask=rows < GROUP * M)
@@ -365,6 +365,16 @@ def _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale, thresh
         raise ValueError(f"thresholds must be one of {THRESHOLDS}, got {thresholds!r}")
 
 
+def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) of the q.k dot for inputs of ``dtype``.
+
+    bf16 operands are upcast to fp32 under the interpreter only (its bf16 tl.dot is wrong). Every fp32
+    dot asks for exact fp32 ("ieee", not tf32): w thresholds r̂, which must agree with the float32 reference.
+    """
+    upcast = interpreting() and dtype == torch.bfloat16
+    return upcast, ("ieee" if upcast or dtype == torch.float32 else "tf32")
+
+
 def _key_bias_rows(key_bias, device) -> torch.Tensor:
     """The bias with unit key stride (a broadcast (1, Lk) row keeps its 0 batch stride); a dummy when None."""
     if key_bias is None:
@@ -381,10 +391,7 @@ def _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale) -> 
     b, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     group, m, r = hq // hk, samples.shape[1], ref_ranges.shape[1]
-    # bf16 operands are upcast under the interpreter only; everything fp32 asks for an exact fp32
-    # dot (not tf32), because hard thresholds on r̂ must agree with the float32 reference.
-    upcast = interpreting() and q.dtype == torch.bfloat16
-    precision = "ieee" if (upcast or q.dtype == torch.float32) else "tf32"
+    upcast, precision = _dot_mode(q.dtype)
     has_bias = key_bias is not None
     bias = _key_bias_rows(key_bias, q.device)
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_BIAS=has_bias,
