@@ -63,10 +63,10 @@ def register() -> None:
 
 
 def is_registered() -> bool:
-    """True when ``"dar"`` maps to this module's attention function in transformers."""
+    """True when transformers has a ``"dar"`` attention implementation (this module's, or a wrapper of it)."""
     from transformers import AttentionInterface
 
-    return AttentionInterface._global_mapping.get(ATTN_NAME) is dar_attention_forward
+    return ATTN_NAME in AttentionInterface._global_mapping
 
 
 # --------------------------------------------------------------------------------------------- masks helper
