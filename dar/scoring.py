@@ -31,32 +31,44 @@ class KeyStats:
     weight: torch.Tensor
 
 
+# Scoring works on chunks of key heads so that its float32 temporaries (a K head upcast, m x Lk
+# logits per query head) stay near this many elements whatever the model size.
+_CHUNK_ELEMENTS = 1 << 25
+
+
 def sampled_attention_mass(call: DARCall) -> torch.Tensor:
     """(B, Lk) float32: ``r_k = sum_i sum_h softmax(scale * q_i k^T + mask)_k`` over sampled rows i."""
     q, k, plan = call.q, call.k, call.plan
     b, hq, _, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
+    g = call.groups_per_kv
     pt = plan.tensors(q.device)
     rows = pt.samples.long()  # (B, M), -1 = padding
     valid = rows >= 0
     rows = rows.clamp(min=0)
     m = rows.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qs = q.gather(2, rows[:, None, :, None].expand(b, hq, m, d)).to(acc)
-    qs = qs.reshape(b, hk, call.groups_per_kv * m, d)  # heads of one KV group share a matmul
-    logits = torch.matmul(qs, k.to(acc).transpose(-1, -2)).mul_(call.scale)
-    logits = logits.reshape(b, hq, m, lk)
-    bias = call.mask.rows_bias(rows, hq)
-    if bias is not None:
-        logits = logits + bias.to(acc)
-    # A row with no allowed key has all -inf logits; give it zero mass instead of NaN.
-    row_max = logits.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(logits - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    p = p * valid[:, None, :, None]
-    return p.sum(dim=(1, 2)).float()
+    qs = q.gather(2, rows[:, None, :, None].expand(b, hq, m, d))  # (B, Hq, M, D): only the sampled rows
+    bias = call.mask.rows_bias(rows, hq)  # (B, 1 or Hq, M, Lk) or None
+    per_head = b * (g * m + d) * lk
+    step = max(1, min(hk, _CHUNK_ELEMENTS // max(per_head, 1)))
+    mass = torch.zeros(b, lk, dtype=acc, device=q.device)
+    for h0 in range(0, hk, step):
+        h1 = min(hk, h0 + step)
+        # Query heads of one KV head share its keys: fold them into the matmul's row dimension.
+        qc = qs[:, h0 * g:h1 * g].to(acc).reshape(b, h1 - h0, g * m, d)
+        logits = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(call.scale)
+        logits = logits.reshape(b, (h1 - h0) * g, m, lk)
+        if bias is not None:
+            logits = logits + (bias if bias.shape[1] == 1 else bias[:, h0 * g:h1 * g]).to(acc)
+        # A row with no allowed key has all -inf logits; give it zero mass instead of NaN.
+        row_max = logits.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(logits - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+        mass += (p * valid[:, None, :, None]).sum(dim=(1, 2))
+    return mass.float()
 
 
 def group_quantile(values: torch.Tensor, member: torch.Tensor, tau: float) -> torch.Tensor:

@@ -198,3 +198,17 @@ def test_autograd_through_torch_backend():
     ref.square().sum().backward()
     for g, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_in_head_chunks_matches_reference(monkeypatch):
+    import dar.scoring
+    monkeypatch.setattr(dar.scoring, "_CHUNK_ELEMENTS", 1)  # one key head per chunk
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 6, 30, 8), torch.randn(2, 3, 30, 8)
+    mask = torch.rand(1, 6, 30, 30) > 0.2  # per-head mask rows must follow their heads
+    lay = dar.TokenLayout(ref=[(0, 12)], gen=[(12, 30)])
+    cfg = dar.DARConfig(num_samples=6, gamma=0.5)
+    for kw in (dict(), dict(attn_mask=mask), dict(is_causal=True)):
+        w_t = dar.compute_key_weights(q, k, lay, cfg, backend="torch", **kw)
+        w_r = dar.compute_key_weights(q, k, lay, cfg, backend="reference", **kw)
+        assert (w_r != 1).any() and torch.equal(w_t, w_r)
