@@ -168,8 +168,14 @@ class ScriptedJudge:
         return self._reply(prompt, paths)
 
 
+def tail(path) -> str:
+    """The last two path components, e.g. "7/0.png" or "mico_bench_hoi/0.png"."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:])
+
+
 class FakeEmbedder:
-    """Face 'detector' looking embeddings up by file name; unknown files have no face."""
+    """Face 'detector' looking embeddings up by :func:`tail` of the path; unknown files have no face."""
 
     name = "fake-embedder"
 
@@ -178,8 +184,8 @@ class FakeEmbedder:
         self.calls: list[str] = []
 
     def embed(self, image_path):
-        self.calls.append(Path(image_path).name)
-        return [np.asarray(v, dtype=np.float32) for v in self.table.get(Path(image_path).name, [])]
+        self.calls.append(tail(image_path))
+        return [np.asarray(v, dtype=np.float32) for v in self.table.get(tail(image_path), [])]
 
 
 def unit(angle_deg: float) -> np.ndarray:
