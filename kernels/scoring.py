@@ -14,8 +14,9 @@ Three stages, none of which writes a logit to memory:
 Work is ``O(Hq · m · Lk · D)`` (m sampled queries), never ``Lq · Lk``. The queries of one KV head's
 GQA group are packed into the rows of one tile, so every K tile is loaded once per KV head.
 
-Public entry points (both `torch.library` custom ops, traceable by ``torch.compile(fullgraph=True)``):
-`key_weights` (``dar::key_weights``) and `sampled_attention_mass` (``dar::sampled_attention_mass``).
+Public entry points: the `torch.library` custom ops `key_weights` (``dar::key_weights``) and
+`sampled_attention_mass` (``dar::sampled_attention_mass``), traceable by ``torch.compile(fullgraph=True)``,
+and `key_statistics` (plain Python: r and w from one run, for inspection).
 
 Verification status: every path here is tested on the CPU with ``TRITON_INTERPRET=1``
 (tests/test_triton_scoring.py). Not yet run on a GPU: the compiled kernels themselves (layouts,
@@ -52,7 +53,9 @@ def interpreting() -> bool:
 
 def _configs(pairs):
     if interpreting():  # the interpreter runs every config in Python: one small one
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        # 64 packed rows x 16 keys: few Python-level iterations, yet the test sizes (Lk, Hq/Hk * m up to
+        # 48 and 192) still span several tiles in both directions.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
@@ -477,6 +480,20 @@ def _(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale):
     return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
 
 
+def key_statistics(q, k, samples, ref_ranges, ref_groups, num_groups: int, key_bias, is_causal: bool, scale: float,
+                   gamma: float, tau_high: float, tau_low: float, thresholds: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, w)``, both (B, Lk) float32, from one run of the three stages (arguments as for `key_weights`).
+
+    A plain function, not an op: for inspection (the recorder) and tests, which want the mass too.
+    """
+    _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale, thresholds)
+    samples, ref_ranges, ref_groups = _plan_contiguous(samples, ref_ranges, ref_groups)
+    mass = _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale)
+    w = _weights(mass, ref_ranges, ref_groups, num_groups, key_bias, is_causal, q.shape[2], gamma, tau_high,
+                 tau_low, thresholds)
+    return mass, w
+
+
 @torch.library.custom_op("dar::key_weights", mutates_args=())
 def key_weights(q: torch.Tensor, k: torch.Tensor, samples: torch.Tensor, ref_ranges: torch.Tensor,
                 ref_groups: torch.Tensor, num_groups: int, key_bias: Optional[torch.Tensor], is_causal: bool,
@@ -491,11 +508,8 @@ def key_weights(q: torch.Tensor, k: torch.Tensor, samples: torch.Tensor, ref_ran
     are the `DARConfig` fields of the same names. Keys outside R, and rows with no samples or no
     ranges, get weight 1.
     """
-    _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale, thresholds)
-    samples, ref_ranges, ref_groups = _plan_contiguous(samples, ref_ranges, ref_groups)
-    mass = _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale)
-    return _weights(mass, ref_ranges, ref_groups, num_groups, key_bias, is_causal, q.shape[2], gamma,
-                    tau_high, tau_low, thresholds)
+    return key_statistics(q, k, samples, ref_ranges, ref_groups, num_groups, key_bias, is_causal, scale, gamma,
+                          tau_high, tau_low, thresholds)[1]
 
 
 @key_weights.register_fake
@@ -505,4 +519,4 @@ def _(q, k, samples, ref_ranges, ref_groups, num_groups, key_bias, is_causal, sc
     return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
 
 
-__all__ = ["key_weights", "sampled_attention_mass", "interpreting", "THRESHOLDS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+__all__ = ["key_weights", "key_statistics", "sampled_attention_mass", "interpreting", "THRESHOLDS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
