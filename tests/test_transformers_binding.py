@@ -288,6 +288,44 @@ def test_decode_steps_on_generated_positions(model, monkeypatch):
         assert (w != 1).any()
 
 
+def test_chunked_prefill_maps_windows(model, monkeypatch):
+    """Prefill in two chunks through a DynamicCache: the second chunk's queries start at position 15, its keys
+    are the 15 cached ones plus its own, and transformers hands it a materialised causal + padding mask."""
+    ids, attn = _batch()
+    cfg = dar.DARConfig(gamma=0.6, num_samples=4, sampling="strided", tau_high=0.65, tau_low=0.35)
+    ref, gen = _masks_from(REF, GEN, ids.shape[1])
+    cap = Capture(monkeypatch)
+    cache = DynamicCache()
+    with dar.rebalanced(model, cfg, ref_mask=ref, gen_mask=gen), torch.no_grad():
+        model(input_ids=ids[:, :15], attention_mask=attn[:, :15], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, 15:], attention_mask=attn, past_key_values=cache, use_cache=True)
+    first = [dar.TokenLayout(ref=REF[0], gen=((13, 15),)), dar.TokenLayout(ref=REF[1])]
+    second = [dar.TokenLayout(ref=REF[0], gen=((0, 4),)), dar.TokenLayout(ref=REF[1], gen=((0, 5),))]
+    assert [(c["q"].shape[2], c["k"].shape[2]) for c in cap.calls] == [(15, 15)] * 2 + [(6, 21)] * 2
+    for call, layouts in zip(cap.calls, [first, first, second, second]):
+        if call["mask"] is not None:
+            assert call["mask"].shape == (2, 1, call["q"].shape[2], call["k"].shape[2])
+        _check_call_against_oracles(call, layouts, cfg)
+
+
+def test_gradients_flow_in_training_mode_without_dropout(model):
+    ids, attn = _batch()
+    ref, gen = _masks_from(REF, GEN, ids.shape[1])
+    grads = []
+    model.train()
+    try:
+        for gamma in (0.0, 0.6):
+            model.zero_grad()
+            with dar.rebalanced(model, dar.DARConfig(gamma=gamma, num_samples=4), ref_mask=ref, gen_mask=gen):
+                model(input_ids=ids, attention_mask=attn).logits[attn.bool()].square().mean().backward()
+            grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    finally:
+        model.eval()
+        model.zero_grad()
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
+    assert (grads[0] - grads[1]).abs().max() > 1e-6
+
+
 def test_two_models_are_independent():
     a, b = _build("llama"), _build("llama")
     ids, attn = _batch()
