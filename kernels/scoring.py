@@ -111,16 +111,22 @@ def _sampled_queries(Q, Samples, b, hk, start_r, M, stride_qb, stride_qh, stride
 
 
 @triton.jit
-def _sampled_logits(q, qi, valid, K_head, KeyBias_b, start_n, Lk, qk_scale, stride_kl, stride_kd,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) logits of the sampled rows against keys ``start_n ..``, in log2 units; -inf where
-    a key is not allowed (out of range, masked by the key bias, or after the query under causality)."""
+def _load_keys(K_head, start_n, Lk, stride_kl, stride_kd,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K^T tile (BLOCK_D, BLOCK_N) of keys ``start_n ..``; out-of-range keys and padded dims load 0."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_ptrs = K_head + offs_n.to(tl.int64)[None, :] * stride_kl + offs_d[:, None] * stride_kd
-    kt = tl.load(k_ptrs, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    return tl.load(k_ptrs, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
+                    BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) logits of the sampled rows against the key tile at ``start_n``, in log2 units;
+    -inf where a key is not allowed (out of range, masked by the key bias, or after the query if causal)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bit patterns (triton #11584)
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
@@ -153,30 +159,39 @@ def _key_allowed(KeyBias_b, offs_n, Lq, Lk, HAS_BIAS: tl.constexpr, IS_CAUSAL: t
 @triton.autotune(configs=_ROW_LSE_CONFIGS, key=["HEAD_DIM", "LK_BUCKET", "GROUP"],
                  prune_configs_by={"early_config_prune": _fits_shared_memory})
 @triton.jit
-def _row_lse_kernel(Q, K, Samples, KeyBias, Lse,
+def _row_lse_kernel(Q, K, Samples, KeyBias, LsePart,
                     stride_qb, stride_qh, stride_ql, stride_qd,
                     stride_kb, stride_kh, stride_kl, stride_kd,
                     stride_sb, stride_biasb,
-                    H_KV, Lq, Lk, M, qk_scale, LK_BUCKET,
+                    H_KV, Lq, Lk, M, SPLITS, qk_scale, LK_BUCKET,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """grid (packed-row tiles, B * Hk): ``Lse[b, h, j] = log2 Σ_k exp2(s_hjk)`` (-inf for a row with no key)."""
+    """grid (packed-row tiles, B * Hk, SPLITS): ``LsePart[b, h, j, split] = log2 Σ_k exp2(s_hjk)`` over the
+    split's chunk of keys (-inf where the chunk holds no allowed key).
+
+    With only Hq/Hk * m rows per KV head there are too few row tiles to fill a GPU, so the keys are
+    split into SPLITS chunks (flash-decoding style) and the partial log-sum-exps combined afterwards.
+    """
     start_r = tl.program_id(0) * BLOCK_M
     b = tl.program_id(1) // H_KV
     hk = tl.program_id(1) % H_KV
+    split = tl.program_id(2)
     q, qi, valid = _sampled_queries(Q, Samples, b, hk, start_r, M, stride_qb, stride_qh, stride_ql, stride_qd,
                                     stride_sb, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
     K_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     KeyBias_b = KeyBias + b.to(tl.int64) * stride_biasb
+    chunk = tl.cdiv(tl.cdiv(Lk, SPLITS), BLOCK_N) * BLOCK_N  # whole tiles per split
+    begin = split * chunk
+    end = tl.minimum(Lk, begin + chunk)
+    if IS_CAUSAL:  # no row of this tile sees a key past its largest query index
+        end = tl.minimum(end, tl.max(qi, 0) + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    end = Lk
-    if IS_CAUSAL:  # no row of this tile sees a key past its largest query index
-        end = tl.minimum(Lk, tl.max(qi, 0) + 1)
-    for start_n in range(0, end, BLOCK_N):
-        s = _sampled_logits(q, qi, valid, K_head, KeyBias_b, start_n, Lk, qk_scale, stride_kl, stride_kd,
-                            HEAD_DIM, BLOCK_N, BLOCK_D, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
+    for start_n in range(begin, end, BLOCK_N):
+        kt = _load_keys(K_head, start_n, Lk, stride_kl, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D)
+        s = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
+                            BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; shift by 0 there so that
         # exp2(-inf - -inf) = NaN never appears (its terms are exp2(-inf) = 0).
@@ -185,8 +200,9 @@ def _row_lse_kernel(Q, K, Samples, KeyBias, Lse,
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     rows = start_r + tl.arange(0, BLOCK_M)
-    # Lse is (B, Hq, M) contiguous, so KV head hk's packed rows are one contiguous run.
-    tl.store(Lse + (b.to(tl.int64) * H_KV + hk) * (GROUP * M) + rows, lse, mask=rows < GROUP * M)
+    # LsePart is (B, Hq, M, SPLITS) contiguous: KV head hk's packed rows are one contiguous run.
+    row_base = (b.to(tl.int64) * H_KV + hk) * (GROUP * M)
+    tl.store(LsePart + (row_base + rows) * SPLITS + split, lse, mask=rows < GROUP * M)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +237,7 @@ def _key_mass_kernel(Q, K, Samples, KeyBias, Lse, RefRanges, RefGroups, Mass,
     mass = tl.zeros([BLOCK_N], tl.float32)
     for hk in range(0, n_heads):
         K_head = K + b.to(tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
+        kt = _load_keys(K_head, start_n, Lk, stride_kl, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D)  # once per head
         lse_head = Lse + (b.to(tl.int64) * H_KV + hk) * (GROUP * M)
         for start_r in range(0, GROUP * M, BLOCK_M):
             q, qi, valid = _sampled_queries(Q, Samples, b, hk, start_r, M, stride_qb, stride_qh, stride_ql,
@@ -229,8 +246,8 @@ def _key_mass_kernel(Q, K, Samples, KeyBias, Lse, RefRanges, RefGroups, Mass,
             lse = tl.load(lse_head + rows, mask=valid, other=float("inf"))
             # A row with no allowed key (lse = -inf) has zero mass: +inf makes every exp2 vanish.
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            s = _sampled_logits(q, qi, valid, K_head, KeyBias_b, start_n, Lk, qk_scale, stride_kl, stride_kd,
-                                HEAD_DIM, BLOCK_N, BLOCK_D, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
+            s = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
+                                BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
             mass += tl.sum(tl.exp2(s - lse[:, None]), 0)
     tl.store(Mass + b.to(tl.int64) * Lk + offs_n, tl.where(in_ref, mass, 0.0), mask=offs_n < Lk)
 
@@ -389,6 +406,27 @@ def _pow2_bucket(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), cap)
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count  # cached by torch: no sync
+
+
+def _key_splits(lk: int, programs: int, device: torch.device) -> int:
+    """How many key chunks stage 1 splits each row tile's keys into (see `_row_lse_kernel`)."""
+    if interpreting():  # small test sizes: up to 3 chunks of 16 keys, so the combine path is exercised
+        return min(3, triton.cdiv(lk, 16))
+    # Aim at two programs per SM, with chunks of at least 1024 keys so each program streams a while.
+    return max(1, min(triton.cdiv(2 * _sm_count(device), programs), triton.cdiv(lk, 1024)))
+
+
+def _combine_splits(lse_part: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, M, S) partial log2-sum-exp2 -> (B, Hq, M): ``log2 Σ_s 2^part_s``, -inf if every part is."""
+    if lse_part.shape[-1] == 1:
+        return lse_part[..., 0].contiguous()
+    top = lse_part.amax(dim=-1, keepdim=True)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # all-masked rows: no inf - inf
+    return (top + torch.log2(torch.exp2(lse_part - top).sum(dim=-1, keepdim=True)))[..., 0].contiguous()
+
+
 def _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale) -> torch.Tensor:
     """Stages 1 and 2: r (B, Lk) float32."""
     b, hq, lq, d = q.shape
@@ -400,10 +438,12 @@ def _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale) -> 
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_BIAS=has_bias,
                   IS_CAUSAL=bool(is_causal), UPCAST=upcast, DOT_PRECISION=precision)
     qk_scale = float(scale) * LOG2E
-    lse = torch.empty((b, hq, m), dtype=torch.float32, device=q.device)
-    grid1 = lambda meta: (triton.cdiv(group * m, meta["BLOCK_M"]), b * hk)
-    _row_lse_kernel[grid1](q, k, samples, bias, lse, *q.stride(), *k.stride(), samples.stride(0),
-                           bias.stride(0), hk, lq, lk, m, qk_scale, _pow2_bucket(lk, 1 << 16), **common)
+    splits = _key_splits(lk, triton.cdiv(group * m, 64) * b * hk, q.device)
+    lse_part = torch.empty((b, hq, m, splits), dtype=torch.float32, device=q.device)
+    grid1 = lambda meta: (triton.cdiv(group * m, meta["BLOCK_M"]), b * hk, splits)
+    _row_lse_kernel[grid1](q, k, samples, bias, lse_part, *q.stride(), *k.stride(), samples.stride(0),
+                           bias.stride(0), hk, lq, lk, m, splits, qk_scale, _pow2_bucket(lk, 1 << 16), **common)
+    lse = _combine_splits(lse_part)
     mass = torch.empty((b, lk), dtype=torch.float32, device=q.device)
     grid2 = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b)
     _key_mass_kernel[grid2](q, k, samples, bias, lse, ref_ranges, ref_groups, mass, *q.stride(), *k.stride(),

@@ -225,7 +225,7 @@ def cases(draw):
                 attn_mask=None if attn_mask is None else attn_mask.to(DEVICE), scale=scale, is_causal=is_causal)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases())
 def test_matches_reference_and_float64(case):
     check_case(**case, ops=False)  # the named tests below go through the custom ops
