@@ -339,14 +339,17 @@ class Recorder:
         return out
 
     def plot_heatmaps(self, images: Sequence, path, step=None, layers=None, row: int = 0,
-                      title: str | None = None):
+                      title: str | None = None, min_share: float = 0.5):
         """Write a PNG: per reference image, the image, its original and its rebalanced attention.
 
         ``images``: the reference images (PIL images or HxW(x3) arrays) in reference order. ``step`` /
-        ``layers``: which entries to average (None = all recorded). Regions that DAR boosted in at
-        least half of the averaged entries are outlined in solid lime and hatched, suppressed ones
-        outlined in dashed cyan. Returns the path.
+        ``layers``: which entries to average (None = all recorded). Keys that DAR boosted in at least
+        ``min_share`` of the averaged entries are outlined in solid lime and hatched, suppressed ones
+        outlined in dashed cyan (with a single step and layer the marks are exactly DAR's weights).
+        The last column is the relative change of each key's attention. Returns the path.
         """
+        if not 0.0 < float(min_share) <= 1.0:
+            raise ValueError(f"min_share must be in (0, 1], got {min_share!r}")
         maps = self.reference_maps(step, layers, row)
         if len(images) != len(maps):
             raise ValueError(f"images has {len(images)} entries but the recording has {len(maps)} reference images")
@@ -354,10 +357,12 @@ class Recorder:
         if title is None:
             steps = sorted({e.step for e in chosen})
             lays = sorted({e.layer for e in chosen})
-            title = (f"DAR attention on the reference images (gamma={chosen[0].gamma:g}); averaged over "
-                     f"{_span('step', steps)}, {_span('layer', lays)}, row {row}")
+            what = f"{_span('step', steps)}, {_span('layer', lays)}, row {row}"
+            if len(chosen) > 1:
+                what = f"mean over {what}"
+            title = f"DAR attention on the reference images (gamma={chosen[0].gamma:g}): {what}"
         guessed = any(e.shapes_guessed for e in chosen)
-        return _draw_heatmaps(images, maps, path, title, guessed)
+        return _draw_heatmaps(images, maps, path, title, guessed, float(min_share), len(chosen))
 
 
 def _span(name: str, values: list[int]) -> str:
@@ -444,7 +449,7 @@ def _outline(ax, mask, extent, color, hatch, linestyle):
     ax.set_ylim(height, 0)
 
 
-def _draw_heatmaps(images, maps, path, title, guessed):
+def _draw_heatmaps(images, maps, path, title, guessed, min_share, n_avg):
     import os
 
     import numpy as np
@@ -460,9 +465,12 @@ def _draw_heatmaps(images, maps, path, title, guessed):
         extent = (0, wid, hgt, 0)
         before = mp["before"].numpy()
         after = mp["after"].numpy()
-        vmax = float(max(before.max(), after.max(), 1e-12))
-        boosted = mp["boosted"].numpy() >= 0.5
-        suppressed = mp["suppressed"].numpy() >= 0.5
+        # A shared range for both panels, from the smallest to the largest value: with near-uniform
+        # attention a range starting at 0 would show a flat colour.
+        vmin = float(min(before.min(), after.min()))
+        vmax = float(max(before.max(), after.max(), vmin + 1e-12))
+        boosted = mp["boosted"].numpy() >= min_share
+        suppressed = mp["suppressed"].numpy() >= min_share
         gh, gw = mp["shape"]
         ax = axes[i, 0]
         ax.imshow(rgb, extent=extent)
@@ -472,7 +480,7 @@ def _draw_heatmaps(images, maps, path, title, guessed):
         for j, (name, data) in enumerate((("original attention", before), ("rebalanced attention (DAR)", after))):
             ax = axes[i, 1 + j]
             ax.imshow(gray, cmap="gray", extent=extent, vmin=0, vmax=1)
-            im = ax.imshow(data, cmap="inferno", alpha=0.72, extent=extent, vmin=0.0, vmax=vmax,
+            im = ax.imshow(data, cmap="inferno", alpha=0.72, extent=extent, vmin=vmin, vmax=vmax,
                            interpolation="nearest")
             share = mp["mass_before"] if j == 0 else mp["mass_after"]
             ax.set_title(f"{name}\nshare of attention {share:.3f}", fontsize=10)
@@ -484,13 +492,16 @@ def _draw_heatmaps(images, maps, path, title, guessed):
                 cb.set_label("mean attention per key", fontsize=8)
                 cb.ax.tick_params(labelsize=7)
         ax = axes[i, 3]
-        diff = after - before
-        lim = float(max(np.abs(diff).max(), 1e-12))
+        # Relative change per key, in percent; keys without attention (masked) count as unchanged.
+        safe = np.where(before > 0, before, 1.0)
+        diff = np.where(before > 0, (after - before) / safe * 100.0, 0.0)
+        lim = float(max(np.abs(diff).max(), 1e-6))
         ax.imshow(gray, cmap="gray", extent=extent, vmin=0, vmax=1)
         im = ax.imshow(diff, cmap="RdBu_r", alpha=0.8, extent=extent, vmin=-lim, vmax=lim, interpolation="nearest")
-        ax.set_title(f"change (rebalanced - original)\nshare {mp['mass_before']:.3f} -> {mp['mass_after']:.3f}",
+        ax.set_title(f"change per key, rebalanced vs original\nshare {mp['mass_before']:.3f} -> {mp['mass_after']:.3f}",
                      fontsize=10)
         cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cb.set_label("% change", fontsize=8)
         cb.ax.tick_params(labelsize=7)
         for ax in axes[i]:
             ax.set_xticks([])
@@ -502,7 +513,8 @@ def _draw_heatmaps(images, maps, path, title, guessed):
                      label="suppressed keys (w = 1 - gamma): dashed outline")]
     note = "  |  token grid guessed (near-square): layout had no image_shapes" if guessed else ""
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=10, frameon=False,
-               title=f"marked where DAR set the weight in at least half of the averaged steps/layers{note}",
+               title=(f"marked where DAR set the weight in at least {min_share:.0%} of the {n_avg} averaged step/layer "
+                      f"entries{note}" if n_avg > 1 else f"marks: DAR's key weights{note}"),
                title_fontsize=9)
     fig.tight_layout(rect=(0, 0.07 if n > 1 else 0.12, 1, 0.95))
     path = os.fspath(path)
