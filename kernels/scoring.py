@@ -3,7 +3,8 @@
 Three stages, none of which writes a logit to memory:
 
 1. ``_row_lse_kernel``: for every (batch, head, sampled query) the log-sum-exp of its softmax row
-   over the allowed keys, with the flash-attention online max. Output ``lse (B, Hq, M)``.
+   over the allowed keys, with the flash-attention online max; the keys are split into chunks for
+   occupancy and the partial results merged (``_combine_splits``). Output ``lse (B, Hq, M)``.
 2. ``_key_mass_kernel``: for every tile of keys, recompute the sampled logits and add up
    ``exp(s - lse)`` over heads and samples: ``r (B, Lk)``, zero outside the reference keys R.
 3. ``_group_weights_kernel``: per (batch, group) min/max of r over the group's keys in R, the
@@ -20,8 +21,10 @@ and `key_statistics` (plain Python: r and w from one run, for inspection).
 
 Verification status: every path here is tested on the CPU with ``TRITON_INTERPRET=1``
 (tests/test_triton_scoring.py). Not yet run on a GPU: the compiled kernels themselves (layouts,
-``tl.dot`` tiling, the ``ieee`` fp32 dot), the autotuning configurations and their pruning, bf16
-``tl.dot`` without the interpreter's fp32 upcast, and 64-bit offsets on tensors over 2^31 elements.
+``tl.dot`` tiling, the ``ieee`` fp32 dot), the autotuning tables (scoring_autotune.py; their pruning
+logic is unit-tested), bf16 ``tl.dot`` without the interpreter's fp32 upcast, the stage-1 split
+heuristic's performance, and 64-bit offsets on tensors over 2^31 elements. The first call for a new
+autotune key benchmarks, so warm the op up before capturing it in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import triton.language as tl
 
 from dar.scoring import DEGENERATE_SPAN, group_quantile
 
+from . import scoring_autotune as tuning
+
 THRESHOLDS = ("minmax", "quantile")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -46,42 +51,9 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-# ----------------------------------------------------------------------------------------------
-# Autotuning. Keys: head dim, a power-of-two bucket of the key (stage 1) or packed-row (stage 2)
-# count, and (added by triton.autotune itself) the dtype of every tensor argument.
-# ----------------------------------------------------------------------------------------------
-
-def _configs(pairs):
-    if interpreting():  # the interpreter runs every config in Python: one small one
-        # 64 packed rows x 16 keys: few Python-level iterations, yet the test sizes (Lk, Hq/Hk * m up to
-        # 48 and 192) still span several tiles in both directions.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
-
-
-# (BLOCK_M rows, BLOCK_N keys, warps, stages). The row count (Hq/Hk · m, typically 64-384) is small,
-# so stage 1 streams wide key tiles; stage 2 owns a key tile and streams row tiles.
-_ROW_LSE_CONFIGS = _configs([(64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3),
-                             (32, 128, 4, 4), (128, 128, 8, 2), (16, 128, 4, 3)])
-_KEY_MASS_CONFIGS = _configs([(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (32, 64, 4, 4),
-                              (128, 128, 8, 2), (64, 32, 4, 4), (16, 64, 4, 3)])
-
-
-def _fits_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose double-buffered Q/K tiles overflow shared memory (sm80 ~163 KB, sm90 ~227 KB)."""
-    if len(configs) <= 1:
-        return configs
-    q = named_args["Q"]
-    try:
-        props = triton.runtime.driver.active.utils.get_device_properties(q.device.index or 0)
-        limit = props["max_shared_mem"]
-    except Exception:  # unknown device: keep the conservative Ampere figure
-        limit = 163 * 1024
-    bd = kwargs.get("BLOCK_D", 128)
-    itemsize = 4 if q.dtype == torch.float32 else 2
-    keep = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.num_stages * c.kwargs["BLOCK_N"]) * bd * itemsize <= limit]
-    return keep or configs[-1:]
+# Autotuning: tables per GPU generation in scoring_autotune.py; one config under the interpreter.
+_ROW_LSE_CONFIGS = tuning.configs(tuning.ROW_LSE, interpreting())
+_KEY_MASS_CONFIGS = tuning.configs(tuning.KEY_MASS, interpreting())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +129,7 @@ def _key_allowed(KeyBias_b, offs_n, Lq, Lk, HAS_BIAS: tl.constexpr, IS_CAUSAL: t
 # ----------------------------------------------------------------------------------------------
 
 @triton.autotune(configs=_ROW_LSE_CONFIGS, key=["HEAD_DIM", "LK_BUCKET", "GROUP"],
-                 prune_configs_by={"early_config_prune": _fits_shared_memory})
+                 prune_configs_by={"early_config_prune": tuning.prune(tuning.ROW_LSE)})
 @triton.jit
 def _row_lse_kernel(Q, K, Samples, KeyBias, LsePart,
                     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -210,7 +182,7 @@ def _row_lse_kernel(Q, K, Samples, KeyBias, LsePart,
 # ----------------------------------------------------------------------------------------------
 
 @triton.autotune(configs=_KEY_MASS_CONFIGS, key=["HEAD_DIM", "ROWS_BUCKET", "GROUP"],
-                 prune_configs_by={"early_config_prune": _fits_shared_memory})
+                 prune_configs_by={"early_config_prune": tuning.prune(tuning.KEY_MASS)})
 @triton.jit
 def _key_mass_kernel(Q, K, Samples, KeyBias, Lse, RefRanges, RefGroups, Mass,
                      stride_qb, stride_qh, stride_ql, stride_qd,

@@ -352,3 +352,28 @@ def test_bad_inputs_raise():
         scoring.key_weights(q, k, pt.samples.long(), *args[1:], "minmax")
     with pytest.raises(ValueError, match="multiple"):
         scoring.key_weights(q[:, :1].repeat(1, 3, 1, 1), k, *args, "minmax")
+
+
+def test_autotune_pruning_picks_fitting_configs(monkeypatch):
+    """The GPU tables (not used by the interpreter): each (arch, head dim, dtype) keeps a fitting, non-empty set."""
+    from dar.kernels import scoring_autotune as tuning
+
+    assert len(tuning.configs(tuning.ROW_LSE, True)) == 1
+    for table in (tuning.ROW_LSE, tuning.KEY_MASS):
+        configs = tuning.configs(table, False)
+        keep = tuning.prune(table)
+        for arch, smem in (("sm90", 227 * 1024), ("sm80", 163 * 1024), ("other", 99 * 1024)):
+            monkeypatch.setattr(tuning, "_arch", lambda device, arch=arch: arch)
+            monkeypatch.setattr(tuning, "_shared_memory", lambda index, smem=smem: smem)
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for bd in (16, 64, 128, 256):
+                    q = torch.empty(1, dtype=dtype)
+                    kept = keep(configs, {"Q": q}, BLOCK_D=bd)
+                    assert kept
+                    for c in kept:
+                        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                        assert min(bm, bn) >= 16
+                        assert (bm + c.num_stages * bn) * bd * q.element_size() <= smem
+                    if dtype != torch.float32:
+                        cls = 64 if bd <= 64 else 128 if bd <= 128 else 256
+                        assert {tuning._tile(c) for c in kept} <= set(table[arch][cls])
