@@ -327,12 +327,13 @@ def build_mico(root: Path, model: str = "model_y", groups: dict[str, list[dict[s
             ],
         }
     fixture = MicoFixture(bench=bench, results=results, model=model, records=groups)
-    for group, records in groups.items():
+    for g, (group, records) in enumerate(groups.items()):
         write_jsonl(bench / f"{group}.jsonl", records)
-        for rec in records:
+        for i, rec in enumerate(records):
+            # distinct pixels per case, so no two cases share a judge question (and its cache entry)
             for k, rel in enumerate(rec["input"]):
-                make_png(bench / rel, (40 * k % 255, 60, 90))
-            make_png(bench / rec["reference"], (1, 2, 3))
+                make_png(bench / rel, (40 * k % 255, 10 * g, 10 * i))
+            make_png(bench / rec["reference"], (1, 10 * g, 10 * i))
             case_id = str(rec.get("idx", rec.get("ed_idx")))
-            make_png(results / model / group / f"{case_id}.png", (9, 9, 9))
+            make_png(results / model / group / f"{case_id}.png", (9, 10 * g, 10 * i))
     return fixture
