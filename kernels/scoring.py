@@ -479,7 +479,7 @@ def sampled_attention_mass(q: torch.Tensor, k: torch.Tensor, samples: torch.Tens
                            scale: float) -> torch.Tensor:
     """(B, Lk) float32 ``r_k = Σ_h Σ_{i in S} softmax_i(k)`` for keys k in R, 0 elsewhere (stages 1-2).
 
-    Arguments as for `key_weights`.
+    Arguments as for `key_weights`. Forward only (no autograd formula is registered).
     """
     _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale)
     samples, ref_ranges, ref_groups = _plan_contiguous(samples, ref_ranges, ref_groups)
@@ -529,6 +529,14 @@ def _(q, k, samples, ref_ranges, ref_groups, num_groups, key_bias, is_causal, sc
       thresholds):
     _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale, thresholds)
     return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+def _no_gradient(ctx, grad_w):
+    # w is piecewise constant in q and k (thresholds of r̂): its gradient is zero almost everywhere.
+    return (None,) * 13
+
+
+key_weights.register_autograd(_no_gradient)
 
 
 __all__ = ["key_weights", "key_statistics", "sampled_attention_mass", "interpreting", "THRESHOLDS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
