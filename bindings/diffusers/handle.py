@@ -291,6 +291,10 @@ class DARHandle:
 
 
 def make_settings(model, config, backend, layout_fn, steps, recorder) -> Settings:
+    """Validate `enable`'s arguments for ``model`` (raising before anything is installed)."""
+    if not any(getattr(m, "processor", None) is not None for m in model.modules()):
+        raise TypeError(f"dar.enable: {type(model).__name__} has no diffusers attention modules (modules with a "
+                        f"`processor`); DAR can only be enabled on diffusers transformers")
     if config is None:
         config = DARConfig()
     if not isinstance(config, DARConfig):

@@ -195,13 +195,17 @@ def find_site(processor) -> tuple[dict, str, str] | None:
     code = getattr(call, "__code__", None)
     if namespace is None or code is None:
         return None
-    if callable(namespace.get("dispatch_attention_fn")):
+    names = code.co_names
+    has_dispatch = callable(namespace.get("dispatch_attention_fn"))
+    if has_dispatch and "dispatch_attention_fn" in names:
         return namespace, "dispatch_attention_fn", DISPATCH
     f = namespace.get("F")
-    if "scaled_dot_product_attention" in code.co_names and (
+    if "scaled_dot_product_attention" in names and (
         f is torch.nn.functional or getattr(f, "_dar_original", None) is torch.nn.functional
     ):
         return namespace, "F", SDPA
+    if has_dispatch:
+        return namespace, "dispatch_attention_fn", DISPATCH  # reached through a helper of the same module
     return None
 
 
