@@ -74,6 +74,9 @@ def summarize(run: RunStore | str | os.PathLike[str]) -> dict[str, Any]:
             "pending": len(expected_keys - recorded),
         }
         if benchmark == "micon":
+            # Replies that left some checkpoints out (scored as failed, per the protocol) --
+            # often a sign of a truncated reply (raise the judge's max tokens).
+            out["incomplete_verdicts"] = sum(bool(r.get("missing_checkpoints")) for r in ok)
             dims: dict[str, list[float]] = {}
             for r in ok:
                 for dim, value in (r.get("dimension_scores") or {}).items():
@@ -132,6 +135,10 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
     if zeroed:
         lines.append("")
         lines.append(f"{zeroed} scored case(s) include a failed judge call counted as 0 (compat=released).")
+    incomplete = summary["overall"].get("incomplete_verdicts", 0)
+    if incomplete:
+        lines.append("")
+        lines.append(f"{incomplete} scored case(s) had judge replies missing some checkpoints (counted as failed).")
     if summary["benchmark"] == "micon":
         dims = sorted({d for b in summary["tasks"].values() for d in b.get("dimensions", {})})
         if dims:

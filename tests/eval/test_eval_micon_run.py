@@ -9,7 +9,7 @@ from PIL import Image
 
 from dar.eval.judges import OpenAIJudge
 from dar.eval.micon import TASKS, load_cases, load_templates, resolve_ref, run_micon
-from dar.eval.report import summarize, write_report
+from dar.eval.report import summarize, to_markdown, write_report
 from dar.eval.runs import RunStore
 
 ALL = {task: 2 for task in TASKS}
@@ -73,6 +73,7 @@ def test_end_to_end_over_http_with_resume(tmp_path):
         assert report["overall"]["mean"] == pytest.approx(95.2)  # (4 x 88 + 6 x 100) / 10
         assert (report["overall"]["count"], report["overall"]["expected"], report["overall"]["pending"]) == (10, 12, 0)
         assert report["failed_cases"] == ["local_element_transfer/case_0001"]
+        assert report["overall"]["incomplete_verdicts"] == 0
 
         paths_written = write_report(out)
         md = paths_written["markdown"].read_text()
@@ -171,6 +172,9 @@ def test_partial_reply_counts_missing_checkpoints_as_failed(tmp_path):
     rec = RunStore.load(tmp_path / "r").load_record("object_composition", "case_0000")
     assert rec["dimension_scores"] == {"A": 1.0, "B": 0.0, "C": 0.0, "D": 0.0, "G": 0.0} and rec["score"] == 20.0
     assert "B_check_1" in rec["missing_checkpoints"] and rec["unexpected_checkpoints"] == ["F_check_1"]
+    report = summarize(tmp_path / "r")
+    assert report["overall"]["incomplete_verdicts"] == 1
+    assert "1 scored case(s) had judge replies missing some checkpoints" in to_markdown(report)
 
 
 def test_templates_and_cards_are_validated(tmp_path):
