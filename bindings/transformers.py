@@ -204,11 +204,12 @@ class DARState:
                 f"dar: ref_mask/gen_mask have {self.rows} rows but the attention call has batch size {batch}; "
                 f"pass masks with 1 row (shared) or one row per batch entry (e.g. after num_return_sequences, "
                 f"beam search or classifier-free guidance doubling, repeat the masks the same way)")
-        return _window_layouts(self.ref, self.gen, batch, start, lq, lk)
+        # Eager calls reuse cached layouts; torch.compile traces the plain function (host constants only).
+        build = _window_layouts if torch.compiler.is_compiling() else _cached_window_layouts
+        return build(self.ref, self.gen, start, lq, lk)
 
 
-@functools.lru_cache(maxsize=1024)
-def _window_layouts(ref, gen, batch: int, start: int, lq: int, lk: int):
+def _window_layouts(ref, gen, start: int, lq: int, lk: int):
     # Keys: index == absolute position, usable up to the last query (later static-cache slots are empty).
     key_end = min(lk, start + lq)
     q_end = start + lq
@@ -222,7 +223,10 @@ def _window_layouts(ref, gen, batch: int, start: int, lq: int, lk: int):
         return None
     if len(layouts) == 1:
         return layouts[0]  # one layout broadcasts over the batch
-    return layouts
+    return tuple(layouts)
+
+
+_cached_window_layouts = functools.lru_cache(maxsize=1024)(_window_layouts)
 
 
 # --------------------------------------------------------------------------------------------- cache window
