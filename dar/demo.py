@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_step = _int_list(args.plot_step)
     except ValueError:
         raise SystemExit("dar demo: --plot-layers / --plot-step take comma-separated ints or 'all'") from None
+    for name, sel, n in (("--plot-step", plot_step, args.steps), ("--plot-layers", plot_layers, preset["layers"])):
+        if isinstance(sel, list) and (not sel or not all(0 <= x < n for x in sel)):
+            raise SystemExit(f"dar demo: {name} must hold indices in 0..{n - 1}, got {sel}")
 
     print("dar demo: Dynamic Attention Rebalancing on a small Qwen-Image-Edit-architecture transformer")
     print(NOTE)
@@ -308,10 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(args.out, "heatmaps.png")
     if plot_step is None:
         plot_step = [args.steps - 1]
+    step_sel = None if plot_step == "all" else plot_step
     if plot_layers is None:
-        plot_layers = [_most_shifted_layer(recorder.records(steps=plot_step, rows=0))]
-    recorder.plot_heatmaps(images=images, path=path, step=plot_step if plot_step != "all" else None,
-                           layers=plot_layers if plot_layers != "all" else None, row=0)
+        plot_layers = [_most_shifted_layer(recorder.records(steps=step_sel, rows=0))]
+    recorder.plot_heatmaps(images=images, path=path, step=step_sel,
+                           layers=None if plot_layers == "all" else plot_layers, row=0)
     print(f"\nheatmaps: {path}  (step {_fmt(plot_step)}, layer {_fmt(plot_layers)}, batch row 0; "
           "see docs/demo.md for how to read them)")
     print(NOTE)
