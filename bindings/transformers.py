@@ -336,16 +336,17 @@ def enable(model, config: DARConfig | None = None, *, ref_mask: torch.Tensor, ge
         object.__setattr__(mod, _STATE_ATTR, state)
     hooks = (decoder.register_forward_pre_hook(_pre_forward(state, _cache_arg_index(decoder)), with_kwargs=True),
              decoder.register_forward_hook(_post_forward(state), with_kwargs=True))
-    object.__setattr__(model, _HOOKS_ATTR, (decoder, hooks))
+    # Kept on the decoder, the unit DAR acts on: enabling a model and its inner model replace each other.
+    object.__setattr__(decoder, _HOOKS_ATTR, hooks)
     return state
 
 
 def disable(model) -> None:
     """Turn DAR off: remove the state and hooks `enable` added (no-op when DAR is not on)."""
-    entry = model.__dict__.pop(_HOOKS_ATTR, None)
-    if entry is None:
+    decoder = _decoder_of(model)
+    hooks = decoder.__dict__.pop(_HOOKS_ATTR, None)
+    if hooks is None:
         return
-    decoder, hooks = entry
     for h in hooks:
         h.remove()
     for mod in decoder.modules():
@@ -354,8 +355,7 @@ def disable(model) -> None:
 
 def active_state(model) -> DARState | None:
     """The `DARState` of an enabled model, else None."""
-    entry = model.__dict__.get(_HOOKS_ATTR)
-    return None if entry is None else entry[0].__dict__.get(_STATE_ATTR)
+    return _decoder_of(model).__dict__.get(_STATE_ATTR)
 
 
 # --------------------------------------------------------------------------------------------- attention

@@ -369,6 +369,21 @@ def test_enable_errors(monkeypatch):
     dar_tf.disable(model)  # disabling a model that is not enabled is a no-op
 
 
+def test_enable_replaces_and_disable_restores():
+    model = _build("llama")
+    ids, attn = _batch()
+    ref, gen = _masks_from(REF, GEN, ids.shape[1])
+    hooks = lambda: len(model.model._forward_pre_hooks) + len(model.model._forward_hooks)  # noqa: E731
+    before = hooks()
+    first = dar.enable(model, dar.DARConfig(gamma=0.1), ref_mask=ref, gen_mask=gen)
+    second = dar.enable(model.model, dar.DARConfig(gamma=0.2), ref_mask=ref, gen_mask=gen)  # same decoder
+    assert first is not second and dar_tf.active_state(model) is second and hooks() == before + 2
+    assert model.model.layers[1].self_attn.__dict__["_dar_state"] is second
+    dar.disable(model)
+    assert dar_tf.active_state(model) is None and hooks() == before
+    assert not any("_dar_state" in m.__dict__ for m in model.modules())
+
+
 def test_call_errors():
     model = _build("llama")
     ids, attn = _batch()
