@@ -78,7 +78,11 @@ class RunStore:
         store = cls(run_dir)
         store.run_dir.mkdir(parents=True, exist_ok=True)
         store._acquire_lock()
-        remove_stale_temp_files(store.run_dir)
+        # Only our own files: a judge cache may live below the run directory and be shared.
+        remove_stale_temp_files(store.run_dir / CASES_DIR)
+        for leftover in store.run_dir.glob(".*"):
+            if leftover.is_file() and is_temp_file(leftover):
+                leftover.unlink(missing_ok=True)
         identity = dict(identity)
         meta_path = store.run_dir / RUN_FILE
         if meta_path.is_file():
