@@ -173,19 +173,23 @@ class Recorder:
 
     # ------------------------------------------------------------------ collection
 
+    # Recording copies to the CPU; under torch.compile it runs eagerly instead of being traced.
+    @torch.compiler.disable
     def observe(self, *, layer: int, layer_name: str, step: int, timestep: float | None, q: torch.Tensor,
                 k: torch.Tensor, v: torch.Tensor, layout, config: DARConfig, attn_mask: torch.Tensor | None,
-                scale: float, weights: torch.Tensor | None, output: torch.Tensor | None) -> None:
+                scale: float, weights: torch.Tensor | None, output: torch.Tensor | None,
+                is_causal: bool = False) -> None:
         """Record one rebalanced attention call (called by the binding; q/k/v in SDPA layout).
 
         ``weights`` are the key weights the call applied (B, Lk); when None they are recomputed here.
-        ``v`` and ``output`` are accepted for the binding's convenience and not stored.
+        ``v`` and ``output`` are accepted for the binding's convenience and not stored. ``is_causal``
+        is the call's SDPA flag (as in `dar.dar_attention`).
         """
         step, layer = int(step), int(layer)
         if not (self._keep_step(step) and self._keep_layer(layer)):
             return
         with torch.no_grad():
-            call = make_call(q, k, None, layout, config, attn_mask, scale, False)
+            call = make_call(q, k, None, layout, config, attn_mask, scale, bool(is_causal))
             stats = key_statistics(call)
             w = stats.weight if weights is None else weights.detach().to(device=q.device, dtype=torch.float32)
             if tuple(w.shape) != (q.shape[0], k.shape[2]):

@@ -142,6 +142,22 @@ def test_gamma_zero_records_unit_weights_and_unchanged_mass():
             torch.testing.assert_close(ref.mass_after, ref.mass_before)
 
 
+def test_causal_calls_hide_later_reference_keys():
+    # The sampled queries (rows 5..20) come before every reference key (21..42): under SDPA's causal
+    # rule they cannot see them, so no reference mass, a degenerate group, and unit weights.
+    layouts, lk = _layouts()
+    q, k, v, _ = _inputs(2, lk)
+    cfg = dar.DARConfig(num_samples=6, gamma=0.3)
+    rec = Recorder()
+    for causal in (False, True):
+        rec.observe(layer=0, layer_name="l0", step=int(causal), timestep=None, q=q, k=k, v=v, layout=layouts,
+                    config=cfg, attn_mask=None, scale=0.3, weights=None, output=None, is_causal=causal)
+    plain, causal = rec.get(0, 0), rec.get(1, 0)
+    assert all(r.total_before > 0 for r in plain.refs) and plain.frac_boosted > 0
+    assert all(r.total_before == 0 and r.total_after == 0 for r in causal.refs)
+    assert causal.mean_weight == 1.0 and all(torch.isnan(r.rhat).all() for r in causal.refs)
+
+
 def _observe(rec, step, layer, seed, layout=None, cfg=None):
     layouts, lk = _layouts()
     q, k, v, mask = _inputs(seed, lk)
