@@ -240,6 +240,9 @@ class Recorder:
 
     # ------------------------------------------------------------------ access
 
+    def __repr__(self) -> str:
+        return f"dar.Recorder({len(self)} entries, steps {self.steps}, layers {self.layers})"
+
     def __len__(self) -> int:
         return sum(len(v) for v in self._entries.values())
 
