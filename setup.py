@@ -22,8 +22,8 @@ packages = ["dar", *[f"dar.{p}" for p in find_packages(where="dar")], *[p for p 
 
 extras = {
     "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"],
-    "diffusers": ["diffusers>=0.36", "transformers>=4.57", "accelerate", "pillow", "matplotlib"],
-    "transformers": ["transformers>=4.57"],
+    "diffusers": ["diffusers>=0.36", "transformers>=5.0", "accelerate", "pillow", "matplotlib"],
+    "transformers": ["transformers>=5.0"],
     "eval": ["pyyaml", "tqdm", "matplotlib", "scipy", "openai>=1.0", "pillow"],
     "bench": ["pytest-benchmark>=4", "matplotlib"],
 }
