@@ -56,8 +56,11 @@ def parse_dar_settings(config_file: Path | None, overrides: Sequence[str]) -> di
     return settings
 
 
-def apply_dar(pipe: Any, mode: str, settings: dict[str, Any], dar_module: Any = None) -> dict[str, Any] | None:
-    """Enable DAR on ``pipe`` when ``mode == "on"``; returns the config actually used (for provenance)."""
+def apply_dar(pipe: Any, mode: str, settings: dict[str, Any], dar_module: Any = None, **enable_kwargs: Any) -> dict[str, Any] | None:
+    """Enable DAR on ``pipe`` when ``mode == "on"``; returns the config actually used (for provenance).
+
+    ``enable_kwargs`` (e.g. ``backend=``) are passed to ``dar.enable`` unchanged.
+    """
     if mode not in ("on", "off"):
         raise ValueError(f"mode must be 'on' or 'off', got {mode!r}")
     if mode == "off":
@@ -68,7 +71,7 @@ def apply_dar(pipe: Any, mode: str, settings: dict[str, Any], dar_module: Any = 
         import dar as dar_module  # lazy: pulls in torch
 
     config = dar_module.DARConfig(**settings)
-    dar_module.enable(pipe, config)
+    dar_module.enable(pipe, config, **enable_kwargs)
     import dataclasses
 
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(settings)
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dar", choices=("on", "off"), required=True)
     parser.add_argument("--dar-config", type=Path, default=None, help="YAML of DARConfig fields")
     parser.add_argument("--dar-set", action="append", default=[], metavar="KEY=VALUE", help="DARConfig field override")
+    parser.add_argument("--dar-backend", default=None, help="backend passed to dar.enable (default: DAR's choice)")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (omitted when not given)")
     parser.add_argument("--seed", type=int, default=0)
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=getattr(torch, args.dtype)).to(args.device)
-    used = apply_dar(pipe, args.dar, settings)
+    used = apply_dar(pipe, args.dar, settings, **({"backend": args.dar_backend} if args.dar_backend else {}))
     call_kwargs = {"num_inference_steps": args.steps, **args.pipe_kwargs}
     if args.guidance is not None:
         call_kwargs["guidance_scale"] = args.guidance
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "call_kwargs": call_kwargs,
         "image_arg": args.image_arg,
         "dtype": args.dtype,
+        "dar_backend": args.dar_backend,
     }
     record = args.out / args.model / "generation.json"
     if record.is_file():
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         args.model,
         seed=args.seed,
-        make_generator=lambda s: torch.Generator(device=args.device).manual_seed(s),
+        # CPU generators give the same noise on any accelerator, so runs stay comparable across machines.
+        make_generator=lambda s: torch.Generator("cpu").manual_seed(s),
         image_arg=args.image_arg,
         call_kwargs=call_kwargs,
         progress=not args.no_progress,

@@ -190,11 +190,13 @@ def test_generate_benchmark_dar_switch(tmp_path):
 
     module = load_example("generate_benchmark")
     enabled = []
-    fake_dar = SimpleNamespace(DARConfig=dar.DARConfig, enable=lambda pipe, cfg: enabled.append((pipe, cfg)))
+    fake_dar = SimpleNamespace(DARConfig=dar.DARConfig, enable=lambda pipe, cfg, **kw: enabled.append((pipe, cfg, kw)))
     used = module.apply_dar("PIPE", "on", {"gamma": 0.2, "num_samples": 16}, dar_module=fake_dar)
-    assert enabled[0][0] == "PIPE" and enabled[0][1] == dar.DARConfig(gamma=0.2, num_samples=16)
+    assert enabled[0] == ("PIPE", dar.DARConfig(gamma=0.2, num_samples=16), {})
     assert used["gamma"] == 0.2 and used["num_samples"] == 16
-    assert module.apply_dar("PIPE", "off", {}, dar_module=fake_dar) is None and len(enabled) == 1
+    module.apply_dar("PIPE", "on", {}, dar_module=fake_dar, backend="torch")
+    assert enabled[1] == ("PIPE", dar.DARConfig(), {"backend": "torch"})
+    assert module.apply_dar("PIPE", "off", {}, dar_module=fake_dar) is None and len(enabled) == 2
     with pytest.raises(ValueError, match="off"):
         module.apply_dar("PIPE", "off", {"gamma": 0.2}, dar_module=fake_dar)
     with pytest.raises(ValueError):
