@@ -15,6 +15,7 @@ tokens run `dar.dar_attention`; every other call goes to the original function u
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
@@ -180,10 +181,14 @@ def _patch_scheduler(handle: DARHandle, scheduler) -> None:
     clock = handle.clock
     orig_set, orig_step = scheduler.set_timesteps, scheduler.step
 
+    # functools.wraps keeps the signatures visible: pipelines inspect set_timesteps' parameters
+    # (retrieve_timesteps checks for `sigmas` / `timesteps`).
+    @functools.wraps(orig_set)
     def set_timesteps(*args, **kwargs):
         clock.reset()
         return orig_set(*args, **kwargs)
 
+    @functools.wraps(orig_step)
     def step(*args, **kwargs):
         out = orig_step(*args, **kwargs)
         clock.advance()

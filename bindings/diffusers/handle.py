@@ -184,6 +184,10 @@ class ModelState:
             hit = self._interned[key] = context.Active(self, lays, seq_len, gen_end, ref_end)
         return hit
 
+    # The transformer-level hooks read host values (ids, shapes, the step counter) and run once per
+    # forward; kept out of torch.compile so they never break or specialise the model's graph.
+    # PyTorch calls a compiled module's own hooks from eager code, so this costs no graph break.
+    @torch.compiler.disable
     def _forward_enter(self, module, args, kwargs):
         s = self.settings
         step = self.clock.begin_forward()
@@ -203,6 +207,7 @@ class ModelState:
         context.calls_stack().append(entry)
         return None
 
+    @torch.compiler.disable
     def _forward_exit(self, module, args, kwargs, output):
         stack = context.calls_stack()
         for i in range(len(stack) - 1, -1, -1):
@@ -237,7 +242,7 @@ class DARHandle:
         self._target_ref = weakref.ref(target)
         self.clock = clock
         self.states: list[ModelState] = []
-        self.scheduler_patches: list[tuple[object, str, object]] = []
+        self.scheduler_patches: list[tuple] = []  # (scheduler, name, wrapper, had_attr, previous)
         self.lock = threading.RLock()
 
     @property

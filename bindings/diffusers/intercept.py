@@ -66,17 +66,20 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
         if lq != active.seq_len or lk != active.seq_len:
             # Not the joint sequence the layout describes (IP-adapter keys, KV-cache reference
             # self-attention): this call does not see the reference tokens as laid out.
-            state.note_once(f"skip-len-{frame.index}-{lq}-{lk}",
-                            f"dar: layer {frame.name!r} has an attention call with Lq={lq}, Lk={lk} != the joint "
-                            f"sequence length {active.seq_len}; that call is not rebalanced")
+            if not torch.compiler.is_compiling():  # logging inside a traced region would break the graph
+                state.note_once(f"skip-len-{frame.index}-{lq}-{lk}",
+                                f"dar: layer {frame.name!r} has an attention call with Lq={lq}, Lk={lk} != the joint "
+                                f"sequence length {active.seq_len}; that call is not rebalanced")
             return None
     elif active.gen_end > lq or active.ref_end > lk:
-        state.warn_once(f"fit-{frame.index}",
-                        f"dar: the layout_fn layout does not fit an attention call of layer {frame.name!r} "
-                        f"(Lq={lq}, Lk={lk}); that call is not rebalanced")
+        if not torch.compiler.is_compiling():
+            state.warn_once(f"fit-{frame.index}",
+                            f"dar: the layout_fn layout does not fit an attention call of layer {frame.name!r} "
+                            f"(Lq={lq}, Lk={lk}); that call is not rebalanced")
         return None
     if dropout_p != 0.0:
-        state.warn_once("dropout", "dar: attention calls with dropout_p > 0 are not rebalanced (DAR has no dropout)")
+        if not torch.compiler.is_compiling():
+            state.warn_once("dropout", "dar: attention calls with dropout_p > 0 are not rebalanced (DAR has no dropout)")
         return None
     if q.shape[1] != k.shape[1] and not enable_gqa:
         return None  # the original raises for mismatched heads without enable_gqa; let it
@@ -112,8 +115,9 @@ def make_dispatch_interceptor(original):
         if a is None:
             return original(*args, **kwargs)
         if a["parallel_config"] is not None or a["attention_kwargs"]:
-            active.state.warn_once("parallel", "dar: attention calls with a context-parallel config or backend-specific "
-                                               "attention_kwargs are not rebalanced")
+            if not torch.compiler.is_compiling():
+                active.state.warn_once("parallel", "dar: attention calls with a context-parallel config or "
+                                                   "backend-specific attention_kwargs are not rebalanced")
             return original(*args, **kwargs)
         q, k, v = a["query"], a["key"], a["value"]
         if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor) and k.dim() == 4):
