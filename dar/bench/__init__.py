@@ -1,0 +1,132 @@
+"""``dar bench``: kernel and end-to-end benchmarks of DAR against the attention users would run instead.
+
+    dar bench [kernels] [--quick] [--preset NAME ...] [--impl NAME ...] [--out DIR] [--warmup N] [--reps N]
+    dar bench e2e [--quick] [--model NAME ...] [--backend NAME ...] [--out DIR] ...
+    dar bench --list
+
+Each run writes ``<kind>-<device>-<commit>[-quick].json`` (every figure, the device, versions and
+commit), a Markdown report next to it, and for kernels a PNG plot of TFLOP/s against length.
+See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dar bench", description="Benchmark DAR kernels and model steps.")
+    p.add_argument("what", nargs="?", default="kernels", choices=("kernels", "e2e"),
+                   help="kernels (default): attention calls; e2e: one denoising step of a real-size transformer")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes on CPU (smoke test of the harness; timings mean nothing)")
+    p.add_argument("--preset", action="append", metavar="NAME",
+                   help="kernels: preset, shape name or shell pattern (repeatable); default 'all', or 'quick'")
+    p.add_argument("--impl", action="append", metavar="NAME", help="kernels: implementation (repeatable); default all")
+    p.add_argument("--model", action="append", metavar="NAME", help="e2e: model (repeatable); default all")
+    p.add_argument("--backend", action="append", metavar="NAME",
+                   help="e2e: DAR backend (repeatable); default triton, torch, flex")
+    p.add_argument("--via", choices=("dar.enable", "patch"),
+                   help="e2e: how DAR is switched on (default: dar.enable when the diffusers binding imports)")
+    p.add_argument("--out", type=Path, default=Path("dar-bench-results"), help="output folder")
+    p.add_argument("--warmup", type=int, help="warm-up calls (default 10, quick 1; e2e 2, quick 1)")
+    p.add_argument("--reps", type=int, help="timed calls (default 30, quick 3; e2e 5, quick 2)")
+    p.add_argument("--min-warmup-s", type=float, default=None,
+                   help="keep warming up for at least this long (default 0.5 s on CUDA, 0 on CPU)")
+    p.add_argument("--mode", default="key_scale", choices=("key_scale", "prob_scale"), help="DARConfig.mode")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available (quick: cpu)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--list", action="store_true", help="list presets, shapes, implementations and models")
+    return p
+
+
+def _device(args):
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("dar bench: --device cuda but no CUDA device is available")
+    name = args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    import dar
+
+    from . import e2e, impls, kernels, report, shapes
+
+    if args.list:
+        _print_list(shapes, impls, e2e)
+        return 0
+    device = _device(args)
+    cfg = dar.DARConfig(mode=args.mode)
+    mode = "quick" if args.quick else "full"
+    if args.what == "kernels":
+        names = args.preset or (["quick"] if args.quick else ["all"])
+        try:
+            selected = shapes.resolve(names)
+            chosen = impls.resolve(args.impl)
+        except ValueError as exc:
+            print(f"dar bench: {exc}", file=sys.stderr)
+            return 2
+        big = [s.name for s in selected if not s.family.startswith("quick")]
+        if device.type == "cpu" and big and not args.preset:
+            print("dar bench: the full-size presets need a CUDA GPU; use --quick (or name --preset explicitly)",
+                  file=sys.stderr)
+            return 2
+        warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10)
+        reps = args.reps if args.reps is not None else (3 if args.quick else 30)
+        min_warm = args.min_warmup_s if args.min_warmup_s is not None else (0.5 if device.type == "cuda" else 0.0)
+        with _cpu_threads(1 if args.quick and device.type == "cpu" else None):
+            result = kernels.run(selected, chosen, device, cfg, warmup=warmup, reps=reps, min_warmup_s=min_warm,
+                                 mode=mode)
+    else:
+        warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+        reps = args.reps if args.reps is not None else (2 if args.quick else 5)
+        try:
+            with _cpu_threads(1 if args.quick and device.type == "cpu" else None):
+                result = e2e.run(device, cfg, quick=args.quick, models=args.model, backends=args.backend,
+                                 warmup=warmup, reps=reps, mode=mode, via=args.via)
+        except ValueError as exc:
+            print(f"dar bench: {exc}", file=sys.stderr)
+            return 2
+    paths = report.write_all(result, args.out, plot=not args.no_plot)
+    for kind, path in paths.items():
+        print(f"wrote {path}")
+    del torch
+    return 0
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int | None):
+    """Run with ``n`` intra-op threads (the smoke run uses 1: shared CI cores make spinning thread
+    pools dominate tiny ops), restoring the previous count after."""
+    import torch
+
+    prev = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _print_list(shapes, impls, e2e) -> None:
+    print("presets:")
+    for name, group in shapes.PRESETS.items():
+        print(f"  {name:<10} {len(group)} shapes")
+    print("shapes:")
+    for s in shapes.ALL_SHAPES.values():
+        print(f"  {s.name:<28} B={s.batch} Hq={s.heads_q} Hkv={s.heads_kv} L={s.seq} D={s.head_dim} {s.dtype}")
+    print("implementations:")
+    for name, why in impls.availability(list(impls.IMPLS.values())).items():
+        print(f"  {name:<15} {'available' if why is None else 'unavailable: ' + why}")
+    print("e2e models:", ", ".join(e2e.MODELS))
