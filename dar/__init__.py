@@ -1,31 +1,42 @@
 """Dynamic Attention Rebalancing (DAR): sharper attention to the reference images that matter.
 
 Public API: `DARConfig`, `TokenLayout`, `dar_attention`, `compute_key_weights`; model bindings
-`enable`, `disable`, `rebalanced`, `Recorder` (loaded on first use).
+`enable`, `disable`, `rebalanced`, `Recorder`.
+
+Names load on first use, so ``import dar.eval`` (the torch-free evaluation toolkit) does not pay for
+importing torch, and ``import dar`` never imports diffusers or transformers.
 """
 
 from __future__ import annotations
 
-from .api import compute_key_weights, dar_attention
-from .backends import BACKENDS
-from .config import DARConfig
-from .layout import TokenLayout
-from .scoring import KeyStats
+import importlib
 
 __version__ = "0.1.0"
 
-# Model bindings live in dar.bindings and import diffusers/transformers lazily.
-_LAZY = {"enable": "dar.bindings", "disable": "dar.bindings", "rebalanced": "dar.bindings",
-         "Recorder": "dar.bindings.recorder"}
+_EXPORTS = {
+    "DARConfig": "dar.config",
+    "TokenLayout": "dar.layout",
+    "dar_attention": "dar.api",
+    "compute_key_weights": "dar.api",
+    "BACKENDS": "dar.backends",
+    "KeyStats": "dar.scoring",
+    "enable": "dar.bindings",
+    "disable": "dar.bindings",
+    "rebalanced": "dar.bindings",
+    "Recorder": "dar.bindings.recorder",
+}
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups are plain attribute reads (and torch.compile-friendly)
+        return value
     raise AttributeError(f"module 'dar' has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "DARConfig", "KeyStats", "TokenLayout", "compute_key_weights", "dar_attention",
-           "enable", "disable", "rebalanced", "Recorder", "__version__"]
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = [*_EXPORTS, "__version__"]
