@@ -352,7 +352,7 @@ class Recorder:
         ``images``: the reference images (PIL images or HxW(x3) arrays) in reference order. ``step`` /
         ``layers``: which entries to average (None = all recorded). Keys that DAR boosted in at least
         ``min_share`` of the averaged entries are outlined in solid lime and hatched, suppressed ones
-        outlined in dashed cyan (with a single step and layer the marks are exactly DAR's weights).
+        outlined in dashed cyan and dotted (with a single step and layer the marks are exactly DAR's weights).
         The last column is the relative change of each key's attention. Returns the path.
         """
         if not 0.0 < float(min_share) <= 1.0:
@@ -492,8 +492,9 @@ def _draw_heatmaps(images, maps, path, title, guessed, min_share, n_avg):
             share = mp["mass_before"] if j == 0 else mp["mass_after"]
             ax.set_title(f"{name}\nshare of attention {share:.3f}", fontsize=10)
             if j == 1:
-                # Suppressed keys are usually the majority: outline them only, so the map stays readable.
-                _outline(ax, suppressed, extent, SUPPRESS_COLOR, None, "dashed")
+                # Suppressed keys are often the majority: a sparse dot pattern marks the inside of
+                # their regions without hiding the map.
+                _outline(ax, suppressed, extent, SUPPRESS_COLOR, ".", "dashed")
                 _outline(ax, boosted, extent, BOOST_COLOR, "//", "solid")
                 cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
                 cb.set_label("mean attention per key", fontsize=8)
@@ -516,8 +517,8 @@ def _draw_heatmaps(images, maps, path, title, guessed, min_share, n_avg):
     fig.suptitle(title, fontsize=12)
     handles = [Patch(facecolor="none", edgecolor=BOOST_COLOR, hatch="//", linewidth=1.6,
                      label="boosted keys (w = 1 + gamma): solid outline, hatched"),
-               Patch(facecolor="none", edgecolor=SUPPRESS_COLOR, linewidth=1.6, linestyle="--",
-                     label="suppressed keys (w = 1 - gamma): dashed outline")]
+               Patch(facecolor="none", edgecolor=SUPPRESS_COLOR, hatch=".", linewidth=1.6, linestyle="--",
+                     label="suppressed keys (w = 1 - gamma): dashed outline, dotted")]
     note = "  |  token grid guessed (near-square): layout had no image_shapes" if guessed else ""
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=10, frameon=False,
                title=(f"marked where DAR set the weight in at least {min_share:.0%} of the {n_avg} averaged step/layer "
