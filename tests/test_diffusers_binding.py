@@ -630,4 +630,13 @@ def test_compile_adds_no_graph_breaks_and_matches_eager(family):
                 compiled(**{**case.kwargs, "timestep": torch.tensor([0.3, 0.3])})
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
         assert not torch.equal(out, run(case))  # DAR was on inside the graph
+        if family == "qwenimage":
+            # Steps switch between rebalanced and plain forwards: the graph guards must follow.
+            base = run(case)
+            with dar.rebalanced(compiled, CFG, steps=[1]) as handle:  # the OptimizedModule is unwrapped
+                assert handle.models == [case.model]
+                outs = [compiled(**case.kwargs)[0] for _ in range(3)]
+            torch.testing.assert_close(outs[0], base, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(outs[1], eager, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(outs[2], base, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()

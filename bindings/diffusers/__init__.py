@@ -31,12 +31,19 @@ _pipelines: "weakref.WeakKeyDictionary[object, DARHandle]" = weakref.WeakKeyDict
 _lock = threading.RLock()
 
 
+def _unwrap(model):
+    """The module a `torch.compile(model)` wrapper (OptimizedModule) stands for; hooks go on it."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def _is_pipeline(target) -> bool:
     return isinstance(getattr(target, "components", None), dict) and not isinstance(target, torch.nn.Module)
 
 
 def _transformers_of(pipe) -> list[torch.nn.Module]:
-    found = [comp for name, comp in pipe.components.items()
+    found = [_unwrap(comp) for name, comp in pipe.components.items()
              if name.startswith("transformer") and isinstance(comp, torch.nn.Module)]
     if not found:
         raise TypeError(f"dar.enable: pipeline {type(pipe).__name__} has no transformer component "
@@ -70,6 +77,7 @@ def enable(target, config=None, *, layout_fn=None, layers=None, steps=None, reco
     """
     with _lock:
         if isinstance(target, torch.nn.Module):
+            target = _unwrap(target)
             settings = make_settings(target, config, backend, layout_fn, steps, recorder)
             state = _models.get(target)
             if state is None:
@@ -117,7 +125,7 @@ def disable(target) -> None:
     model uses them), scheduler wrappers removed. A no-op for a target that is not enabled."""
     with _lock:
         if isinstance(target, torch.nn.Module):
-            state = _models.pop(target, None)
+            state = _models.pop(_unwrap(target), None)
             if state is None:
                 return
             state.remove()
@@ -136,7 +144,7 @@ def disable(target) -> None:
                 _detach_all(handle)
                 _unpatch_scheduler(handle)
             for name, comp in target.components.items():
-                if isinstance(comp, torch.nn.Module) and comp in _models:
+                if isinstance(comp, torch.nn.Module) and _unwrap(comp) in _models:
                     disable(comp)
             return
         raise TypeError(f"dar.disable expects a diffusers pipeline or transformer model, got {type(target).__name__}")
@@ -146,7 +154,7 @@ def is_enabled(target) -> bool:
     """True when DAR is enabled on ``target`` (a pipeline or transformer)."""
     with _lock:
         if isinstance(target, torch.nn.Module):
-            return target in _models
+            return _unwrap(target) in _models
         return target in _pipelines if _is_pipeline(target) else False
 
 
