@@ -212,7 +212,7 @@ def _run_model(spec: ModelSpec, device, cfg, quick: bool, backends, via: str, wa
         return {**rec, "status": "error", "reason": f"building the model: {type(exc).__name__}: {exc}"[:500]}
     rec["parameters"] = sum(p.numel() for p in model.parameters())
     layout = tokens.layout()
-    _log(f"e2e {spec.name}: {rec['parameters'] / 1e9:.2f}B parameters, L={tokens.seq}, batch {tokens.batch}")
+    _log(f"e2e {spec.name}: {rec['parameters']:,} parameters, L={tokens.seq}, batch {tokens.batch}")
     outs = {}
     try:
         run, outs["off"] = _timed(model, kwargs, device, warmup, reps)

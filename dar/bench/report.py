@@ -119,7 +119,7 @@ def e2e_markdown(result: dict) -> str:
             out += [f"{model['status']}: {model.get('reason')}", ""]
             continue
         tok = model["tokens"]
-        out += [f"{model.get('parameters', 0) / 1e9:.2f}B parameters; batch {tok['batch']}, L = {tok['seq']} "
+        out += [f"{model.get('parameters', 0):,} parameters; batch {tok['batch']}, L = {tok['seq']} "
                 f"({tok['text']} text + {1 + tok['refs']} images x {tok['grid']}x{tok['grid']} tokens)", "",
                 "| DAR | via | median ms | IQR ms | min–max ms | × DAR off | peak MiB | max abs Δ vs off | "
                 "within target |", "|---|---|---|---|---|---|---|---|---|"]
