@@ -39,8 +39,9 @@ def latest(results: list[dict]) -> list[dict]:
 def _heading(r: dict) -> str:
     commit = (r["git"].get("commit") or "?")[:7]
     ver = r["versions"]
+    dirty = " + uncommitted changes" if r["git"].get("dirty") else ""
     line = (f"**{'Kernels' if r['kind'] == 'kernels' else 'End-to-end step'} — {r['device']['name']}** "
-            f"(commit `{commit}`, torch {ver.get('torch')}, triton {ver.get('triton')}, {r['created'][:10]}, "
+            f"(commit `{commit}`{dirty}, torch {ver.get('torch')}, triton {ver.get('triton')}, {r['created'][:10]}, "
             f"`benchmarks/results/{r.get('_file', '?')}`)")
     if r["mode"] == "quick":
         line += "  \n*CPU quick mode: a smoke run of the harness on tiny shapes, not a performance claim.*"
