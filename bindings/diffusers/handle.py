@@ -6,15 +6,15 @@ import dataclasses
 import functools
 import inspect
 import logging
-import threading
 import warnings
 import weakref
 from typing import Callable
 
 import torch
 
-import dar
-from dar import DARConfig, TokenLayout
+from dar.backends import BACKENDS
+from dar.config import DARConfig
+from dar.layout import TokenLayout
 
 from . import context, intercept, layouts
 from .steps import StepClock, StepFilter, layer_selection, timestep_value
@@ -243,7 +243,6 @@ class DARHandle:
         self.clock = clock
         self.states: list[ModelState] = []
         self.scheduler_patches: list[tuple] = []  # (scheduler, name, wrapper, had_attr, previous)
-        self.lock = threading.RLock()
 
     @property
     def target(self):
@@ -304,8 +303,8 @@ def make_settings(model, config, backend, layout_fn, steps, recorder) -> Setting
         config = DARConfig()
     if not isinstance(config, DARConfig):
         raise TypeError(f"config must be a dar.DARConfig or None, got {type(config).__name__}")
-    if not isinstance(backend, str) or backend not in dar.BACKENDS:
-        raise ValueError(f"backend must be one of {dar.BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if recorder is not None and not callable(getattr(recorder, "observe", None)):
         raise TypeError(f"recorder must have an observe(...) method (e.g. a dar.Recorder), got {type(recorder).__name__}")
     if layout_fn is not None:

@@ -23,7 +23,8 @@ import warnings
 
 import torch
 
-import dar
+from dar.api import dar_attention
+from dar.layout import TokenLayout
 
 from . import context
 
@@ -88,12 +89,12 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
         attn_mask = attn_mask[:, None, None, :]
     recorder = settings.recorder
     if recorder is None:
-        return dar.dar_attention(q, k, v, active.layouts, settings.config, attn_mask, scale,
+        return dar_attention(q, k, v, active.layouts, settings.config, attn_mask, scale,
                                  is_causal=bool(is_causal), backend=settings.backend)
-    out, w = dar.dar_attention(q, k, v, active.layouts, settings.config, attn_mask, scale,
+    out, w = dar_attention(q, k, v, active.layouts, settings.config, attn_mask, scale,
                                is_causal=bool(is_causal), backend=settings.backend, return_weights=True)
     now = state.now
-    layout = active.layouts if isinstance(active.layouts, dar.TokenLayout) else list(active.layouts)
+    layout = active.layouts if isinstance(active.layouts, TokenLayout) else list(active.layouts)
     recorder.observe(layer=frame.index, layer_name=frame.name, step=now.step, timestep=now.timestep,
                      q=q, k=k, v=v, layout=layout, config=settings.config, attn_mask=attn_mask,
                      scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,

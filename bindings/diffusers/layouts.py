@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from dar import TokenLayout
+from dar.layout import TokenLayout
 
 SUPPORTED = ("QwenImageTransformer2DModel", "Flux2Transformer2DModel", "FluxTransformer2DModel (Kontext ids)",
              "OmniGenTransformer2DModel")
