@@ -15,7 +15,8 @@ import sys
 def _binding_for(target):
     # A transformers model is recognised without importing transformers when it isn't loaded.
     tf = sys.modules.get("transformers")
-    if tf is not None and isinstance(target, tf.PreTrainedModel):
+    inner = getattr(target, "_orig_mod", target)  # a torch.compile'd model routes like the model inside
+    if tf is not None and isinstance(inner, tf.PreTrainedModel):
         return importlib.import_module("dar.bindings.transformers")
     return importlib.import_module("dar.bindings.diffusers")
 
