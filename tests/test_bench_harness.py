@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dar
-from dar.bench import correctness, e2e, impls, kernels, main, report, shapes, table, timing
+from dar.bench import e2e, impls, kernels, main, report, shapes, table, timing
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

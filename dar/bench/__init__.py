@@ -56,8 +56,6 @@ def _device(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    import torch
-
     import dar
 
     from . import e2e, impls, kernels, report, shapes
@@ -88,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             result = kernels.run(selected, chosen, device, cfg, warmup=warmup, reps=reps, min_warmup_s=min_warm,
                                  mode=mode)
     else:
+        if device.type == "cpu" and not args.quick:
+            print("dar bench e2e: the real-size models (20-32B parameters) need a CUDA GPU; use --quick on CPU",
+                  file=sys.stderr)
+            return 2
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
         reps = args.reps if args.reps is not None else (2 if args.quick else 5)
         try:
@@ -98,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dar bench: {exc}", file=sys.stderr)
             return 2
     paths = report.write_all(result, args.out, plot=not args.no_plot)
-    for kind, path in paths.items():
+    for path in paths.values():
         print(f"wrote {path}")
-    del torch
     return 0
 
 

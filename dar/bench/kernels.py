@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 
@@ -44,7 +45,7 @@ def run(shapes: list[Shape], impls: list[Impl], device: torch.device, cfg: dar.D
     result["implementations"] = {
         i.name: {"kind": i.kind, "description": i.description, "available": avail[i.name] is None,
                  "reason": avail[i.name]} for i in impls}
-    result["config"] = {"dar": cfg.__dict__.copy(), "warmup": warmup, "reps": reps, "min_warmup_s": min_warmup_s,
+    result["config"] = {"dar": dataclasses.asdict(cfg), "warmup": warmup, "reps": reps, "min_warmup_s": min_warmup_s,
                         "check_seq": check_seq,
                         "interpreted": "quick mode: interpreted implementations get no warm-up and one timed call",
                         "timer": "cuda-event" if device.type == "cuda" else "perf_counter",

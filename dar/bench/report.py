@@ -26,16 +26,25 @@ def write_all(result: dict, out_dir: Path, plot: bool = True) -> dict[str, Path]
         paths["png"] = base.with_suffix(".png")
         result.setdefault("files", {})["png"] = paths["png"].name
     result.setdefault("files", {}).update(json=paths["json"].name, md=paths["md"].name)
-    paths["json"].write_text(json.dumps(result, indent=1, sort_keys=False, default=_jsonable) + "\n")
+    paths["json"].write_text(json.dumps(_clean(result), indent=1, allow_nan=False, default=_jsonable) + "\n")
     paths["md"].write_text(markdown(result))
     if "png" in paths:
         plot_tflops(result, paths["png"])
     return paths
 
 
-def _jsonable(x):
+def _clean(x):
+    """Non-finite floats (e.g. the error of an output full of NaN) become null: strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _jsonable(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
