@@ -25,7 +25,7 @@ extras = {
     "diffusers": ["diffusers>=0.36", "transformers>=5.0", "accelerate", "pillow", "matplotlib"],
     "transformers": ["transformers>=5.0"],
     "eval": ["pyyaml", "tqdm", "matplotlib", "scipy", "openai>=1.0", "pillow"],
-    "bench": ["pytest-benchmark>=4", "matplotlib"],
+    "bench": ["pytest-benchmark>=4", "matplotlib", "diffusers>=0.36", "transformers>=5.0"],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: dar {info,demo,bench} [options]\n"
               "  info   versions, device and available backends\n"
               "  demo   DAR off/on through a small Qwen-Image-Edit-style transformer, with heatmaps\n"
-              "  bench  kernel benchmarks against SDPA, FlexAttention and eager")
+              "  bench  benchmarks: `dar bench kernels` (against SDPA, FlexAttention, eager),\n"
+              "         `dar bench e2e` (one denoising step of a real-size model); --quick for a CPU smoke run")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, fn = _COMMANDS[argv[0]]
     func = fn if module is None else getattr(importlib.import_module(module), fn)
