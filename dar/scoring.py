@@ -113,6 +113,16 @@ def weights_from_mass(mass: torch.Tensor, key_groups: torch.Tensor, key_allowed:
     return weight.float(), rhat_key.float()
 
 
+def key_weights(call: DARCall) -> torch.Tensor:
+    """(B, Lk) float32 key weights of a call (steps 1-6), in torch; no autograd graph."""
+    with torch.no_grad():  # w is piecewise constant in q and k: its gradient is zero
+        mass = sampled_attention_mass(call)
+        pt = call.plan.tensors(call.q.device)
+        w, _ = weights_from_mass(mass, pt.key_groups(call.plan.lk), call.mask.key_allowed(),
+                                 call.plan.num_groups, call.cfg)
+    return w
+
+
 def key_statistics(call: DARCall) -> KeyStats:
     """r, r̂ and w of a call, computed with the torch implementation (used for inspection)."""
     mass = sampled_attention_mass(call)

@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from ..call import DARCall
-from ..scoring import sampled_attention_mass, weights_from_mass
+from .. import scoring
 from .base import Backend
 
 try:  # FlexAttention appeared in torch 2.5; the registry turns ImportError into "unavailable".
@@ -180,12 +180,7 @@ class FlexBackend(Backend):
         return None
 
     def key_weights(self, call: DARCall) -> torch.Tensor:
-        with torch.no_grad():  # w is piecewise constant in q and k: its gradient is zero
-            mass = sampled_attention_mass(call)
-            pt = call.plan.tensors(call.q.device)
-            w, _ = weights_from_mass(mass, pt.key_groups(call.plan.lk), call.mask.key_allowed(),
-                                     call.plan.num_groups, call.cfg)
-        return w
+        return scoring.key_weights(call)  # scoring is m x Lk work; the attention is what flex fuses
 
     def attention(self, call: DARCall, weights: torch.Tensor | None) -> torch.Tensor:
         if not call.plan.active:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..call import DARCall
-from ..scoring import sampled_attention_mass, weights_from_mass
+from .. import scoring
 from .base import Backend
 
 
@@ -119,12 +119,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def key_weights(self, call: DARCall) -> torch.Tensor:
-        with torch.no_grad():  # w is piecewise constant in q and k: its gradient is zero
-            mass = sampled_attention_mass(call)
-            pt = call.plan.tensors(call.q.device)
-            w, _ = weights_from_mass(mass, pt.key_groups(call.plan.lk), call.mask.key_allowed(),
-                                     call.plan.num_groups, call.cfg)
-        return w
+        return scoring.key_weights(call)
 
     def attention(self, call: DARCall, weights: torch.Tensor | None) -> torch.Tensor:
         q, k, v, mask = call.q, call.k, call.v, call.mask
