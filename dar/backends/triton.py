@@ -38,7 +38,7 @@ class TritonBackend(Backend):
         if dev != "cuda" and not (_attention.INTERPRETED and dev == "cpu"):
             return (f"q is on {q.device}; the triton kernels run on CUDA devices "
                     "(or on the CPU under TRITON_INTERPRET=1)")
-        if q.dtype not in _attention.TOLERANCE:
+        if q.dtype not in _attention.SUPPORTED_DTYPES:
             return f"q has dtype {q.dtype}; the triton kernels take float16, bfloat16 or float32"
         dv = v.shape[-1] if v is not None else q.shape[-1]
         if max(q.shape[-1], dv) > _attention.MAX_HEAD_DIM:

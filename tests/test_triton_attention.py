@@ -1,0 +1,414 @@
+"""The rebalanced flash-attention kernel alone (``torch.ops.dar.rebalanced_attention``).
+
+Checked against two independent float64 computations written here: the logits rule spelled out
+with an explicit softmax, and PyTorch's SDPA run in float64 (with ``k * w`` or a ``+ ln w`` mask
+standing in for DAR). On the CPU this needs ``TRITON_INTERPRET=1`` (set before anything imports
+dar); on a CUDA machine without it the same tests run on the GPU, and the ``cuda``-only tests at
+the bottom add larger shapes. Accuracy bounds are tests/tolerances.py's OUTPUT_TOL, the one place
+they are stated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tolerances import OUTPUT_TOL, assert_close
+
+attention = pytest.importorskip("dar.kernels.attention", reason="triton is not installed")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICE = "cpu" if attention.INTERPRETED else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("the triton kernels need TRITON_INTERPRET=1 (CPU) or a CUDA GPU", allow_module_level=True)
+
+op = torch.ops.dar.rebalanced_attention
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ------------------------------------------------------------------------------------------------
+# Independent float64 oracles
+# ------------------------------------------------------------------------------------------------
+
+
+def rows_mask(gen_ranges: torch.Tensor, lq: int) -> torch.Tensor:
+    """(B, Lq) bool from (B, G, 2) half-open ranges, written as a plain loop."""
+    out = torch.zeros(gen_ranges.shape[0], lq, dtype=torch.bool)
+    for b, ranges in enumerate(gen_ranges.tolist()):
+        for s, e in ranges:
+            out[b, s:e] = True
+    return out
+
+
+def exact_attention(q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode):
+    """The module docstring's logits, an explicit softmax (0 for rows with no allowed key), float64."""
+    q, k, v = (t.detach().cpu().double() for t in (q, k, v))
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    g = hq // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    logits = scale * torch.einsum("bhid,bhjd->bhij", q, k)
+    if w is not None:
+        wd = w.cpu().double()[:, None, None, :]
+        on = rows_mask(gen_ranges.cpu(), lq)[:, None, :, None]
+        logits = torch.where(on, logits * wd if mode == "key_scale" else logits + wd.log(), logits)
+    if key_bias is not None:
+        logits = logits + key_bias.cpu().double()[:, None, None, :]
+    if is_causal:
+        later = torch.arange(lk)[None, :] > torch.arange(lq)[:, None]
+        logits = logits.masked_fill(later, -math.inf)
+    top = logits.amax(dim=-1, keepdim=True)
+    e = torch.exp(logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    total = e.sum(dim=-1, keepdim=True)
+    p = torch.where(total > 0, e / total.clamp_min(1e-300), torch.zeros_like(e))
+    return p @ v
+
+
+def sdpa_attention(q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode):
+    """The same through float64 SDPA: key_scale runs SDPA on ``k * w`` for the rebalanced rows,
+    prob_scale adds ``ln w`` to their mask."""
+    q, k, v = (t.detach().cpu().double() for t in (q, k, v))
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    mask = torch.zeros(b, 1, lq, lk, dtype=torch.float64)
+    if key_bias is not None:
+        mask = mask + key_bias.cpu().double()[:, None, None, :]
+    if is_causal:
+        mask = mask.masked_fill(torch.ones(lq, lk, dtype=torch.bool).tril().logical_not(), -math.inf)
+
+    def run(kk, mm):
+        return F.scaled_dot_product_attention(q, kk, v, attn_mask=mm, scale=scale, enable_gqa=hq != k.shape[1])
+
+    plain = run(k, mask)
+    if w is None:
+        return plain
+    wd = w.cpu().double()
+    on = rows_mask(gen_ranges.cpu(), lq)[:, None, :, None]
+    if mode == "key_scale":
+        reb = run(k * wd[:, None, :, None], mask)
+    else:
+        reb = run(k, mask + wd.log()[:, None, None, :])
+    return torch.where(on, reb, plain)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def make_qkv(b, hq, hk, lq, lk, d, dv, dtype, layout="bhld", seed=0, spread=1.0):
+    """q, k, v on DEVICE; ``layout="blhd"`` gives (B, L, H, D) buffers transposed to (B, H, L, D)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def one(h, length, dim, s):
+        if layout == "blhd":
+            t = torch.randn(b, length, h, dim, generator=gen) * s
+            return t.to(dtype).to(DEVICE).transpose(1, 2)
+        return (torch.randn(b, h, length, dim, generator=gen) * s).to(dtype).to(DEVICE)
+
+    return one(hq, lq, d, spread), one(hk, lk, d, spread), one(hk, lk, dv, 1.0)
+
+
+def as_ranges(per_row: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """(B, G, 2) int32 with (0, 0) padding, like PlanTensors.gen_ranges."""
+    g = max(1, max(len(r) for r in per_row))
+    rows = [list(r) + [(0, 0)] * (g - len(r)) for r in per_row]
+    return torch.tensor(rows, dtype=torch.int32, device=DEVICE).reshape(len(per_row), g, 2)
+
+
+@st.composite
+def row_ranges(draw, lq: int):
+    """Rebalanced query ranges of one batch row: none, all rows, or up to 3 disjoint ranges."""
+    kind = draw(st.sampled_from(["none", "all", "some", "some"]))
+    if kind == "none":
+        return []
+    if kind == "all":
+        return [(0, lq)]
+    cuts = sorted(draw(st.sets(st.integers(0, lq), min_size=2, max_size=6)))
+    pairs = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+    return [(s, e) for s, e in pairs if e > s]
+
+
+HEADS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]  # (Hq, Hk): MHA, GQA, MQA
+
+
+@st.composite
+def kernel_cases(draw):
+    b = draw(st.integers(1, 2))
+    hq, hk = draw(st.sampled_from(HEADS))
+    lq = draw(st.integers(1, 64))
+    lk = draw(st.integers(1, 64))
+    d = draw(st.sampled_from([16, 24, 64, 72, 80]))
+    dv = draw(st.sampled_from([d, d, 16, 40]))
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(["bhld", "blhd"]))
+    seed = draw(st.integers(0, 2**16))
+    q, k, v = make_qkv(b, hq, hk, lq, lk, d, dv, dtype, layout, seed, spread=draw(st.sampled_from([1.0, 2.5])))
+    gen = torch.Generator().manual_seed(seed + 1)
+    bias_kind = draw(st.sampled_from(["none", "padding", "float"]))
+    key_bias = None
+    if bias_kind == "padding":
+        key_bias = torch.zeros(b, lk).masked_fill(torch.rand(b, lk, generator=gen) < 0.3, -math.inf)
+    elif bias_kind == "float":
+        key_bias = torch.randn(b, lk, generator=gen)
+    if key_bias is not None:
+        key_bias = key_bias.to(DEVICE)
+    w = gen_ranges = None
+    if draw(st.booleans()):
+        w = (0.5 + torch.rand(b, lk, generator=gen)).to(DEVICE)
+        gen_ranges = as_ranges([draw(row_ranges(lq)) for _ in range(b)])
+    is_causal = draw(st.booleans())
+    scale = draw(st.sampled_from([1.0 / math.sqrt(d), 0.3, 1.0]))
+    mode = draw(st.sampled_from(attention.MODES))
+    return (q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hypothesis: the kernel against both oracles
+# ------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(kernel_cases())
+def test_kernel_matches_float64(case):
+    q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode = case
+    out = op(*case)
+    assert out.dtype == q.dtype and tuple(out.shape) == (*q.shape[:3], v.shape[-1])
+    assert_close(out, exact_attention(*case), q.dtype, "vs explicit float64 softmax")
+    assert_close(out, sdpa_attention(*case), q.dtype, "vs float64 SDPA")
+
+
+def test_oracles_agree():
+    """The two oracles are independent; check they agree to float64 precision on a mixed case."""
+    q, k, v = make_qkv(2, 4, 2, 33, 29, 24, 16, torch.float32, "blhd", seed=3)
+    w = (0.5 + torch.rand(2, 29)).to(DEVICE)
+    bias = torch.randn(2, 29).to(DEVICE)
+    gr = as_ranges([[(2, 9), (20, 33)], [(0, 5)]])
+    for mode in attention.MODES:
+        for causal in (False, True):
+            case = (q, k, v, w, gr, bias, causal, 0.4, mode)
+            assert (exact_attention(*case) - sdpa_attention(*case)).abs().max() < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# Each feature on its own, so a failure names it
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", attention.MODES)
+def test_rebalancing_is_detected_at_each_dtype(dtype, mode):
+    """The weights move the output by far more than the dtype's tolerance, and the kernel lands on
+    the rebalanced result: a kernel that ignored w (or a broken bf16 dot) cannot pass."""
+    lq = lk = 48
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16, 16, dtype, seed=5, spread=2.0)
+    w = torch.where(torch.arange(lk) % 3 == 0, 1.9, 0.1)[None].float().to(DEVICE)
+    gr = as_ranges([[(5, 40)]])
+    case = (q, k, v, w, gr, None, False, 0.5, mode)
+    want = exact_attention(*case)
+    plain = exact_attention(q, k, v, None, None, None, False, 0.5, mode)
+    atol, _ = OUTPUT_TOL[dtype]
+    assert (want - plain)[:, :, 5:40].abs().max() > 20 * atol
+    assert (want - plain)[:, :, list(range(5)) + list(range(40, lq))].abs().max() == 0
+    assert_close(op(*case), want, dtype)
+
+
+@pytest.mark.parametrize("d", [16, 24, 64, 72, 80, 96, 128, 256])
+def test_head_dims(d):
+    q, k, v = make_qkv(1, 1, 1, 17, 20, d, d, torch.float16, seed=d)
+    w = (0.5 + torch.rand(1, 20)).to(DEVICE)
+    case = (q, k, v, w, as_ranges([[(3, 17)]]), None, False, 1.0 / math.sqrt(d), "key_scale")
+    assert_close(op(*case), exact_attention(*case), torch.float16, f"D={d}")
+
+
+def test_value_head_dim_differs():
+    q, k, v = make_qkv(2, 2, 2, 20, 33, 64, 24, torch.float32, seed=1)
+    case = (q, k, v, None, None, None, True, 0.125, "key_scale")
+    assert_close(op(*case), exact_attention(*case), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_strided_inputs_and_output_layout(layout):
+    """(B, L, H, D) inputs are used in place; the output mirrors q's layout."""
+    q, k, v = make_qkv(2, 4, 2, 19, 23, 24, 24, torch.float16, layout, seed=2)
+    out = op(q, k, v, None, None, None, False, 0.2, "key_scale")
+    if layout == "blhd":
+        assert not q.is_contiguous() and out.transpose(1, 2).is_contiguous()
+    else:
+        assert out.is_contiguous()
+    assert_close(out, exact_attention(q, k, v, None, None, None, False, 0.2, "key_scale"), torch.float16)
+
+
+def test_non_unit_head_dim_stride():
+    """Every stride is passed to the kernel, including the head dim's."""
+    q, k, v = make_qkv(1, 2, 1, 16, 16, 32, 32, torch.float32, seed=4)
+    q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]
+    assert q.stride(-1) == 2
+    case = (q, k, v, None, None, None, False, 0.25, "key_scale")
+    assert_close(op(*case), exact_attention(*case), torch.float32)
+
+
+def test_broadcast_key_bias():
+    """A (1, 1, 1, Lk) mask becomes a (B, Lk) bias with batch stride 0; no copy is needed."""
+    q, k, v = make_qkv(2, 2, 2, 9, 21, 16, 16, torch.float32, seed=6)
+    bias = torch.randn(1, 21).to(DEVICE).expand(2, 21)
+    assert bias.stride(0) == 0
+    case = (q, k, v, None, None, bias, False, 0.3, "key_scale")
+    assert_close(op(*case), exact_attention(*case), torch.float32)
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 40), (40, 1), (1, 17), (33, 65)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_tiny_and_ragged_lengths(lq, lk, is_causal):
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16, 16, torch.float32, seed=lq * 100 + lk)
+    w = (0.5 + torch.rand(1, lk)).to(DEVICE)
+    case = (q, k, v, w, as_ranges([[(0, lq)]]), None, is_causal, 0.25, "prob_scale")
+    assert_close(op(*case), exact_attention(*case), torch.float32)
+
+
+def test_causal_top_left_with_more_queries_than_keys():
+    """Top-left causal: row i sees keys j <= i, so rows past Lk see every key, row 0 only key 0."""
+    q, k, v = make_qkv(1, 1, 1, 50, 20, 16, 16, torch.float32, seed=8)
+    out = op(q, k, v, None, None, None, True, 0.25, "key_scale")
+    assert torch.allclose(out[0, 0, 0].cpu(), v[0, 0, 0].cpu(), atol=1e-6)
+    full = op(q, k, v, None, None, None, False, 0.25, "key_scale")
+    assert_close(out[:, :, 19:], exact_attention(q, k, v, None, None, None, False, 0.25, "key_scale")[:, :, 19:],
+                 torch.float32)
+    assert torch.allclose(out[:, :, 19:], full[:, :, 19:], atol=1e-6)
+
+
+def test_all_keys_masked_but_one():
+    q, k, v = make_qkv(2, 2, 1, 30, 37, 16, 16, torch.float16, seed=9)
+    bias = torch.full((2, 37), -math.inf)
+    bias[0, 36] = 0.0
+    bias[1, 0] = 0.0
+    w = torch.full((2, 37), 1.5).to(DEVICE)
+    out = op(q, k, v, w, as_ranges([[(0, 10)], [(5, 30)]]), bias.to(DEVICE), False, 0.5, "key_scale")
+    assert torch.equal(out[0].cpu(), v[0, :, 36:37].expand(2, 30, 16).cpu())
+    assert torch.equal(out[1].cpu(), v[1, :, 0:1].expand(2, 30, 16).cpu())
+
+
+@pytest.mark.parametrize("mode", attention.MODES)
+def test_rows_with_no_allowed_key_output_zero(mode):
+    """Batch row 0 has every key masked: its output is exactly 0 (as SDPA), row 1 is unaffected."""
+    q, k, v = make_qkv(2, 2, 2, 21, 18, 16, 16, torch.bfloat16, seed=10)
+    bias = torch.zeros(2, 18)
+    bias[0] = -math.inf
+    w = (0.5 + torch.rand(2, 18)).to(DEVICE)
+    case = (q, k, v, w, as_ranges([[(0, 21)], [(4, 12)]]), bias.to(DEVICE), False, 0.3, mode)
+    out = op(*case)
+    assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
+    assert_close(out, exact_attention(*case), torch.bfloat16)
+    assert_close(out, sdpa_attention(*case), torch.bfloat16)
+
+
+def test_huge_logits():
+    """Logits around 1e4 (a sharp, finite softmax) stay finite and exact."""
+    q, k, v = make_qkv(1, 2, 2, 24, 40, 16, 16, torch.float32, seed=11, spread=30.0)
+    w = (0.5 + torch.rand(1, 40)).to(DEVICE)
+    case = (q, k, v, w, as_ranges([[(0, 12)]]), None, False, 3.0, "key_scale")
+    logits = 3.0 * q.double() @ k.double().transpose(-1, -2)
+    assert logits.abs().max() > 1e4
+    assert_close(op(*case), exact_attention(*case), torch.float32)
+
+
+def test_large_finite_key_bias_is_not_a_mask():
+    """A bias of -1e30 on every key is finite: the row averages the values (softmax of equal logits
+    shifted by the same amount), exactly as SDPA computes it."""
+    q, k, v = make_qkv(1, 1, 1, 8, 16, 16, 16, torch.float32, seed=12)
+    bias = torch.full((1, 16), -1e30).to(DEVICE)
+    case = (q, k, v, None, None, bias, False, 0.1, "key_scale")
+    assert_close(op(*case), sdpa_attention(*case), torch.float32)
+
+
+def test_w_none_is_plain_attention():
+    q, k, v = make_qkv(2, 4, 1, 40, 40, 24, 24, torch.float16, "blhd", seed=13)
+    want = F.scaled_dot_product_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), is_causal=True,
+                                          scale=0.3, enable_gqa=True)
+    assert_close(op(q, k, v, None, None, None, True, 0.3, "prob_scale"), want, torch.float16)
+
+
+def test_bad_arguments_raise():
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 16, 16, torch.float32)
+    w = torch.ones(1, 8, device=DEVICE)
+    gr = as_ranges([[(0, 8)]])
+    with pytest.raises(ValueError, match="mode"):
+        op(q, k, v, w, gr, None, False, 0.3, "bogus")
+    with pytest.raises(ValueError, match="together"):
+        op(q, k, v, w, None, None, False, 0.3, "key_scale")
+    with pytest.raises(ValueError, match="w must be float32"):
+        op(q, k, v, w.half(), gr, None, False, 0.3, "key_scale")
+    with pytest.raises(ValueError, match="key_bias"):
+        op(q, k, v, None, None, torch.zeros(1, 7, device=DEVICE), False, 0.3, "key_scale")
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        op(q.double(), k.double(), v.double(), None, None, None, False, 0.3, "key_scale")
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        big = torch.zeros(1, 1, 4, 272, device=DEVICE)
+        op(big, big, big, None, None, None, False, 0.3, "key_scale")
+
+
+def test_fake_tensor_matches_real_layout():
+    """register_fake reproduces the real output's shape, dtype and strides (torch.compile relies on it)."""
+    q, k, v = make_qkv(2, 4, 2, 12, 10, 16, 24, torch.float16, "blhd", seed=14)
+    torch.library.opcheck(op.default, (q, k, v, None, None, None, False, 0.3, "key_scale"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles_fullgraph():
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 16, 16, torch.float32, seed=15)
+    w = (0.5 + torch.rand(1, 20)).to(DEVICE)
+    gr = as_ranges([[(4, 16)]])
+
+    def f(q, k, v, w):
+        return op(q, k, v, w, gr, None, True, 0.3, "key_scale") + 1.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, k, v, w), f(q, k, v, w))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only (real CUDA; larger shapes). Not run in CI, which has no GPU.
+# ------------------------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available() or attention.INTERPRETED,
+                               reason="needs a CUDA GPU and TRITON_INTERPRET unset")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 72, 80, 96, 128, 256])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_cuda_vs_sdpa(dtype, d, is_causal):
+    q, k, v = make_qkv(2, 8, 2, 1000, 1000 if is_causal else 1531, d, d, dtype, "blhd", seed=d)
+    w = (0.5 + torch.rand(2, k.shape[2])).cuda()
+    case = (q, k, v, w, as_ranges([[(100, 700)], [(0, 1000)]]), None, is_causal, 1 / math.sqrt(d), "key_scale")
+    assert_close(op(*case), sdpa_attention(*case), dtype)
+
+
+@cuda_only
+def test_cuda_64bit_offsets():
+    """Batch row 1 starts 2^31 elements into the buffer: int32 offsets would wrap."""
+    big = torch.randn(2**31 + 64 * 64, dtype=torch.float16, device="cuda")
+    q = big.as_strided((2, 1, 64, 64), (2**31, 64 * 64, 64, 1))
+    k = v = q
+    case = (q, k, v, None, None, None, False, 0.125, "key_scale")
+    assert_close(op(*case), exact_attention(*case), torch.float16)
+
+
+@cuda_only
+def test_cuda_graph_capture():
+    q, k, v = make_qkv(2, 4, 2, 256, 256, 64, 64, torch.float16, seed=1)
+    w = (0.5 + torch.rand(2, 256)).cuda()
+    gr = as_ranges([[(0, 128)], [(64, 256)]])
+    want = op(q, k, v, w, gr, None, False, 0.125, "prob_scale")  # also autotunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = op(q, k, v, w, gr, None, False, 0.125, "prob_scale")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
