@@ -8,42 +8,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..judges.base import Judge, ParsedReply, ask_parsed, image_sha256
+from ..judges.base import Judge
 from ..judges.faces import FaceEmbedder, cosine_similarity_matrix
 from ..replies import parse_score_pair, parse_yes_no
-from ..runs import (
-    STATUS_INPUT_ERROR,
-    STATUS_JUDGE_FAILURE,
-    STATUS_MISSING,
-    STATUS_OK,
-    RunStore,
-    RunSummary,
-    find_output,
-    run_cases,
-)
+from ..runner_base import COMPAT_MODES, JudgedScorer, check_compat, check_model, existing_dir, judge_details, score_run
+from ..runs import STATUS_INPUT_ERROR, STATUS_OK, RunSummary
+from . import scoring
 from .manifest import Case, load_benchmark
 from .prompts import MicoPrompts, load_prompt_file
-from .scoring import (
-    FORMULA_SCALE,
-    FORMULAS,
-    MATCHING_MODES,
-    case_score,
-    face_score,
-    match_faces,
-    perceptual_quality,
-    semantic_consistency,
-    visibility_weight,
-)
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-COMPAT_MODES = ("strict", "released")
-REPLY_KEEP_CHARS = 4000
+__all__ = ["COMPAT_MODES", "MicoScorer", "run_mico"]
+
+
+def check_formula(formula: str) -> None:
+    if formula not in scoring.FORMULAS:
+        raise ValueError(f"formula must be one of {scoring.FORMULAS}, got {formula!r}")
 
 
 @dataclass
-class MicoScorer:
+class MicoScorer(JudgedScorer):
     """Everything needed to score one MICo-Bench case; :meth:`evaluate` returns its record.
 
     ``compat="strict"`` (default): an unusable judge reply (after retries) makes the case a
@@ -66,17 +52,12 @@ class MicoScorer:
     keep_replies: bool = True
 
     def __post_init__(self) -> None:
-        if self.formula not in FORMULAS:
-            raise ValueError(f"formula must be one of {FORMULAS}, got {self.formula!r}")
-        if self.face_matching not in MATCHING_MODES:
-            raise ValueError(f"face_matching must be one of {MATCHING_MODES}, got {self.face_matching!r}")
-        if self.compat not in COMPAT_MODES:
-            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {self.compat!r}")
+        check_formula(self.formula)
+        if self.face_matching not in scoring.MATCHING_MODES:
+            raise ValueError(f"face_matching must be one of {scoring.MATCHING_MODES}, got {self.face_matching!r}")
+        check_compat(self.compat)
         self.bench_dir = Path(self.bench_dir)
         self.results_dir = Path(self.results_dir)
-
-    def _replies(self, parsed: ParsedReply) -> list[str]:
-        return [r[:REPLY_KEEP_CHARS] for r in parsed.replies] if self.keep_replies else []
 
     def _faces(self, case: Case, output: Path, record: dict[str, Any]) -> list[float]:
         """Visibility credits of the face sources (in ``human_indices`` order)."""
@@ -98,11 +79,11 @@ class MicoScorer:
             logger.warning("case %s: no face detected in source image(s) %s; they score 0", case.case_id, no_face)
             record["sources_without_face"] = no_face
         present = [e for e in source_embeddings if e is not None]
-        matched_present = match_faces(cosine_similarity_matrix(present, output_faces), self.face_matching)
+        matched_present = scoring.match_faces(cosine_similarity_matrix(present, output_faces), self.face_matching)
         it = iter(matched_present)
         matched = [next(it) if e is not None else None for e in source_embeddings]
         record["face_similarities"] = matched
-        credits = [face_score(s) if s is not None else 0.0 for s in matched]
+        credits = [scoring.face_score(s) if s is not None else 0.0 for s in matched]
         if no_face and self.compat == "released":
             # Released quirk: one undetectable source face zeroes all face sources of the case.
             credits = [0.0] * len(credits)
@@ -110,21 +91,10 @@ class MicoScorer:
         return credits
 
     def evaluate(self, case: Case) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "benchmark": "mico",
-            "task": case.group,
-            "case_id": case.case_id,
-            "status": None,
-            "score": None,
-            "formula": self.formula,
-            "failures": [],
-        }
-        output = find_output(self.results_dir, self.model, case.group, case.case_id, OUTPUT_EXTENSIONS)
+        record = self.new_record("mico", case.group, case.case_id, formula=self.formula)
+        output = self.attach_output(record, self.results_dir, self.model, OUTPUT_EXTENSIONS)
         if output is None:
-            record["status"] = STATUS_MISSING
             return record
-        record["output"] = str(output.relative_to(self.results_dir))
-        record["output_sha256"] = image_sha256(output)
         needed = case.input_paths(self.bench_dir) + [case.reference_path(self.bench_dir)]
         missing = [str(p) for p in needed if not p.is_file()]
         if missing:
@@ -141,42 +111,33 @@ class MicoScorer:
         for index in range(len(sources)):
             if index in case.human_indices:
                 continue
-            parsed = ask_parsed(self.judge, self.prompts.visibility, [sources[index], output], parse_yes_no, parse_retries=self.parse_retries)
-            replies[f"visibility_{index}"] = self._replies(parsed)
+            stage = f"visibility_{index}"
+            parsed = self.ask(replies, stage, self.prompts.visibility, [sources[index], output], parse_yes_no)
             if parsed.ok:
                 element_present[str(index)] = bool(parsed.value)
                 continue
-            failure = {"stage": f"visibility_{index}", "kind": parsed.kind, "error": parsed.error, "attempts": parsed.attempts}
-            if self.compat == "released" and parsed.kind == "parse":
-                failure["scored_as"] = 0.0  # released: an unclear answer counts as "no"
-                record["failures"].append(failure)
-                element_present[str(index)] = False
-                continue
+            if self.compat != "released" or parsed.kind != "parse":
+                return self.judge_failed(record, stage, parsed)
+            failure = self.failure(stage, parsed)
+            failure["scored_as"] = 0.0  # released: an unclear answer counts as "no"
             record["failures"].append(failure)
-            record["status"] = STATUS_JUDGE_FAILURE
-            return record
+            element_present[str(index)] = False
         record["element_present"] = element_present
-        w = visibility_weight(face_credits, list(element_present.values()))
+        w = scoring.visibility_weight(face_credits, list(element_present.values()))
         record["w"] = w
 
-        sc = ask_parsed(self.judge, self.prompts.sc_for(case.prompt), [case.reference_path(self.bench_dir), output], parse_score_pair, parse_retries=self.parse_retries)
-        replies["sc"] = self._replies(sc)
+        sc = self.ask(replies, "sc", self.prompts.sc_for(case.prompt), [case.reference_path(self.bench_dir), output], parse_score_pair)
         if not sc.ok:
-            record["failures"].append({"stage": "sc", "kind": sc.kind, "error": sc.error, "attempts": sc.attempts})
-            record["status"] = STATUS_JUDGE_FAILURE
-            return record
+            return self.judge_failed(record, "sc", sc)
         pf, sr = sc.value  # type: ignore[misc]
-        record.update(pf=pf, sr=sr, sc=semantic_consistency(pf, sr))
+        record.update(pf=pf, sr=sr, sc=scoring.semantic_consistency(pf, sr))
 
-        pq = ask_parsed(self.judge, self.prompts.pq, [output], parse_score_pair, parse_retries=self.parse_retries)
-        replies["pq"] = self._replies(pq)
+        pq = self.ask(replies, "pq", self.prompts.pq, [output], parse_score_pair)
         if not pq.ok:
-            record["failures"].append({"stage": "pq", "kind": pq.kind, "error": pq.error, "attempts": pq.attempts})
-            record["status"] = STATUS_JUDGE_FAILURE
-            return record
+            return self.judge_failed(record, "pq", pq)
         naturalness, artifacts = pq.value  # type: ignore[misc]
-        record.update(naturalness=naturalness, artifacts=artifacts, pq=perceptual_quality(naturalness, artifacts))
-        record["score"] = case_score(w, pf, sr, naturalness, artifacts, self.formula)
+        record.update(naturalness=naturalness, artifacts=artifacts, pq=scoring.perceptual_quality(naturalness, artifacts))
+        record["score"] = scoring.case_score(w, pf, sr, naturalness, artifacts, self.formula)
         record["status"] = STATUS_OK
         return record
 
@@ -200,13 +161,9 @@ def run_mico(
     progress: bool = True,
 ) -> RunSummary:
     """Score ``<results_dir>/<model>/<group>/<case_id>.(png|jpg|jpeg|webp)`` into the run directory ``out_dir``."""
-    if not isinstance(model, str) or not model or Path(model).name != model:
-        raise ValueError(f"model must be a folder name under results_dir, got {model!r}")
-    if formula not in FORMULAS:
-        raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
-    results = Path(results_dir)
-    if not results.is_dir():
-        raise FileNotFoundError(f"results_dir: {results} is not a directory")
+    check_model(model, "results_dir")
+    check_formula(formula)
+    results = existing_dir(results_dir, "results_dir")
     cases = load_benchmark(bench_dir, groups)
     if embedder is None and any(c.human_indices for c in cases):
         raise ValueError("embedder: these cases have face sources (human_indices); pass a FaceEmbedder such as ArcFaceEmbedder")
@@ -233,26 +190,13 @@ def run_mico(
         "prompts": prompts.source if prompts.source == "default" else "custom",
         "face_embedder": getattr(embedder, "name", None) if embedder is not None else None,
     }
-    describe = getattr(judge, "describe", None)
     details = {
         "bench_dir": str(Path(bench_dir).resolve()),
         "results_dir": str(results.resolve()),
-        "judge": describe() if callable(describe) else {"model": judge.name},
+        "judge": judge_details(judge),
         "prompt_file": str(prompt_file) if prompt_file is not None else None,
         "parse_retries": parse_retries,
-        "score_scale": FORMULA_SCALE[formula],
+        "score_scale": scoring.FORMULA_SCALE[formula],
     }
-    expected: dict[str, list[str]] = {}
-    for case in cases:
-        expected.setdefault(case.group, []).append(case.case_id)
-    with RunStore.open(out_dir, identity, details, expected) as store:
-        return run_cases(
-            store,
-            cases,
-            key=lambda c: (c.group, c.case_id),
-            evaluate=scorer.evaluate,
-            concurrency=concurrency,
-            retry_failed=retry_failed,
-            desc="MICo-Bench",
-            progress=progress,
-        )
+    return score_run(out_dir, cases, key=lambda c: (c.group, c.case_id), evaluate=scorer.evaluate, identity=identity,
+                     details=details, desc="MICo-Bench", concurrency=concurrency, retry_failed=retry_failed, progress=progress)

@@ -8,18 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..judges.base import Judge, ParsedReply, ask_parsed, image_sha256
+from ..judges.base import Judge
 from ..replies import ReplyParseError, parse_checkpoints, parse_score
-from ..runs import (
-    STATUS_INPUT_ERROR,
-    STATUS_JUDGE_FAILURE,
-    STATUS_MISSING,
-    STATUS_OK,
-    RunStore,
-    RunSummary,
-    find_output,
-    run_cases,
-)
+from ..runner_base import COMPAT_MODES, JudgedScorer, check_compat, check_model, existing_dir, judge_details, score_run
+from ..runs import STATUS_INPUT_ERROR, STATUS_OK, RunSummary
 from .cases import CANDIDATES_FILE, MiconCase, StoryCandidates, load_candidates, load_cases
 from .prompts import (
     CANDIDATE_SYSTEM,
@@ -36,12 +28,11 @@ from .protocol import STORY_TASK, score_checkpoints, story_overall, task_spec
 logger = logging.getLogger(__name__)
 
 OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg")
-COMPAT_MODES = ("strict", "released")
-REPLY_KEEP_CHARS = 4000
+__all__ = ["COMPAT_MODES", "MiconScorer", "run_micon"]
 
 
 @dataclass
-class MiconScorer:
+class MiconScorer(JudgedScorer):
     """Everything needed to score one MICON-Bench case; :meth:`evaluate` returns its record.
 
     ``compat="strict"`` (default): any judge reply that cannot be used after retries makes
@@ -65,29 +56,15 @@ class MiconScorer:
     keep_replies: bool = True
 
     def __post_init__(self) -> None:
-        if self.compat not in COMPAT_MODES:
-            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {self.compat!r}")
+        check_compat(self.compat)
         self.generations_dir = Path(self.generations_dir)
-
-    def _replies(self, parsed: ParsedReply) -> list[str]:
-        return [r[:REPLY_KEEP_CHARS] for r in parsed.replies] if self.keep_replies else []
 
     def evaluate(self, case: MiconCase) -> dict[str, Any]:
         spec = task_spec(case.task)
-        record: dict[str, Any] = {
-            "benchmark": "micon",
-            "task": case.task,
-            "case_id": case.case_id,
-            "status": None,
-            "score": None,
-            "failures": [],
-        }
-        output = find_output(self.generations_dir, self.model, case.task, case.case_id, OUTPUT_EXTENSIONS)
+        record = self.new_record("micon", case.task, case.case_id)
+        output = self.attach_output(record, self.generations_dir, self.model, OUTPUT_EXTENSIONS)
         if output is None:
-            record["status"] = STATUS_MISSING
             return record
-        record["output"] = str(output.relative_to(self.generations_dir))
-        record["output_sha256"] = image_sha256(output)
 
         missing_refs = [str(p) for p in case.refs.values() if not p.is_file()]
         story_hybrid = case.task == STORY_TASK and self.story_candidates
@@ -111,13 +88,11 @@ class MiconScorer:
                 raise ReplyParseError(f"reply has none of the checkpoints of task {case.task!r}", reply)
             return verdicts
 
-        prompt = build_judge_prompt(case, self.templates, self.guidelines)
-        parsed = ask_parsed(self.judge, prompt, images, parse, parse_retries=self.parse_retries)
-        record["judge_replies"] = {"checkpoints": self._replies(parsed)}
+        replies: dict[str, Any] = {}
+        record["judge_replies"] = replies
+        parsed = self.ask(replies, "checkpoints", build_judge_prompt(case, self.templates, self.guidelines), images, parse)
         if not parsed.ok:
-            record["status"] = STATUS_JUDGE_FAILURE
-            record["failures"].append({"stage": "checkpoints", "kind": parsed.kind, "error": parsed.error, "attempts": parsed.attempts})
-            return record
+            return self.judge_failed(record, "checkpoints", parsed)
 
         verdicts: dict[str, int] = parsed.value  # type: ignore[assignment]
         checkpoints = {k: v for k, v in verdicts.items() if k in known}
@@ -137,18 +112,15 @@ class MiconScorer:
 
         record["story_scoring"] = "hybrid"
         candidate_prompt = build_candidate_prompt(case, candidates, self.candidate_prompt)  # type: ignore[arg-type]
-        cand = ask_parsed(self.judge, candidate_prompt, images, parse_score, system=CANDIDATE_SYSTEM, parse_retries=self.parse_retries)
-        record["judge_replies"]["candidate"] = self._replies(cand)
+        cand = self.ask(replies, "candidate", candidate_prompt, images, parse_score, system=CANDIDATE_SYSTEM)
         mean_dim = sum(dims.values()) / len(dims)
         if cand.ok:
             candidate_score = float(cand.value)  # type: ignore[arg-type]
         else:
-            failure = {"stage": "candidate", "kind": cand.kind, "error": cand.error, "attempts": cand.attempts}
             if self.compat != "released":
-                record["status"] = STATUS_JUDGE_FAILURE
-                record["failures"].append(failure)
-                return record
+                return self.judge_failed(record, "candidate", cand)
             # Released behaviour: a failed candidate evaluation counts as a score of 0.
+            failure = self.failure("candidate", cand)
             failure["scored_as"] = 0.0
             record["failures"].append(failure)
             candidate_score = 0.0
@@ -181,13 +153,9 @@ def run_micon(
 
     Resumable: rerunning with the same arguments skips finished cases.
     """
-    if not isinstance(model, str) or not model or Path(model).name != model:
-        raise ValueError(f"model must be a folder name under generations_dir, got {model!r}")
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-    generations = Path(generations_dir)
-    if not generations.is_dir():
-        raise FileNotFoundError(f"generations_dir: {generations} is not a directory")
+    check_model(model, "generations_dir")
+    check_compat(compat)
+    generations = existing_dir(generations_dir, "generations_dir")
     cases = load_cases(data_dir, tasks)
     task_names = sorted({c.task for c in cases})
     templates = load_templates(templates_dir, task_names)
@@ -224,26 +192,13 @@ def run_micon(
         "guidelines": guidelines is not None,
         "candidate_prompt": "custom" if candidate_prompt_file is not None else "default",
     }
-    describe = getattr(judge, "describe", None)
     details = {
         "data_dir": str(Path(data_dir).resolve()),
         "templates_dir": str(Path(templates_dir).resolve()),
         "generations_dir": str(generations.resolve()),
-        "judge": describe() if callable(describe) else {"model": judge.name},
+        "judge": judge_details(judge),
         "parse_retries": parse_retries,
         "score_scale": "0-100",
     }
-    expected: dict[str, list[str]] = {}
-    for case in cases:
-        expected.setdefault(case.task, []).append(case.case_id)
-    with RunStore.open(out_dir, identity, details, expected) as store:
-        return run_cases(
-            store,
-            cases,
-            key=lambda c: (c.task, c.case_id),
-            evaluate=scorer.evaluate,
-            concurrency=concurrency,
-            retry_failed=retry_failed,
-            desc="MICON-Bench",
-            progress=progress,
-        )
+    return score_run(out_dir, cases, key=lambda c: (c.task, c.case_id), evaluate=scorer.evaluate, identity=identity,
+                     details=details, desc="MICON-Bench", concurrency=concurrency, retry_failed=retry_failed, progress=progress)
