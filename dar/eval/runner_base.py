@@ -37,6 +37,11 @@ def existing_dir(path: str | os.PathLike[str], arg: str) -> Path:
     return folder
 
 
+def run_identity(benchmark: str, model: str, judge: Judge, **settings: Any) -> dict[str, Any]:
+    """The settings that decide what a score means; a run directory refuses to resume under others."""
+    return {"benchmark": benchmark, "model": model, "judge_model": judge.name, **settings}
+
+
 def judge_details(judge: Judge) -> dict[str, Any]:
     """The judge's own description for run metadata (no credentials), or just its model name."""
     describe = getattr(judge, "describe", None)

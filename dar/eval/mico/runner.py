@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from ..judges.base import Judge
 from ..judges.faces import FaceEmbedder, cosine_similarity_matrix
 from ..replies import parse_score_pair, parse_yes_no
-from ..runner_base import COMPAT_MODES, JudgedScorer, check_compat, check_model, existing_dir, judge_details, score_run
+from ..runner_base import COMPAT_MODES, JudgedScorer, check_compat, check_model, existing_dir, judge_details, run_identity, score_run
 from ..runs import STATUS_INPUT_ERROR, STATUS_OK, RunSummary
 from . import scoring
 from .manifest import Case, load_benchmark
@@ -168,28 +168,16 @@ def run_mico(
     if embedder is None and any(c.human_indices for c in cases):
         raise ValueError("embedder: these cases have face sources (human_indices); pass a FaceEmbedder such as ArcFaceEmbedder")
     prompts = load_prompt_file(prompt_file) if prompt_file is not None else MicoPrompts()
-    scorer = MicoScorer(
-        judge=judge,
-        bench_dir=Path(bench_dir),
-        results_dir=results,
-        model=model,
-        embedder=embedder,
+    scorer = MicoScorer(judge=judge, bench_dir=Path(bench_dir), results_dir=results, model=model, embedder=embedder,
+                        formula=formula, face_matching=face_matching, compat=compat, prompts=prompts, parse_retries=parse_retries)
+    identity = run_identity(
+        "mico", model, judge,
         formula=formula,
         face_matching=face_matching,
         compat=compat,
-        prompts=prompts,
-        parse_retries=parse_retries,
+        prompts=prompts.source if prompts.source == "default" else "custom",
+        face_embedder=getattr(embedder, "name", None) if embedder is not None else None,
     )
-    identity = {
-        "benchmark": "mico",
-        "model": model,
-        "judge_model": judge.name,
-        "formula": formula,
-        "face_matching": face_matching,
-        "compat": compat,
-        "prompts": prompts.source if prompts.source == "default" else "custom",
-        "face_embedder": getattr(embedder, "name", None) if embedder is not None else None,
-    }
     details = {
         "bench_dir": str(Path(bench_dir).resolve()),
         "results_dir": str(results.resolve()),

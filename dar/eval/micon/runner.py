@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from ..judges.base import Judge
 from ..replies import ReplyParseError, parse_checkpoints, parse_score
-from ..runner_base import COMPAT_MODES, JudgedScorer, check_compat, check_model, existing_dir, judge_details, score_run
+from ..runner_base import COMPAT_MODES, JudgedScorer, check_compat, check_model, existing_dir, judge_details, run_identity, score_run
 from ..runs import STATUS_INPUT_ERROR, STATUS_OK, RunSummary
 from .cases import CANDIDATES_FILE, MiconCase, StoryCandidates, load_candidates, load_cases
 from .prompts import (
@@ -171,27 +171,16 @@ def run_micon(
     guidelines = load_guidelines(guidelines_file) if guidelines_file is not None else None
     candidate_prompt = load_candidate_prompt(candidate_prompt_file) if candidate_prompt_file is not None else DEFAULT_CANDIDATE_PROMPT
 
-    scorer = MiconScorer(
-        judge=judge,
-        templates=templates,
-        generations_dir=generations,
-        model=model,
-        candidates=candidates,
+    scorer = MiconScorer(judge=judge, templates=templates, generations_dir=generations, model=model, candidates=candidates,
+                         compat=compat, parse_retries=parse_retries, guidelines=guidelines, candidate_prompt=candidate_prompt,
+                         story_candidates=story_candidates)
+    identity = run_identity(
+        "micon", model, judge,
         compat=compat,
-        parse_retries=parse_retries,
-        guidelines=guidelines,
-        candidate_prompt=candidate_prompt,
-        story_candidates=story_candidates,
+        story_scoring="hybrid" if story_candidates else "plain",
+        guidelines=guidelines is not None,
+        candidate_prompt="custom" if candidate_prompt_file is not None else "default",
     )
-    identity = {
-        "benchmark": "micon",
-        "model": model,
-        "judge_model": judge.name,
-        "compat": compat,
-        "story_scoring": "hybrid" if story_candidates else "plain",
-        "guidelines": guidelines is not None,
-        "candidate_prompt": "custom" if candidate_prompt_file is not None else "default",
-    }
     details = {
         "data_dir": str(Path(data_dir).resolve()),
         "templates_dir": str(Path(templates_dir).resolve()),
