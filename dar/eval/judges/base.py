@@ -8,9 +8,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from ..replies import ReplyParseError
+
+if TYPE_CHECKING:  # cache.py imports this module
+    from .cache import ResponseCache
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,47 @@ def image_data_url(path: str | os.PathLike[str]) -> str:
     mime = image_mime(path)
     payload = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f"data:{mime};base64,{payload}"
+
+
+class CachingJudge:
+    """:meth:`Judge.complete` for the concrete judges: argument checks, the reply cache, then :meth:`_ask`.
+
+    A subclass sets ``name`` and ``cache`` (a :class:`~dar.eval.judges.cache.ResponseCache`
+    or ``None``) and implements :meth:`_cache_settings` and :meth:`_ask`.
+    """
+
+    name: str
+    cache: ResponseCache | None
+
+    def _cache_settings(self) -> dict[str, Any]:
+        """Generation settings that change the reply; part of the cache key."""
+        raise NotImplementedError
+
+    def _ask(self, prompt: str, paths: list[Path], system: str | None) -> str:
+        """Ask the model (no cache); raise :class:`JudgeError` when no reply can be had."""
+        raise NotImplementedError
+
+    def complete(self, prompt: str, images: Sequence[str | os.PathLike[str]] = (), *, system: str | None = None, refresh: bool = False) -> str:
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string")
+        paths = [Path(p) for p in images]
+        for path in paths:
+            image_mime(path)  # validates the type before any model or network work
+            if not path.is_file():
+                raise FileNotFoundError(f"judge image not found: {path}")
+
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(self.name, prompt, paths, system=system, settings=self._cache_settings())
+            if not refresh:
+                cached = self.cache.get(key)
+                if cached is not None:
+                    return cached
+        reply = self._ask(prompt, paths, system)
+        # Empty replies are not cached: asking again may help.
+        if self.cache is not None and key is not None and reply.strip():
+            self.cache.put(key, reply, model=self.name)
+        return reply
 
 
 @dataclass

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .base import JudgeError, image_mime
+from .base import CachingJudge, JudgeError
 from .cache import ResponseCache
 
 
-class TransformersJudge:
+class TransformersJudge(CachingJudge):
     """Greedy-decoding local judge behind the same interface as :class:`OpenAIJudge`.
 
     Args:
@@ -80,31 +80,10 @@ class TransformersJudge:
             )
         return self._pipeline
 
-    def complete(
-        self,
-        prompt: str,
-        images: Sequence[str | os.PathLike[str]] = (),
-        *,
-        system: str | None = None,
-        refresh: bool = False,
-    ) -> str:
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt must be a non-empty string")
-        paths = [Path(p) for p in images]
-        for path in paths:
-            image_mime(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"judge image not found: {path}")
+    def _cache_settings(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
 
-        key = None
-        if self.cache is not None:
-            settings = {"max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
-            key = ResponseCache.key(self.name, prompt, paths, system=system, settings=settings)
-            if not refresh:
-                cached = self.cache.get(key)
-                if cached is not None:
-                    return cached
-
+    def _ask(self, prompt: str, paths: list[Path], system: str | None) -> str:
         from PIL import Image
 
         pictures = []
@@ -129,10 +108,7 @@ class TransformersJudge:
                 )
             except (RuntimeError, ValueError) as err:
                 raise JudgeError(f"local judge failed: {type(err).__name__}: {err}") from err
-        reply = _generated_text(outputs)
-        if self.cache is not None and key is not None and reply.strip():
-            self.cache.put(key, reply, model=self.name)
-        return reply
+        return _generated_text(outputs)
 
 
 def _generated_text(outputs: Any) -> str:

@@ -15,9 +15,9 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .base import JudgeError, image_data_url, image_mime
+from .base import CachingJudge, JudgeError, image_data_url
 from .cache import ResponseCache
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 PLACEHOLDER_KEY = "EMPTY"
 
 
-class OpenAIJudge:
+class OpenAIJudge(CachingJudge):
     """Chat-completions judge with timeouts, retries, bounded concurrency and a reply cache.
 
     Args:
@@ -124,31 +124,10 @@ class OpenAIJudge:
             text = text.replace(self._redact_value, "***")
         return text
 
-    def complete(
-        self,
-        prompt: str,
-        images: Sequence[str | os.PathLike[str]] = (),
-        *,
-        system: str | None = None,
-        refresh: bool = False,
-    ) -> str:
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt must be a non-empty string")
-        paths = [Path(p) for p in images]
-        for path in paths:
-            image_mime(path)  # validates the type before any network traffic
-            if not path.is_file():
-                raise FileNotFoundError(f"judge image not found: {path}")
+    def _cache_settings(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
 
-        key = None
-        if self.cache is not None:
-            settings = {"temperature": self.temperature, "max_tokens": self.max_tokens}
-            key = ResponseCache.key(self.name, prompt, paths, system=system, settings=settings)
-            if not refresh:
-                cached = self.cache.get(key)
-                if cached is not None:
-                    return cached
-
+    def _ask(self, prompt: str, paths: list[Path], system: str | None) -> str:
         content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
         content += [{"type": "image_url", "image_url": {"url": image_data_url(path)}} for path in paths]
         messages: list[dict[str, Any]] = []
@@ -170,8 +149,4 @@ class OpenAIJudge:
             reply = response.choices[0].message.content
         except (AttributeError, IndexError, TypeError):
             raise JudgeError("judge response has no choices[0].message") from None
-        reply = reply or ""
-        # Empty replies are not cached: asking again may help.
-        if self.cache is not None and key is not None and reply.strip():
-            self.cache.put(key, reply, model=self.name)
-        return reply
+        return reply or ""
