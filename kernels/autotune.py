@@ -15,25 +15,30 @@ import functools
 
 import triton
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded-head-dim class; the first entry is the
-# preferred one, the others give the autotuner room when registers or shared memory run short.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded-head-dim class, preferred first. Every entry
+# was compiled for its architecture with Triton's ahead-of-time compiler and checked with
+# `ptxas -v` (`compile_report` below; bf16, key weights + key bias + key masking, non-causal): no
+# register spills and shared memory within the limit (227 KiB sm90, 163 KiB sm80; sm86/sm89 have
+# 99 KiB and the autotuner drops entries that do not fit). Causal masking adds registers: sm90
+# (128, 128, 8, 2) at D=128 spills 252 B causal, so it is not the preferred entry; the preferred
+# D=128 entries are checked causal by tests/test_triton_attention.py. Not yet timed on hardware.
 _SM90 = {
-    64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-    128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-    256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
+    256: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
 _SM80 = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    128: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-    256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
 }
 _DEFAULT = {
     64: [(64, 64, 4, 2)],
     128: [(64, 64, 4, 2), (64, 32, 4, 2)],
-    256: [(64, 32, 4, 1)],
+    256: [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
-# fp32 operands use exact (non-tf32) dots, which need many more registers: smaller tiles only.
-_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2)]
+# fp32 operands use exact (non-tf32) dots, which need many more registers: small tiles only.
+_FP32 = [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 8, 2)]
 
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
@@ -86,3 +91,62 @@ def prune_for(capability: tuple[int, int] | None):
         return kept or configs[-1:]
 
     return prune
+
+
+def compile_report(capability: tuple[int, int], dtype: str, head_dim: int, config: tuple[int, int, int, int],
+                   *, causal: bool = False, weights: bool = True, prob_scale: bool = False,
+                   key_bias: bool = True) -> dict:
+    """Compile the attention kernel ahead of time for a GPU that need not be present and report
+    ``{"registers", "spill_bytes", "shared_bytes"}`` from ``ptxas -v``.
+
+    This is how the tables above were checked. ``dtype`` is "fp16", "bf16" or "fp32";
+    ``config`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. Strides get the specialisations
+    the launcher gives contiguous inputs (unit head-dim stride, 16-divisible others). Needs
+    ``TRITON_INTERPRET`` unset (the interpreter replaces the kernel with a Python function).
+    """
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import attention
+
+    if attention.INTERPRETED:
+        raise RuntimeError("compile_report needs TRITON_INTERPRET unset")
+    fn = attention._rebalanced_attention_fwd
+    bm, bn, warps, stages = config
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    const = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=block_d, BLOCK_DV=block_d, IS_CAUSAL=causal,
+                 HAS_W=weights, PROB_SCALE=prob_scale, HAS_BIAS=key_bias, DOT_F32=False,
+                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, MASK_KEYS=True,
+                 stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_biasn=1)
+    pointer = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "W": "fp32", "GEN": "i32", "BIAS": "fp32"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in pointer:
+            sig[name] = "*" + pointer[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = f"sm_{capability[0]}{capability[1]}" + ("a" if capability[0] == 9 else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", f"-arch={arch}", src, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", log).group(1)),
+            "shared_bytes": int(kernel.metadata.shared)}

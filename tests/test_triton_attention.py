@@ -262,9 +262,10 @@ def test_broadcast_key_bias():
     assert_close(op(*case), exact_attention(*case), torch.float32)
 
 
-@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 40), (40, 1), (1, 17), (33, 65)])
+@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 40), (40, 1), (1, 17), (33, 65), (31, 48), (40, 64)])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_tiny_and_ragged_lengths(lq, lk, is_causal):
+    """Lk a multiple of the interpreter's BLOCK_N (16) without causality runs the unmasked path."""
     q, k, v = make_qkv(1, 2, 1, lq, lk, 16, 16, torch.float32, seed=lq * 100 + lk)
     w = (0.5 + torch.rand(1, lk)).to(DEVICE)
     case = (q, k, v, w, as_ranges([[(0, lq)]]), None, is_causal, 0.25, "prob_scale")
@@ -369,6 +370,52 @@ def test_compiles_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(q, k, v, w), f(q, k, v, w))
+
+
+def test_autotune_pruning_keeps_the_head_dim_row():
+    """Per-GPU tables: the pruner keeps the row of the padded head dim (fp32: the small tiles) and
+    never returns nothing; the interpreter has one config."""
+    from dar.kernels import autotune
+
+    assert autotune.candidate_configs(None) == [autotune.INTERPRETER_CONFIG]
+    for cap, table in (((9, 0), autotune._SM90), ((8, 0), autotune._SM80), ((7, 5), autotune._DEFAULT)):
+        configs = autotune.candidate_configs(cap)
+        prune = autotune.prune_for(cap)
+        for dtype, block_d, lq in ((torch.float16, 64, 4096), (torch.bfloat16, 128, 4096), (torch.bfloat16, 256, 512),
+                                   (torch.float32, 128, 4096), (torch.float16, 128, 16)):
+            q = torch.empty(0, dtype=dtype)
+            kept = prune(configs, {"Q": q, "Lq": lq}, BLOCK_D=block_d, BLOCK_DV=block_d)
+            shapes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+            row = autotune._FP32 if dtype == torch.float32 else table[autotune.head_dim_class(block_d)]
+            assert kept and shapes <= set(row)
+            if lq <= 64 and any(s[0] <= 64 for s in row):
+                assert all(s[0] <= 64 for s in shapes)
+
+
+_COMPILE_CHECK = """
+import json
+from dar.kernels.autotune import compile_report, _SM90, _SM80
+print(json.dumps([compile_report((9, 0), "bf16", 128, _SM90[128][0], causal=True),
+                  compile_report((8, 0), "fp16", 80, _SM80[128][0], prob_scale=True)]))
+"""
+
+
+def test_compiles_for_sm90_and_sm80_without_a_gpu():
+    """The real (non-interpreted) kernel compiles for Hopper and Ampere with the preferred config of
+    the D=128 table rows: no register spills, shared memory within each GPU's limit. Catches what
+    the interpreter cannot (e.g. non-constexpr globals, layouts, dot shapes). Runs Triton's
+    ahead-of-time compiler and its bundled ptxas in a subprocess without TRITON_INTERPRET."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sm90, sm80 = json.loads(res.stdout.strip().splitlines()[-1])
+    assert sm90["spill_bytes"] == 0 and sm90["shared_bytes"] <= 227 * 1024
+    assert sm80["spill_bytes"] == 0 and sm80["shared_bytes"] <= 163 * 1024
 
 
 # ------------------------------------------------------------------------------------------------
