@@ -20,24 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from dar.eval.cli import (
-    add_judge_arguments,
-    add_report_and_compare,
-    add_run_arguments,
-    build_judge,
-    configure_logging,
-    finish_score,
-    judge_concurrency,
-)
+from dar.eval import cli
 from dar.eval.mico import FORMULAS, GROUPS, MATCHING_MODES, run_mico
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    score = sub.add_parser("score", help="score a model's generated images")
+def add_score_arguments(score: argparse.ArgumentParser) -> None:
     score.add_argument("--bench", type=Path, required=True, help="MICo-Bench folder holding the JSONL manifests and images")
     score.add_argument("--results", type=Path, required=True, help="root of <model>/<group>/<case_id>.png")
     score.add_argument("--model", required=True, help="model folder name under --results")
@@ -51,12 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="insightface root with models/<name>/ (needed when cases have face sources)")
     score.add_argument("--arcface-name", default="buffalo_l")
     score.add_argument("--arcface-ctx", type=int, default=-1, help="-1 for CPU, else GPU index")
-    add_run_arguments(score)
-    add_judge_arguments(score)
-    score.set_defaults(handler=handle_score)
-
-    add_report_and_compare(sub)
-    return parser
 
 
 def handle_score(args: argparse.Namespace) -> int:
@@ -65,31 +46,14 @@ def handle_score(args: argparse.Namespace) -> int:
         from dar.eval.judges import ArcFaceEmbedder
 
         embedder = ArcFaceEmbedder(args.arcface_root, name=args.arcface_name, ctx_id=args.arcface_ctx)
-    judge = build_judge(args)
-    summary = run_mico(
-        bench_dir=args.bench,
-        results_dir=args.results,
-        model=args.model,
-        out_dir=args.out,
-        judge=judge,
-        embedder=embedder,
-        groups=args.groups,
-        formula=args.formula,
-        face_matching=args.face_matching,
-        compat=args.compat,
-        prompt_file=args.prompt_file,
-        concurrency=judge_concurrency(args),
-        retry_failed=args.retry_failed,
-        parse_retries=args.parse_retries,
-        progress=not args.no_progress,
+    return cli.score_and_report(
+        args, run_mico, bench_dir=args.bench, results_dir=args.results, model=args.model, embedder=embedder,
+        groups=args.groups, formula=args.formula, face_matching=args.face_matching, prompt_file=args.prompt_file,
     )
-    return finish_score(args.out, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    return args.handler(args)
+    return cli.dispatch(cli.benchmark_parser(__doc__, add_score_arguments, handle_score), argv)
 
 
 if __name__ == "__main__":

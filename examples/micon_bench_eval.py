@@ -19,24 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from dar.eval.cli import (
-    add_judge_arguments,
-    add_report_and_compare,
-    add_run_arguments,
-    build_judge,
-    configure_logging,
-    finish_score,
-    judge_concurrency,
-)
+from dar.eval import cli
 from dar.eval.micon import TASKS, run_micon
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    score = sub.add_parser("score", help="score a model's generated images")
+def add_score_arguments(score: argparse.ArgumentParser) -> None:
     score.add_argument("--data", type=Path, required=True, help="MICON-Bench data directory (<task>/cases/*.yaml)")
     score.add_argument("--templates", type=Path, required=True, help="MICON-Bench templates directory (judge prompt + Q&A)")
     score.add_argument("--generations", type=Path, required=True, help="root of <model>/<task>/<case_id>.png")
@@ -48,41 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="score story_infer on checkpoints only (not the published 40/60 hybrid)")
     score.add_argument("--guidelines", type=Path, default=None, help="YAML task -> extra guideline text for the judge prompt")
     score.add_argument("--candidate-prompt", type=Path, default=None, help="replacement story_infer candidate prompt")
-    add_run_arguments(score)
-    add_judge_arguments(score)
-    score.set_defaults(handler=handle_score)
-
-    add_report_and_compare(sub)
-    return parser
 
 
 def handle_score(args: argparse.Namespace) -> int:
-    judge = build_judge(args)
-    summary = run_micon(
-        data_dir=args.data,
-        templates_dir=args.templates,
-        generations_dir=args.generations,
-        model=args.model,
-        out_dir=args.out,
-        judge=judge,
-        tasks=args.tasks,
-        compat=args.compat,
-        concurrency=judge_concurrency(args),
-        retry_failed=args.retry_failed,
-        parse_retries=args.parse_retries,
-        story_candidates=not args.no_story_candidates,
-        candidates_file=args.candidates,
-        guidelines_file=args.guidelines,
-        candidate_prompt_file=args.candidate_prompt,
-        progress=not args.no_progress,
+    return cli.score_and_report(
+        args, run_micon, data_dir=args.data, templates_dir=args.templates, generations_dir=args.generations,
+        model=args.model, tasks=args.tasks, story_candidates=not args.no_story_candidates, candidates_file=args.candidates,
+        guidelines_file=args.guidelines, candidate_prompt_file=args.candidate_prompt,
     )
-    return finish_score(args.out, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    return args.handler(args)
+    return cli.dispatch(cli.benchmark_parser(__doc__, add_score_arguments, handle_score), argv)
 
 
 if __name__ == "__main__":

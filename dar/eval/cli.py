@@ -1,8 +1,9 @@
 """Command-line plumbing shared by ``examples/micon_bench_eval.py`` and ``examples/mico_bench_eval.py``.
 
-The example scripts define their benchmark-specific options and call these helpers for
-the judge options, logging, and the ``report`` / ``compare`` subcommands, so both
-scripts behave the same way.
+The example scripts define only their benchmark-specific ``score`` options and how those
+reach the runner; :func:`benchmark_parser`, :func:`dispatch` and :func:`score_and_report`
+supply the rest (judge and run options, logging, the ``report`` / ``compare``
+subcommands), so both scripts behave the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .judges.base import Judge
 
@@ -55,16 +56,9 @@ def build_judge(args: argparse.Namespace) -> Judge:
                                  max_new_tokens=args.judge_max_tokens, cache_dir=cache)
     from .judges.openai_compat import OpenAIJudge
 
-    return OpenAIJudge(
-        args.judge_base_url,
-        args.judge_model,
-        api_key_env=args.judge_api_key_env,
-        timeout=args.judge_timeout,
-        max_retries=args.judge_retries,
-        concurrency=args.judge_concurrency,
-        cache_dir=cache,
-        max_tokens=args.judge_max_tokens,
-    )
+    return OpenAIJudge(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env, timeout=args.judge_timeout,
+                       max_retries=args.judge_retries, concurrency=args.judge_concurrency, cache_dir=cache,
+                       max_tokens=args.judge_max_tokens)
 
 
 def judge_concurrency(args: argparse.Namespace) -> int:
@@ -78,6 +72,48 @@ def configure_logging(verbose: bool = False) -> None:
     # The HTTP stack logs every request at INFO; keep the console for our own messages.
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def benchmark_parser(
+    description: str | None,
+    add_score_arguments: Callable[[argparse.ArgumentParser], None],
+    handle_score: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """``score`` (benchmark options, then run and judge options), ``report`` and ``compare`` subcommands."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser("score", help="score a model's generated images")
+    add_score_arguments(score)
+    add_run_arguments(score)
+    add_judge_arguments(score)
+    score.set_defaults(handler=handle_score)
+
+    add_report_and_compare(sub)
+    return parser
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv``, set up logging and run the chosen subcommand; returns its exit code."""
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    return args.handler(args)
+
+
+def score_and_report(args: argparse.Namespace, run: Callable[..., Any], **benchmark_args: Any) -> int:
+    """Call a benchmark runner (``run_micon``, ``run_mico``) with the shared run and judge options, then report."""
+    summary = run(
+        **benchmark_args,
+        out_dir=args.out,
+        judge=build_judge(args),
+        compat=args.compat,
+        concurrency=judge_concurrency(args),
+        retry_failed=args.retry_failed,
+        parse_retries=args.parse_retries,
+        progress=not args.no_progress,
+    )
+    return finish_score(args.out, summary)
 
 
 def add_report_and_compare(subparsers: Any) -> None:
