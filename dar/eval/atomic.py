@@ -21,7 +21,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent)
+    # The writer's pid in the name lets a later process tell an orphan (its writer was killed)
+    # from a write in progress in a shared directory (see remove_orphaned_temp_files).
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -65,6 +67,36 @@ def remove_stale_temp_files(directory: str | os.PathLike[str]) -> int:
         return 0
     for candidate in root.rglob(f".*{TMP_MARKER}*"):
         if candidate.is_file() and is_temp_file(candidate):
+            candidate.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _writer_alive(path: Path) -> bool:
+    pid_text = path.name.split(TMP_MARKER, 1)[1].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False  # not written by this module's naming scheme: an orphan
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a live process of another user
+    return True
+
+
+def remove_orphaned_temp_files(directory: str | os.PathLike[str]) -> int:
+    """Delete temp files under ``directory`` whose writing process no longer exists.
+
+    Safe while other writers are active (e.g. a judge cache shared by several runs): a temp file
+    of a live process is left alone.
+    """
+    removed = 0
+    root = Path(directory)
+    if not root.is_dir():
+        return 0
+    for candidate in root.rglob(f".*{TMP_MARKER}*"):
+        if candidate.is_file() and is_temp_file(candidate) and not _writer_alive(candidate):
             candidate.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -1,6 +1,7 @@
 """Judges over real HTTP against a scripted local OpenAI-compatible server, plus the local judge and faces."""
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -231,3 +232,21 @@ def test_cosine_similarity_matrix():
     assert cosine_similarity_matrix([], [np.ones(2)]).shape == (0, 1)
     with pytest.raises(ValueError, match="embedding sizes"):
         cosine_similarity_matrix([np.ones(2)], [np.ones(3)])
+
+
+def test_response_cache_removes_orphaned_temp_files_but_not_live_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from dar.eval.atomic import TMP_MARKER
+    from dar.eval.judges.cache import ResponseCache
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    sub = tmp_path / "ab"
+    sub.mkdir()
+    orphan = sub / f".abc.json{TMP_MARKER}{int(dead.stdout)}-x1"
+    live = sub / f".abd.json{TMP_MARKER}{os.getpid()}-x2"
+    orphan.write_text("partial")
+    live.write_text("in progress")
+    ResponseCache(tmp_path)
+    assert not orphan.exists() and live.exists()

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, remove_orphaned_temp_files
 from .base import image_sha256
 
 
@@ -27,6 +27,8 @@ class ResponseCache:
             raise TypeError(f"directory must be a path, got {type(directory).__name__}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # A run killed mid-write leaves a temp file; the cache may be shared, so only orphans go.
+        remove_orphaned_temp_files(self.directory)
 
     @staticmethod
     def key(
