@@ -148,7 +148,11 @@ def kernel_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     layout = draw(st.sampled_from(["bhld", "blhd"]))
     seed = draw(st.integers(0, 2**16))
-    q, k, v = make_qkv(b, hq, hk, lq, lk, d, dv, dtype, layout, seed, spread=draw(st.sampled_from([1.0, 2.5])))
+    # fp32 rounds each logit to ~|logit| * 2^-24, so the output error grows with the logits' size;
+    # keeping |logits| below ~40 here is what lets the shared fp32 tolerance apply (test_huge_logits
+    # covers the sharp-softmax regime separately).
+    spread = draw(st.sampled_from([1.0, 2.0]))
+    q, k, v = make_qkv(b, hq, hk, lq, lk, d, dv, dtype, layout, seed, spread=spread)
     gen = torch.Generator().manual_seed(seed + 1)
     bias_kind = draw(st.sampled_from(["none", "padding", "float"]))
     key_bias = None
@@ -163,7 +167,7 @@ def kernel_cases(draw):
         w = (0.5 + torch.rand(b, lk, generator=gen)).to(DEVICE)
         gen_ranges = as_ranges([draw(row_ranges(lq)) for _ in range(b)])
     is_causal = draw(st.booleans())
-    scale = draw(st.sampled_from([1.0 / math.sqrt(d), 0.3, 1.0]))
+    scale = draw(st.sampled_from([1.0 / math.sqrt(d), 0.3] + ([1.0] if spread == 1.0 else [])))
     mode = draw(st.sampled_from(attention.MODES))
     return (q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode)
 
@@ -173,7 +177,7 @@ def kernel_cases(draw):
 # ------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(kernel_cases())
 def test_kernel_matches_float64(case):
     q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode = case

@@ -54,7 +54,7 @@ def _float64_attention(case, w):
     return REFERENCE.attention(call, w.cpu() if call.plan.active else None)
 
 
-@settings(max_examples=25)
+@settings(max_examples=40)
 @given(case=cases(dtypes=DTYPES, head_dims=(16, 24), mask_kinds=KEY_ONLY_MASKS, max_len=40))
 def test_triton_matches_reference_and_float64(case):
     """Every DARConfig combination (strategies.configs), GQA, per-row layouts, key padding, causal."""
