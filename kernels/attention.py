@@ -315,6 +315,9 @@ def _check(q, k, v, w, gen_ranges, key_bias, mode) -> None:
         raise ValueError(f"key_bias must be float32 of shape (B, Lk) = {(b, lk)}, got {key_bias.dtype} {tuple(key_bias.shape)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, t in (("k", k), ("v", v), ("w", w), ("gen_ranges", gen_ranges), ("key_bias", key_bias)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
 @torch.library.custom_op("dar::rebalanced_attention", mutates_args=())
@@ -332,6 +335,8 @@ def rebalanced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: O
     b, hq, lq, d = q.shape
     _, hk, lk, dv = v.shape
     out = empty_output(q, dv)
+    if out.numel() == 0:
+        return out
     has_w, has_bias = w is not None, key_bias is not None
     if has_w:
         w = w.contiguous()  # (B, Lk) rows are read as unit-stride vectors

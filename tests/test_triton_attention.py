@@ -352,6 +352,8 @@ def test_bad_arguments_raise():
         op(q, k, v, None, None, torch.zeros(1, 7, device=DEVICE), False, 0.3, "key_scale")
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         op(q.double(), k.double(), v.double(), None, None, None, False, 0.3, "key_scale")
+    with pytest.raises(ValueError, match="gen_ranges is on meta"):
+        op(q, k, v, w, gr.to("meta"), None, False, 0.3, "key_scale")
     with pytest.raises(ValueError, match="head dims up to 256"):
         big = torch.zeros(1, 1, 4, 272, device=DEVICE)
         op(big, big, big, None, None, None, False, 0.3, "key_scale")
