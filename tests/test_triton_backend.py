@@ -173,6 +173,17 @@ def test_unsupported_inputs_raise_when_named(what, kwargs, message):
     assert get_backend("triton").unsupported(make_call(q, k, v, lay, None, None, None, False))
 
 
+def test_key_weights_alone_accept_inputs_that_require_grad():
+    """Only the attention kernel is forward-only; the weights (zero gradient) run with grad on."""
+    q, k, v, lay = _small(requires_grad=True)
+    cfg = dar.DARConfig(num_samples=3, gamma=0.5, sampling="strided")
+    w = dar.compute_key_weights(q, k, lay, cfg, backend="triton")
+    ref = dar.compute_key_weights(q.detach(), k.detach(), lay, cfg, backend="reference")
+    _, _, rhat, th = dar_float64(q, k, None, lay, cfg)
+    assert stable_keys(rhat, th, THRESHOLD_MARGIN[torch.float32]).all()
+    assert torch.equal(w.cpu(), ref.cpu())
+
+
 def test_no_grad_lifts_the_autograd_refusal():
     q, k, v, lay = _small(requires_grad=True)
     with torch.no_grad():

@@ -3,7 +3,8 @@
 ``key_weights`` runs the sampled-query scoring kernel (``dar::key_weights``), ``attention`` the
 rebalanced flash-attention kernel (``dar::rebalanced_attention``). Both take the plan as small
 int32 device tensors and the mask as a ``(B, Lk)`` key bias, so nothing here synchronises with
-the device and nothing ``Lq x Lk`` is built. Forward only: calls that need gradients go to torch.
+the device and nothing ``Lq x Lk`` is built. The attention kernel is forward-only: attention calls
+that need gradients are refused (``"auto"`` then uses the torch backend).
 """
 
 from __future__ import annotations
@@ -17,13 +18,8 @@ except ImportError as exc:  # re-raised as a plain ImportError: dar.backends rec
 
 from ..call import DARCall
 from ..kernels import attention as _attention
+from ..kernels.scoring import key_weights as _key_weights_kernel
 from .base import Backend
-
-try:  # imported up front so torch.compile never traces an import
-    from ..kernels.scoring import key_weights as _key_weights_kernel
-except ImportError as exc:  # kernels/scoring.py not present in this checkout
-    _key_weights_kernel = None
-    _SCORING_MISSING = f"dar.kernels.scoring cannot be imported ({exc})"
 
 # Batch x query heads is the grid's second axis, which CUDA caps at 65535.
 _MAX_GRID_Y = 65535
@@ -47,8 +43,9 @@ class TritonBackend(Backend):
         if call.mask.mask is not None and not call.mask.is_key_only:
             return (f"attn_mask of shape {tuple(call.mask.mask.shape)} is not a key-only mask; the triton "
                     "kernels take key-padding masks / key biases of shape (B or 1, 1, 1, Lk) and is_causal")
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
-            return "q, k or v requires grad and the triton kernels are forward-only"
+        # Key weights alone have a (zero) gradient; the attention kernel has no backward.
+        if v is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return "q, k or v requires grad and the triton attention kernel is forward-only"
         if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
             return f"B * Hq = {q.shape[0] * q.shape[1]} exceeds {_MAX_GRID_Y}, the kernel grid's limit"
         if dev == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
@@ -56,13 +53,11 @@ class TritonBackend(Backend):
         return None
 
     def key_weights(self, call: DARCall) -> torch.Tensor:
-        if _key_weights_kernel is None:
-            raise ImportError(f"the triton backend cannot score keys: {_SCORING_MISSING}")
         pt = call.plan.tensors(call.q.device)
         cfg = call.cfg
-        return _key_weights_kernel(call.q, call.k, pt.samples, pt.ref_ranges, pt.ref_groups, call.plan.num_groups,
-                           call.mask.key_bias(), call.mask.is_causal, call.scale, cfg.gamma,
-                           cfg.tau_high, cfg.tau_low, cfg.thresholds)
+        return _key_weights_kernel(call.q, call.k, pt.samples, pt.ref_ranges, pt.ref_groups,
+                                   call.plan.num_groups, call.mask.key_bias(), call.mask.is_causal, call.scale,
+                                   cfg.gamma, cfg.tau_high, cfg.tau_low, cfg.thresholds)
 
     def attention(self, call: DARCall, weights: torch.Tensor | None) -> torch.Tensor:
         gen_ranges = None
