@@ -1,7 +1,14 @@
 import os
 import sys
 
-from hypothesis import HealthCheck, settings
+import torch
+
+# Without a GPU the Triton kernels run on Triton's CPU interpreter. The variable must be set before
+# triton is first imported (by dar), which conftest precedes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Tests import the shared helpers (oracle.py, strategies.py) as top-level modules.
 sys.path.insert(0, os.path.dirname(__file__))
