@@ -102,62 +102,62 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
     return out
 
 
-def make_dispatch_interceptor(original):
-    """A stand-in for ``dispatch_attention_fn`` that rebalances calls of enabled models."""
+def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsupported=None):
+    """A stand-in for an attention function that rebalances the calls of enabled models.
 
-    def dar_dispatch_attention_fn(*args, **kwargs):
+    Every call that is not rebalanced (no enabled model running, layer or step filtered out, no
+    layout, arguments DAR does not take) goes to ``original`` unchanged. ``blhd``: the function
+    takes and returns ``(B, L, H, D)`` (diffusers' dispatch) rather than SDPA's ``(B, H, L, D)``.
+    ``unsupported(a, active)``: True for bound arguments that must pass through.
+    """
+
+    def interceptor(*args, **kwargs):
         hit = context.current()
         if hit is None:
             return original(*args, **kwargs)
         active, frame = hit
         if active.layouts is None or not frame.selected:
             return original(*args, **kwargs)
-        a = _bind(_DISPATCH_NAMES, _DISPATCH_POSITIONAL, _DISPATCH_DEFAULTS, args, kwargs)
-        if a is None:
-            return original(*args, **kwargs)
-        if a["parallel_config"] is not None or a["attention_kwargs"]:
-            if not torch.compiler.is_compiling():
-                active.state.warn_once("parallel", "dar: attention calls with a context-parallel config or "
-                                                   "backend-specific attention_kwargs are not rebalanced")
+        a = _bind(names, positional, defaults, args, kwargs)
+        if a is None or (unsupported is not None and unsupported(a, active)):
             return original(*args, **kwargs)
         q, k, v = a["query"], a["key"], a["value"]
         if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor) and k.dim() == 4):
             return original(*args, **kwargs)
-        # (B, L, H, D) -> (B, H, L, D) views: no copy; DAR accepts any strides.
-        out = _rebalance(active, frame, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), a["attn_mask"],
-                         a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"])
-        if out is None:
-            return original(*args, **kwargs)
-        return out.transpose(1, 2)
-
-    dar_dispatch_attention_fn._dar_original = original
-    return dar_dispatch_attention_fn
-
-
-def make_sdpa_interceptor(original):
-    """A stand-in for ``F.scaled_dot_product_attention`` (SDPA layout in and out)."""
-
-    def dar_scaled_dot_product_attention(*args, **kwargs):
-        hit = context.current()
-        if hit is None:
-            return original(*args, **kwargs)
-        active, frame = hit
-        if active.layouts is None or not frame.selected:
-            return original(*args, **kwargs)
-        a = _bind(_SDPA_NAMES, len(_SDPA_NAMES), _SDPA_DEFAULTS, args, kwargs)
-        if a is None:
-            return original(*args, **kwargs)
-        q, k, v = a["query"], a["key"], a["value"]
-        if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor) and k.dim() == 4):
-            return original(*args, **kwargs)
+        if blhd:  # (B, L, H, D) -> (B, H, L, D) views: no copy; DAR accepts any strides.
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = _rebalance(active, frame, q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"],
                          a["enable_gqa"])
         if out is None:
             return original(*args, **kwargs)
-        return out
+        return out.transpose(1, 2) if blhd else out
 
-    dar_scaled_dot_product_attention._dar_original = original
-    return dar_scaled_dot_product_attention
+    interceptor._dar_original = original
+    return interceptor
+
+
+def _parallel_or_backend_kwargs(a, active) -> bool:
+    if a["parallel_config"] is None and not a["attention_kwargs"]:
+        return False
+    if not torch.compiler.is_compiling():
+        active.state.warn_once("parallel", "dar: attention calls with a context-parallel config or "
+                                           "backend-specific attention_kwargs are not rebalanced")
+    return True
+
+
+def make_dispatch_interceptor(original):
+    """A stand-in for ``dispatch_attention_fn`` that rebalances calls of enabled models."""
+    fn = _make_interceptor(original, _DISPATCH_NAMES, _DISPATCH_POSITIONAL, _DISPATCH_DEFAULTS, blhd=True,
+                           unsupported=_parallel_or_backend_kwargs)
+    fn.__name__ = fn.__qualname__ = "dar_dispatch_attention_fn"
+    return fn
+
+
+def make_sdpa_interceptor(original):
+    """A stand-in for ``F.scaled_dot_product_attention`` (SDPA layout in and out)."""
+    fn = _make_interceptor(original, _SDPA_NAMES, len(_SDPA_NAMES), _SDPA_DEFAULTS, blhd=False)
+    fn.__name__ = fn.__qualname__ = "dar_scaled_dot_product_attention"
+    return fn
 
 
 def _functional_proxy(functional: types.ModuleType) -> types.ModuleType:
