@@ -19,7 +19,9 @@ How it works (docs/transformers.md has the long form):
 - ``ref_mask`` / ``gen_mask`` are ``(B, L)`` bools over absolute sequence positions. A call sees the new
   queries at absolute positions ``[start, start + Lq)`` and keys whose index is their absolute position
   (DynamicCache, StaticCache, or no cache). ``start`` is the cache length before the call, read by a forward
-  pre-hook on the decoder. Ranges are clipped to those windows and handed to `dar.dar_attention` as one
+  pre-hook on the decoder from whichever argument is a ``Cache`` (transformers calls it ``past_key_values``
+  up to 5.23 and ``cache`` from 5.24, by keyword or positionally). A call whose position cannot be told
+  raises; it is never guessed. Ranges are clipped to those windows and handed to `dar.dar_attention` as one
   `TokenLayout` per batch row, together with transformers' 4-D mask (causal + padding).
 - The masks are turned into ranges once, in `enable` (one host read); per call only small host-side tuples
   are mapped (cached), so attention itself never synchronises with the device.
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from typing import NamedTuple, Sequence
 
@@ -180,7 +181,8 @@ class DARState:
 
     ref / gen: absolute ``(start, end)`` ranges per mask row (one row broadcasts over the batch).
     start:     absolute position of the current forward's first query, set by the decoder's forward
-               pre-hook (None between forwards: then keys and queries are assumed to end together).
+               pre-hook from the cache it receives (None between forwards: then a call must hold the whole
+               sequence, Lq == Lk, or it raises).
     exact:     True when the keys end with the new queries (no cache or DynamicCache), False for a
                StaticCache, whose key tensor has empty slots after them.
     """
@@ -238,7 +240,7 @@ def _cache_start(cache) -> tuple[int, bool]:
     if cache is None:
         return 0, True
     if not isinstance(cache, Cache):
-        raise TypeError(f"dar: past_key_values must be a transformers Cache (DynamicCache or StaticCache) under DAR, "
+        raise TypeError(f"dar: the cache must be a transformers Cache (DynamicCache or StaticCache) under DAR, "
                         f"got {type(cache).__name__}")
     start, exact = None, True
     for i, layer in enumerate(cache.layers):
@@ -260,12 +262,33 @@ def _cache_start(cache) -> tuple[int, bool]:
     return start or 0, exact
 
 
-def _pre_forward(state: DARState, cache_arg: int | None):
+def _find_cache(args: tuple, kwargs: dict):
+    """The cache a decoder forward received, found by type rather than by argument name.
+
+    transformers has passed it as ``past_key_values`` (5.0 - 5.23) and as ``cache`` (5.24 on, where
+    ``past_key_values`` is a deprecated alias), by keyword or positionally. Looking for the one argument
+    that is a ``Cache`` works for every spelling; a non-Cache value under either known name (a legacy
+    tuple cache) is refused rather than ignored, since ignoring it would mis-position the queries.
+    """
+    from transformers.cache_utils import Cache
+
+    found = [a for a in (*args, *kwargs.values()) if isinstance(a, Cache)]
+    if len({id(c) for c in found}) > 1:
+        raise ValueError(f"dar: the decoder received {len(found)} different caches; DAR cannot tell which one holds "
+                         f"this forward's keys")
+    if found:
+        return found[0]
+    for name in ("cache", "past_key_values"):
+        value = kwargs.get(name)
+        if value is not None:
+            raise TypeError(f"dar: {name} must be a transformers Cache (DynamicCache or StaticCache) under DAR, "
+                            f"got {type(value).__name__}")
+    return None
+
+
+def _pre_forward(state: DARState):
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is None and cache_arg is not None and len(args) > cache_arg:
-            cache = args[cache_arg]
-        state.start, state.exact = _cache_start(cache)
+        state.start, state.exact = _cache_start(_find_cache(args, kwargs))
     return hook
 
 
@@ -273,15 +296,6 @@ def _post_forward(state: DARState):
     def hook(module, args, kwargs, output):
         state.start, state.exact = None, True
     return hook
-
-
-def _cache_arg_index(decoder) -> int | None:
-    """Position of ``past_key_values`` among the decoder's positional forward arguments."""
-    try:
-        params = list(inspect.signature(decoder.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index("past_key_values") if "past_key_values" in params else None
 
 
 # --------------------------------------------------------------------------------------------- enable / disable
@@ -334,7 +348,7 @@ def enable(model, config: DARConfig | None = None, *, ref_mask: torch.Tensor, ge
     disable(model)
     for mod in decoder.modules():
         object.__setattr__(mod, _STATE_ATTR, state)
-    hooks = (decoder.register_forward_pre_hook(_pre_forward(state, _cache_arg_index(decoder)), with_kwargs=True),
+    hooks = (decoder.register_forward_pre_hook(_pre_forward(state), with_kwargs=True),
              decoder.register_forward_hook(_post_forward(state), with_kwargs=True))
     # Kept on the decoder, the unit DAR acts on: enabling a model and its inner model replace each other.
     object.__setattr__(decoder, _HOOKS_ATTR, hooks)
@@ -403,7 +417,15 @@ def dar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                                is_causal=is_causal, **kwargs)
     b, _, lq, _ = query.shape
     lk = key.shape[2]
-    start = state.start if state.start is not None else lk - lq
+    start = state.start
+    if start is None:
+        # No decoder forward is in progress (a layer called directly): without the cache length the queries'
+        # positions are known only when the call holds the whole sequence.
+        if lq != lk:
+            raise ValueError(f"dar: cannot tell where this call's {lq} queries sit among its {lk} keys: the attention "
+                             f"was not reached through the forward of the decoder DAR was enabled on "
+                             f"({type(module).__name__}), which is where DAR reads the cache length")
+        start = 0
     if start < 0 or start + lq > lk or (state.exact and start + lq != lk):
         raise ValueError(f"dar: the queries' absolute positions [{start}, {start + lq}) do not fit the {lk} keys of "
                          f"this attention call; DAR needs key index == absolute position")

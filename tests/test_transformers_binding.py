@@ -9,6 +9,8 @@ bad inputs raise errors that name them. No downloads: every model is built from 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -23,6 +25,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 IMG, PAD = 7, 0
+# The decoder's cache argument: ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24 (where
+# ``past_key_values`` is a deprecated alias). The tests pass it the way the installed version documents.
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 TOL = dict(atol=1e-5, rtol=1e-5)
 # A large init scale makes the tiny models' attention peaked, so rebalancing visibly changes outputs.
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -297,8 +302,8 @@ def test_chunked_prefill_maps_windows(model, monkeypatch):
     cap = Capture(monkeypatch)
     cache = DynamicCache()
     with dar.rebalanced(model, cfg, ref_mask=ref, gen_mask=gen), torch.no_grad():
-        model(input_ids=ids[:, :15], attention_mask=attn[:, :15], past_key_values=cache, use_cache=True)
-        model(input_ids=ids[:, 15:], attention_mask=attn, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :15], attention_mask=attn[:, :15], use_cache=True, **{CACHE_KW: cache})
+        model(input_ids=ids[:, 15:], attention_mask=attn, use_cache=True, **{CACHE_KW: cache})
     first = [dar.TokenLayout(ref=REF[0], gen=((13, 15),)), dar.TokenLayout(ref=REF[1])]
     second = [dar.TokenLayout(ref=REF[0], gen=((0, 4),)), dar.TokenLayout(ref=REF[1], gen=((0, 5),))]
     assert [(c["q"].shape[2], c["k"].shape[2]) for c in cap.calls] == [(15, 15)] * 2 + [(6, 21)] * 2
@@ -384,6 +389,80 @@ def test_enable_replaces_and_disable_restores():
     assert not any("_dar_state" in m.__dict__ for m in model.modules())
 
 
+def _chunked_decoder_prefill(model, ids, attn, cache, how: str):
+    """Prefill through the decoder itself in two chunks, handing it the cache by keyword or positionally."""
+    decoder = model.get_decoder()
+    params = list(inspect.signature(decoder.forward).parameters)
+    outs = []
+    for chunk, mask in ((slice(0, 15), attn[:, :15]), (slice(15, None), attn)):
+        if how == "positional":  # (input_ids, attention_mask, position_ids, <cache>, ...) in every 5.x release
+            args = [None] * params.index(CACHE_KW)
+            args[:2] = [ids[:, chunk], mask]
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids[:, chunk].shape[1]:]
+            args[2] = position_ids
+            outs.append(decoder(*args, cache, use_cache=True).last_hidden_state)
+        else:
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids[:, chunk].shape[1]:]
+            outs.append(decoder(input_ids=ids[:, chunk], attention_mask=mask, position_ids=position_ids,
+                                use_cache=True, **{how: cache}).last_hidden_state)
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("how", ["cache", "past_key_values", "positional"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_cache_found_however_it_is_passed(model, how, cache_kind):
+    """The binding reads the cache length from whichever decoder argument is a Cache: the ``cache`` keyword
+    (5.24+), the ``past_key_values`` keyword (the name up to 5.23, an alias after) or positionally. A chunked
+    prefill through a DynamicCache or a StaticCache, DAR on, then gives what the keyword DynamicCache path gives
+    (whose every call test_chunked_prefill_maps_windows checks against the oracles). A mis-read cache length
+    raises (dynamic) or shifts the layout windows (static), and either shows here."""
+    if how == "cache" and CACHE_KW != "cache":
+        pytest.skip("this transformers release has no `cache` argument (it is called past_key_values)")
+    from transformers import StaticCache
+
+    ids, attn = _batch()
+    ref, gen = _masks_from(REF, GEN, ids.shape[1])
+    cfg = dar.DARConfig(gamma=0.6, num_samples=4, sampling="strided")
+
+    def new_cache(kind):
+        if kind == "dynamic":
+            return DynamicCache(config=model.config)
+        return StaticCache(config=model.config, max_cache_len=32)
+
+    with torch.no_grad():
+        with dar.rebalanced(model, cfg, ref_mask=ref, gen_mask=gen):
+            want = _chunked_decoder_prefill(model, ids, attn, new_cache("dynamic"), CACHE_KW)
+            got = _chunked_decoder_prefill(model, ids, attn, new_cache(cache_kind), how)
+        with dar.rebalanced(model, cfg.replace(gamma=0.0), ref_mask=ref, gen_mask=gen):
+            plain = _chunked_decoder_prefill(model, ids, attn, new_cache(cache_kind), how)
+    valid = attn.bool()
+    torch.testing.assert_close(got[valid], want[valid], **TOL)
+    assert (got[valid] - plain[valid]).abs().max() > 1e-3  # DAR changed the forward being compared
+
+
+def test_position_unknown_raises(model):
+    """An attention call reached outside the decoder's forward (no cache length known) with Lq != Lk raises
+    instead of guessing where its queries sit."""
+    ids, attn = _batch()
+    ref, gen = _masks_from(REF, GEN, ids.shape[1])
+    attn_mod = model.get_decoder().layers[0].self_attn
+    q = torch.randn(2, 4, 3, 8)
+    kv = torch.randn(2, 2, ids.shape[1], 8)
+    with dar.rebalanced(model, dar.DARConfig(gamma=0.5), ref_mask=ref, gen_mask=gen):
+        with pytest.raises(ValueError, match="cannot tell where this call's 3 queries sit"):
+            dar_tf.dar_attention_forward(attn_mod, q, kv, kv, None, scaling=0.35)
+
+
+def test_legacy_tuple_cache_is_refused(model):
+    ids, attn = _batch()
+    ref, gen = _masks_from(REF, GEN, ids.shape[1])
+    legacy = tuple((torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8)) for _ in range(2))
+    with dar.rebalanced(model, ref_mask=ref, gen_mask=gen), torch.no_grad():
+        with pytest.raises((TypeError, ValueError)):
+            model.get_decoder()(input_ids=ids, attention_mask=attn, **{CACHE_KW: legacy})
+
+
 def test_call_errors():
     model = _build("llama")
     ids, attn = _batch()
@@ -398,7 +477,7 @@ def test_call_errors():
         cache = DynamicCache()
         cache.layers[:] = [DynamicSlidingWindowLayer(sliding_window=4) for _ in range(2)]
         with pytest.raises(ValueError, match="DynamicSlidingWindowLayer"):
-            model(input_ids=ids, attention_mask=attn, past_key_values=cache)
+            model(input_ids=ids, attention_mask=attn, **{CACHE_KW: cache})
         # attention dropout in training mode
         for mod in model.modules():
             if hasattr(mod, "attention_dropout"):
@@ -448,6 +527,6 @@ def test_janus_image_generation():
     want = run("sdpa")
     assert torch.equal(run("dar", dar.DARConfig(gamma=0.0)), want)
     on_static = run("dar", dar.DARConfig(gamma=0.9, num_samples=4))
-    on_dynamic = run("dar", dar.DARConfig(gamma=0.9, num_samples=4), past_key_values=DynamicCache())
+    on_dynamic = run("dar", dar.DARConfig(gamma=0.9, num_samples=4), **{CACHE_KW: DynamicCache()})
     assert torch.equal(on_static, on_dynamic)
     assert not torch.equal(on_static, want)
