@@ -11,6 +11,7 @@ from .config import DARConfig
 from .layout import TokenLayout, resolve_layouts
 from .masks import MaskSpec, make_mask_spec
 from .plan import DARPlan, make_plan
+from .scalars import as_real
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -73,10 +74,10 @@ def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal) -> DARCall:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must not have zero-sized dims")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    elif not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"scale must be finite and non-zero, got {scale!r}")
+    else:
+        scale = as_real("scale", scale)  # numpy / 0-d tensor scalars too; never a bool
+        if scale == 0:
+            raise ValueError(f"scale must be finite and non-zero, got {scale!r}")
     mask = make_mask_spec(attn_mask, is_causal, q, lk)
     layouts = resolve_layouts(layout, b, lq, lk)
     plan = make_plan(layouts, lq, lk, cfg)

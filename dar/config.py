@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+
+from .scalars import as_int, as_real
 
 SAMPLING = ("random", "strided")
 NORMALIZE = ("joint", "per_image")
@@ -17,20 +18,20 @@ def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"DARConfig.{name} must be one of {allowed}, got {value!r}")
 
 
-def _check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"DARConfig.{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"DARConfig.{name} must be finite, got {value!r}")
-    return float(value)
+# torch.Generator.manual_seed takes seeds up to 2**64 - 1.
+MAX_SEED = 2**64 - 1
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"DARConfig.{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"DARConfig.{name} must be >= {minimum}, got {value}")
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    value = as_int(f"DARConfig.{name}", value)
+    if value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"DARConfig.{name} must be {allowed}, got {value}")
     return value
+
+
+def _check_real(name: str, value) -> float:
+    return as_real(f"DARConfig.{name}", value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ class DARConfig:
     gamma:       strength; boosted keys get weight ``1 + gamma``, damped keys ``1 - gamma``. ``[0, 1)``.
     tau_high, tau_low: thresholds on the min-max normalised score ``r̂`` (``0 <= tau_low < tau_high <= 1``).
     sampling:    ``"random"`` (seeded, CPU generator) or ``"strided"`` (evenly spaced) query sampling.
-    seed:        seed of the ``"random"`` sampler.
+    seed:        seed of the ``"random"`` sampler, ``0 <= seed < 2**64`` (torch.Generator's range).
     normalize:   ``"joint"`` (one group over all reference keys) or ``"per_image"`` (one group per range).
     thresholds:  ``"minmax"`` (compare ``r̂`` to the taus, the published method) or ``"quantile"``.
     mode:        ``"key_scale"`` (logits ``s * w``, the published formula) or ``"prob_scale"`` (``s + ln w``).
@@ -60,8 +61,10 @@ class DARConfig:
     queries: str = "generation"
 
     def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, 1)
-        _check_int("seed", self.seed, 0)
+        # Numbers are stored as Python int / float (numpy and 0-d tensor scalars are converted), so a
+        # config hashes and compares by value.
+        object.__setattr__(self, "num_samples", _check_int("num_samples", self.num_samples, 1))
+        object.__setattr__(self, "seed", _check_int("seed", self.seed, 0, MAX_SEED))
         gamma = _check_real("gamma", self.gamma)
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"DARConfig.gamma must be in [0, 1), got {self.gamma!r}")
@@ -72,6 +75,8 @@ class DARConfig:
                 raise ValueError(f"DARConfig.{name} must be in [0, 1], got {tau!r}")
         if lo >= hi:
             raise ValueError(f"DARConfig.tau_low must be < tau_high, got tau_low={lo!r}, tau_high={hi!r}")
+        for name, value in (("gamma", gamma), ("tau_high", hi), ("tau_low", lo)):
+            object.__setattr__(self, name, value)
         _check_choice("sampling", self.sampling, SAMPLING)
         _check_choice("normalize", self.normalize, NORMALIZE)
         _check_choice("thresholds", self.thresholds, THRESHOLDS)

@@ -36,6 +36,19 @@ def _is_int(x) -> bool:
         return False
 
 
+def _as_shapes(shapes) -> tuple[tuple[int, int], ...]:
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+        raise TypeError(f"TokenLayout.image_shapes must be a sequence of (h, w) pairs, got {type(shapes).__name__}")
+    out = []
+    for i, hw in enumerate(shapes):
+        if isinstance(hw, (str, bytes)) or not isinstance(hw, Sequence) or len(hw) != 2:
+            raise ValueError(f"TokenLayout.image_shapes[{i}] must be an (h, w) pair, got {hw!r}")
+        if not all(_is_int(x) for x in hw):
+            raise TypeError(f"TokenLayout.image_shapes[{i}] must hold two ints, got {hw!r}")
+        out.append((int(hw[0]), int(hw[1])))
+    return tuple(out)
+
+
 def _check_disjoint(name: str, ranges: Sequence[Range]) -> None:
     ordered = sorted(ranges)
     for (s0, e0), (s1, e1) in zip(ordered, ordered[1:]):
@@ -69,13 +82,13 @@ class TokenLayout:
         object.__setattr__(self, "ref", ref)
         object.__setattr__(self, "gen", tuple(sorted(gen)))
         if self.image_shapes is not None:
-            shapes = tuple(tuple(int(v) for v in hw) for hw in self.image_shapes)
+            shapes = _as_shapes(self.image_shapes)
             if len(shapes) != len(ref):
                 raise ValueError(
                     f"TokenLayout.image_shapes has {len(shapes)} entries but ref has {len(ref)} ranges"
                 )
             for i, ((h, w), (s, e)) in enumerate(zip(shapes, ref)):
-                if len((h, w)) != 2 or h <= 0 or w <= 0 or h * w != e - s:
+                if h <= 0 or w <= 0 or h * w != e - s:
                     raise ValueError(
                         f"TokenLayout.image_shapes[{i}] = {(h, w)} must be positive with h*w == len(ref[{i}]) = {e - s}"
                     )

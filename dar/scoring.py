@@ -104,12 +104,15 @@ def weights_from_mass(mass: torch.Tensor, key_groups: torch.Tensor, key_allowed:
         t_lo = group_quantile(rhat, use, cfg.tau_low)[..., None]
     else:
         t_hi, t_lo = cfg.tau_high, cfg.tau_low
-    one = torch.ones_like(rhat)
-    w = torch.where(rhat >= t_hi, one * (1.0 + cfg.gamma), torch.where(rhat <= t_lo, one * (1.0 - cfg.gamma), one))
-    # Each key belongs to at most one group: add that group's deviation from 1.
-    weight = 1.0 + torch.where(use, w - 1.0, torch.zeros_like(w)).sum(dim=1)
+    # float32(1 ± gamma) exactly, as the spec says (1 + (w - 1) would round twice).
+    boost = torch.full_like(rhat, 1.0 + cfg.gamma)
+    damp = torch.full_like(rhat, 1.0 - cfg.gamma)
+    w = torch.where(rhat >= t_hi, boost, torch.where(rhat <= t_lo, damp, torch.ones_like(rhat)))
+    # Each key belongs to at most one group: summing over groups adds exact zeros to that group's w.
+    in_group = use.any(dim=1)
+    weight = torch.where(in_group, torch.where(use, w, torch.zeros_like(w)).sum(dim=1), torch.ones_like(mass))
     rhat_key = torch.where(use, rhat, torch.zeros_like(rhat)).sum(dim=1)
-    rhat_key = torch.where(use.any(dim=1), rhat_key, torch.full_like(rhat_key, float("nan")))
+    rhat_key = torch.where(in_group, rhat_key, torch.full_like(rhat_key, float("nan")))
     return weight.float(), rhat_key.float()
 
 

@@ -1,5 +1,6 @@
 """Every invalid input raises ValueError/TypeError naming the argument."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,14 @@ LAY = dar.TokenLayout(ref=[(0, 4)], gen=[(4, 10)])
     (dict(tau_low=0.8, tau_high=0.2), ValueError, "tau_low"),
     (dict(sampling="uniform"), ValueError, "sampling"),
     (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=2**64), ValueError, "seed"),  # past torch.Generator's range
+    (dict(seed=2**70), ValueError, "seed"),
+    (dict(seed=1.0), TypeError, "seed"),
+    (dict(gamma=True), TypeError, "gamma"),
+    (dict(gamma=np.bool_(False)), TypeError, "gamma"),
+    (dict(tau_high=torch.tensor(True)), TypeError, "tau_high"),
+    (dict(tau_low=torch.tensor([0.1])), TypeError, "tau_low"),
+    (dict(gamma=np.float64(1.5)), ValueError, "gamma"),
     (dict(normalize="global"), ValueError, "normalize"),
     (dict(thresholds="otsu"), ValueError, "thresholds"),
     (dict(mode="logit"), ValueError, "mode"),
@@ -52,6 +61,10 @@ def test_config_replace_validates():
     (dict(ref="0,4"), TypeError, "sequence"),
     (dict(ref=[(0, 6)], image_shapes=[(2, 2)]), ValueError, "image_shapes"),
     (dict(ref=[(0, 6)], image_shapes=[(2, 3), (1, 1)]), ValueError, "image_shapes"),
+    (dict(ref=[(0, 4)], image_shapes=[(4,)]), ValueError, r"image_shapes\[0\].*pair"),
+    (dict(ref=[(0, 4)], image_shapes=[(1, 2, 2)]), ValueError, r"image_shapes\[0\].*pair"),
+    (dict(ref=[(0, 4)], image_shapes=[(2.0, 2)]), TypeError, r"image_shapes\[0\]"),
+    (dict(ref=[(0, 4)], image_shapes=4), TypeError, "image_shapes"),
 ])
 def test_layout_rejects(kwargs, exc, words):
     with pytest.raises(exc, match=words):
@@ -63,6 +76,31 @@ def test_layout_accepts_numpy_and_torch_ints_and_normalises():
     lay = dar.TokenLayout(ref=[(np.int64(0), torch.tensor(4))], gen=[[6, 8], (4, 6)], image_shapes=[(2, 2)])
     assert lay.ref == ((0, 4),) and lay.gen == ((4, 6), (6, 8)) and lay.image_shapes == ((2, 2),)
     assert hash(lay) == hash(dar.TokenLayout(ref=[(0, 4)], gen=[(4, 6), (6, 8)], image_shapes=[(2, 2)]))
+
+
+@pytest.mark.parametrize("make", [np.float32, np.float64, torch.tensor, lambda x: torch.tensor(x, dtype=torch.float64)])
+def test_config_and_scale_accept_real_scalars(make):
+    cfg = dar.DARConfig(gamma=make(0.25), tau_high=make(0.75), tau_low=make(0.25), seed=np.int64(7),
+                        num_samples=torch.tensor(3))
+    # Stored as Python numbers: the config compares and hashes by value (the plan cache keys on it).
+    assert cfg == dar.DARConfig(gamma=0.25, tau_high=0.75, tau_low=0.25, seed=7, num_samples=3)
+    assert all(type(x) is float for x in (cfg.gamma, cfg.tau_high, cfg.tau_low))
+    assert type(cfg.seed) is int and type(cfg.num_samples) is int
+    out = dar.dar_attention(Q, K, V, LAY, cfg, scale=make(0.5), backend="reference")
+    torch.testing.assert_close(out, dar.dar_attention(Q, K, V, LAY, cfg, scale=0.5, backend="reference"))
+
+
+def test_largest_seed_runs():
+    cfg = dar.DARConfig(seed=2**64 - 1, gamma=0.5)
+    dar.compute_key_weights(Q, K, LAY, cfg, backend="torch")
+
+
+@pytest.mark.parametrize("scale, exc", [(True, TypeError), (np.bool_(True), TypeError), (torch.tensor(True), TypeError),
+                                        (torch.tensor([0.5]), TypeError), (np.float32("nan"), ValueError),
+                                        (torch.tensor(0.0), ValueError)])
+def test_scale_rejects_bools_and_non_scalars(scale, exc):
+    with pytest.raises(exc, match="scale"):
+        _call(scale=scale)
 
 
 def _call(**over):

@@ -134,7 +134,8 @@ def _score_mod(call: DARCall, weights: torch.Tensor | None):
         def rebalance(score, b, h, q_idx, kv_idx):
             return score * factor[b, kv_idx]
     else:
-        log_w = torch.log(weights.float())
+        # ln w in the scores' precision: float64 inputs get a float64 log (a float32 one is off by ~1e-8).
+        log_w = torch.log(weights.to(torch.float64 if call.q.dtype == torch.float64 else torch.float32))
 
         def rebalance(score, b, h, q_idx, kv_idx):
             return score + log_w[b, kv_idx]
@@ -171,8 +172,9 @@ class FlexBackend(Backend):
         q = call.q
         if q.device.type == "cuda" and q.dtype == torch.float64:
             return "float64 inputs on CUDA are not supported by the flex backend (use backend='torch')"
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (call.q, call.k, call.v))
+        # Key weights alone run in torch (no gradient: w is piecewise constant); only the attention is flex's.
+        needs_grad = call.v is not None and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (call.q, call.k, call.v))
         if q.device.type != "cuda" and needs_grad:
             return f"FlexAttention has no backward pass on {q.device.type}; inputs require grad"
         if q.device.type not in ("cuda", "cpu"):
@@ -185,5 +187,10 @@ class FlexBackend(Backend):
     def attention(self, call: DARCall, weights: torch.Tensor | None) -> torch.Tensor:
         if not call.plan.active:
             weights = None
-        out = _run_flex(call.q, call.k, call.v, _score_mod(call, weights), _block_mask(call), call.scale)
+        q, k, v = call.q, call.k, call.v
+        if not torch.is_grad_enabled():
+            # FlexAttention refuses CPU inputs that require grad even under no_grad (it has no CPU
+            # backward); no graph is recorded here anyway.
+            q, k, v = q.detach(), k.detach(), v.detach()
+        out = _run_flex(q, k, v, _score_mod(call, weights), _block_mask(call), call.scale)
         return out.to(call.q.dtype)

@@ -55,9 +55,11 @@ class TritonBackend(Backend):
     def key_weights(self, call: DARCall) -> torch.Tensor:
         pt = call.plan.tensors(call.q.device)
         cfg = call.cfg
-        return _key_weights_kernel(call.q, call.k, pt.samples, pt.ref_ranges, pt.ref_groups,
-                                   call.plan.num_groups, call.mask.key_bias(), call.mask.is_causal, call.scale,
-                                   cfg.gamma, cfg.tau_high, cfg.tau_low, cfg.thresholds)
+        # w is piecewise constant in q and k: like the other backends, return it outside autograd.
+        with torch.no_grad():
+            return _key_weights_kernel(call.q, call.k, pt.samples, pt.ref_ranges, pt.ref_groups,
+                                       call.plan.num_groups, call.mask.key_bias(), call.mask.is_causal,
+                                       call.scale, cfg.gamma, cfg.tau_high, cfg.tau_low, cfg.thresholds)
 
     def attention(self, call: DARCall, weights: torch.Tensor | None) -> torch.Tensor:
         gen_ranges = None
