@@ -18,7 +18,7 @@ def _version(dist: str) -> str:
 
 def info(argv: list[str]) -> int:
     """Print versions, the device and which backends can run here."""
-    argparse.ArgumentParser(prog="dar info", description=info.__doc__).parse_args(argv)
+    argparse.ArgumentParser(prog="dar info", description=info.__doc__, allow_abbrev=False).parse_args(argv)
     import torch
 
     import dar

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     from .config import MODES, NORMALIZE, QUERIES, SAMPLING, THRESHOLDS
 
     p = argparse.ArgumentParser(
-        prog="dar demo",
+        prog="dar demo", allow_abbrev=False,
         description="DAR off/on through a small random-weight Qwen-Image-Edit-architecture transformer: "
                     "checks against the reference backend, per-layer statistics, timings and a heatmap PNG.")
     p.add_argument("--out", default="dar_demo", help="output folder (default ./dar_demo); the PNG is <out>/heatmaps.png")

@@ -110,7 +110,7 @@ def generate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--benchmark", choices=BENCHMARKS, required=True)
     parser.add_argument("--data", type=Path, required=True, help="MICON-Bench data dir, or the MICo-Bench folder with the JSONL files")
     parser.add_argument("--subsets", nargs="+", default=None, help="MICON tasks or MICo groups (default: all present)")

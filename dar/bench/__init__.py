@@ -20,7 +20,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dar bench", description="Benchmark DAR kernels and model steps.")
+    p = argparse.ArgumentParser(prog="dar bench", description="Benchmark DAR kernels and model steps.", allow_abbrev=False)
     p.add_argument("what", nargs="?", default="kernels", choices=("kernels", "e2e"),
                    help="kernels (default): attention calls; e2e: one denoising step of a real-size transformer")
     p.add_argument("--quick", action="store_true",

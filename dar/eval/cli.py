@@ -4,12 +4,17 @@ The example scripts define only their benchmark-specific ``score`` options and h
 reach the runner; :func:`benchmark_parser`, :func:`dispatch` and :func:`score_and_report`
 supply the rest (judge and run options, logging, the ``report`` / ``compare``
 subcommands), so both scripts behave the same way.
+
+Every parser has ``allow_abbrev=False``: with prefix matching, ``--judge-api-key sk-...``
+was taken as ``--judge-api-key-env`` and the key ended up echoed in an error. For the
+same reason, unknown arguments are reported by option name only, never by value.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -80,11 +85,12 @@ def benchmark_parser(
     handle_score: Callable[[argparse.Namespace], int],
 ) -> argparse.ArgumentParser:
     """``score`` (benchmark options, then run and judge options), ``report`` and ``compare`` subcommands."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    score = sub.add_parser("score", help="score a model's generated images")
+    score = sub.add_parser("score", help="score a model's generated images", allow_abbrev=False)
     add_score_arguments(score)
     add_run_arguments(score)
     add_judge_arguments(score)
@@ -94,9 +100,34 @@ def benchmark_parser(
     return parser
 
 
+_OPTION_NAME = re.compile(r"--?[A-Za-z][A-Za-z0-9-]*")
+
+
+def unrecognized_message(extra: list[str]) -> str:
+    """argparse's "unrecognized arguments" error, naming options but never repeating a value."""
+    names: list[str] = []
+    values = 0
+    for token in extra:
+        name, has_value, _ = token.partition("=")
+        if _OPTION_NAME.fullmatch(name):
+            names.append(name)
+            values += bool(has_value)
+        else:
+            values += 1
+    message = "unrecognized arguments: " + (" ".join(names) if names else "(none named)")
+    if values:
+        message += f" and {values} value(s), not repeated here (they may be secrets)"
+    if any(name.startswith("--judge-api-key") or name.startswith("--api-key") for name in names):
+        message += ("; the judge's key is never taken on the command line: export it in an environment variable "
+                    "and pass that variable's name with --judge-api-key-env")
+    return message
+
+
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv``, set up logging and run the chosen subcommand; returns its exit code."""
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(unrecognized_message(extra))
     configure_logging(args.verbose)
     return args.handler(args)
 
@@ -117,12 +148,12 @@ def score_and_report(args: argparse.Namespace, run: Callable[..., Any], **benchm
 
 
 def add_report_and_compare(subparsers: Any) -> None:
-    report = subparsers.add_parser("report", help="(re)write report.json/.md/.png for a run directory")
+    report = subparsers.add_parser("report", help="(re)write report.json/.md/.png for a run directory", allow_abbrev=False)
     report.add_argument("--run", type=Path, required=True, help="run directory")
     report.add_argument("--out", type=Path, default=None, help="where to write the report (default: the run directory)")
     report.set_defaults(handler=handle_report)
 
-    cmp = subparsers.add_parser("compare", help="paired A/B comparison of two run directories (B - A)")
+    cmp = subparsers.add_parser("compare", help="paired A/B comparison of two run directories (B - A)", allow_abbrev=False)
     cmp.add_argument("--run-a", type=Path, required=True, help="baseline run, e.g. DAR off")
     cmp.add_argument("--run-b", type=Path, required=True, help="treatment run, e.g. DAR on")
     cmp.add_argument("--label-a", default="DAR off")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
+from ..redact import redact, redact_http_logs, redact_url, url_secrets
 from .base import CachingJudge, JudgeError, image_data_url
 from .cache import ResponseCache
 
@@ -25,16 +27,22 @@ logger = logging.getLogger(__name__)
 # Sent when no key variable is named: local vLLM/SGLang servers accept any bearer token,
 # but the openai client refuses to start without one.
 PLACEHOLDER_KEY = "EMPTY"
+# What an environment variable name looks like. Anything else given as api_key_env is
+# probably the key itself, so it is never repeated in a message.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class OpenAIJudge(CachingJudge):
     """Chat-completions judge with timeouts, retries, bounded concurrency and a reply cache.
 
     Args:
-        base_url: server root including ``/v1``, e.g. ``http://127.0.0.1:8000/v1``.
+        base_url: server root including ``/v1``, e.g. ``http://127.0.0.1:8000/v1``. Credentials
+            in it (user info, ``?api-key=``) are used but never stored or printed: run
+            metadata, ``repr`` and error messages show it redacted.
         model: model name as the server knows it (e.g. ``Qwen/Qwen3-VL-32B-Instruct``).
         api_key_env: name of the environment variable holding the API key. The key is read
             once, handed to the HTTP client and never stored in results, caches or logs.
+            Error messages about it never repeat the value given (it may be the key itself).
             ``None`` sends a placeholder key (fine for local servers).
         timeout: seconds per HTTP request before it is abandoned (and retried).
         max_retries: transport retries per request (timeouts, connection errors, 429, 5xx).
@@ -58,7 +66,8 @@ class OpenAIJudge(CachingJudge):
         max_tokens: int = 1024,
     ):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+            shown = redact_url(base_url) if isinstance(base_url, str) else type(base_url).__name__
+            raise ValueError(f"base_url must be an http(s) URL, got {shown!r}")
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty string, got {model!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -76,11 +85,18 @@ class OpenAIJudge(CachingJudge):
             secret = PLACEHOLDER_KEY
             logger.info("no api_key_env given; sending a placeholder API key (fine for local servers)")
         else:
-            if not isinstance(api_key_env, str) or not api_key_env:
-                raise ValueError(f"api_key_env must name an environment variable, got {api_key_env!r}")
+            # The value is never echoed: a key passed here by mistake would land in logs.
+            if not isinstance(api_key_env, str) or not _ENV_NAME.fullmatch(api_key_env):
+                raise ValueError(
+                    "api_key_env must be the NAME of an environment variable holding the key (letters, digits, "
+                    "underscores), not the key itself; the value given is not repeated here"
+                )
             secret = os.environ.get(api_key_env, "")
             if not secret:
-                raise ValueError(f"api_key_env: environment variable {api_key_env!r} is not set or empty")
+                raise ValueError(
+                    "api_key_env: the environment variable it names is not set or is empty (the name is not "
+                    "repeated here in case it is a key); export the key in a variable and pass that variable's name"
+                )
 
         try:
             import openai
@@ -88,7 +104,7 @@ class OpenAIJudge(CachingJudge):
             raise ImportError("OpenAIJudge needs the 'openai' package: pip install 'dar[eval]'") from err
 
         self.name = model
-        self.base_url = base_url
+        self.base_url = redact_url(base_url)  # what is shown and stored; the client gets the real one
         self.api_key_env = api_key_env
         self.timeout = float(timeout)
         self.max_retries = max_retries
@@ -98,15 +114,16 @@ class OpenAIJudge(CachingJudge):
         self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
         self._openai = openai
         self._client = openai.OpenAI(base_url=base_url, api_key=secret, timeout=self.timeout, max_retries=max_retries)
-        self._redact_value = secret if secret != PLACEHOLDER_KEY else None
+        self._secrets = url_secrets(base_url) + ([secret] if secret != PLACEHOLDER_KEY else [])
+        redact_http_logs(self._secrets)
         self._slots = threading.BoundedSemaphore(concurrency)
 
     def __repr__(self) -> str:
-        # Deliberately without the key.
+        # Deliberately without the key; base_url is already redacted.
         return f"OpenAIJudge(base_url={self.base_url!r}, model={self.name!r}, api_key_env={self.api_key_env!r})"
 
     def describe(self) -> dict[str, Any]:
-        """Settings safe to write into run metadata (no credentials)."""
+        """Settings safe to write into run metadata (no credentials: the URL is redacted)."""
         return {
             "backend": "openai",
             "base_url": self.base_url,
@@ -120,9 +137,7 @@ class OpenAIJudge(CachingJudge):
         }
 
     def _redact(self, text: str) -> str:
-        if self._redact_value:
-            text = text.replace(self._redact_value, "***")
-        return text
+        return redact(text, self._secrets)
 
     def _cache_settings(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens}
