@@ -11,7 +11,8 @@
     python examples/mico_bench_eval.py compare --run-a runs/mico_dar_off --run-b runs/mico_dar_on --out runs/mico_ab
 
 Generated images are read from <results>/<model>/<group>/<case_id>.(png|jpg|jpeg|webp).
-Formulas: paper = W x SC x PQ (0-100, default); released = W x sqrt(SC x PQ) (0-10).
+Formulas: paper = W x SC x PQ (0-100, default; upstream eval_score.py since commit f58070c);
+legacy = W x sqrt(SC x PQ) (0-10; upstream before f58070c); released = deprecated name of legacy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 from dar.eval import cli
-from dar.eval.mico import FORMULAS, GROUPS, MATCHING_MODES, run_mico
+from dar.eval.mico import DEPRECATED_FORMULAS, FORMULAS, GROUPS, MATCHING_MODES, run_mico
 
 
 def add_score_arguments(score: argparse.ArgumentParser) -> None:
@@ -29,8 +30,9 @@ def add_score_arguments(score: argparse.ArgumentParser) -> None:
     score.add_argument("--results", type=Path, required=True, help="root of <model>/<group>/<case_id>.png")
     score.add_argument("--model", required=True, help="model folder name under --results")
     score.add_argument("--groups", nargs="+", default=None, help=f"default: every group present ({', '.join(GROUPS)})")
-    score.add_argument("--formula", choices=FORMULAS, default="paper",
-                       help="paper: W x SC x PQ (0-100, default); released: W x sqrt(SC x PQ) (0-10)")
+    score.add_argument("--formula", choices=FORMULAS + tuple(DEPRECATED_FORMULAS), default="paper",
+                       help="paper: W x SC x PQ (0-100, default; upstream since f58070c); "
+                            "legacy: W x sqrt(SC x PQ) (0-10; upstream before f58070c); released: deprecated name of legacy")
     score.add_argument("--face-matching", choices=MATCHING_MODES, default="best",
                        help="best: each source face takes its best output face (released); hungarian: one-to-one")
     score.add_argument("--prompt-file", type=Path, default=None, help="YAML with replacement prompts (keys sc, pq, visibility)")

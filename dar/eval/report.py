@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .mico.scoring import FORMULA_SCALE, FORMULA_UPSTREAM
 from .runs import STATUS_INPUT_ERROR, STATUS_JUDGE_FAILURE, STATUS_MISSING, STATUS_OK, RunStore
 
 FORMULA_TEXT = {
-    "paper": "W x SC x PQ (paper definition, 0-100)",
-    "released": "W x sqrt(SC x PQ) (released eval_score.py, 0-10)",
+    "paper": f"W x SC x PQ (paper definition, 0-100; upstream eval_score.py {FORMULA_UPSTREAM['paper']})",
+    "legacy": f"W x sqrt(SC x PQ) (legacy, 0-10; upstream eval_score.py {FORMULA_UPSTREAM['legacy']})",
 }
 
 
@@ -37,7 +38,7 @@ def _mean(values: list[float]) -> float | None:
 
 def score_scale(identity: Mapping[str, Any]) -> str:
     if identity.get("benchmark") == "mico":
-        return "0-10" if identity.get("formula") == "released" else "0-100"
+        return FORMULA_SCALE.get(identity.get("formula"), "0-100")
     return "0-100"
 
 

@@ -43,6 +43,15 @@ EXPECTED_FILE = "expected.json"
 CASES_DIR = "cases"
 LOCK_FILE = ".lock"
 
+# Identity values renamed since a run directory may have been written: (setting, old value)
+# -> new value. Old runs keep their meaning, so resuming, reporting and comparing them go on working.
+RENAMED_IDENTITY_VALUES = {("formula", "released"): "legacy"}
+
+
+def current_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` with renamed values (:data:`RENAMED_IDENTITY_VALUES`) under their current names."""
+    return {k: RENAMED_IDENTITY_VALUES.get((k, v), v) if isinstance(v, str) else v for k, v in identity.items()}
+
 
 def find_output(root: Path, model: str, task: str, case_id: str, extensions: Sequence[str]) -> Path | None:
     """``<root>/<model>/<task>/<case_id>.<ext>``, trying ``extensions`` in order."""
@@ -87,7 +96,7 @@ class RunStore:
         meta_path = store.run_dir / RUN_FILE
         if meta_path.is_file():
             old = json.loads(meta_path.read_text(encoding="utf-8"))
-            old_identity = old.get("identity", {})
+            old_identity = current_identity(old.get("identity", {}))
             diff = {k: (old_identity.get(k), identity.get(k)) for k in set(old_identity) | set(identity) if old_identity.get(k) != identity.get(k)}
             if diff:
                 store.close()
@@ -142,7 +151,7 @@ class RunStore:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return self.meta.get("identity", {})
+        return current_identity(self.meta.get("identity", {}))
 
     def expected(self) -> dict[str, list[str]]:
         path = self.run_dir / EXPECTED_FILE

@@ -130,7 +130,7 @@ def test_mico_example_scores_over_http_and_reports(tmp_path, capsys):
     assert len(server.requests) == 3 * (2 + 2)  # per case: 2 visibility + SC + PQ
     report = json.loads((out / "report.json").read_text())
     assert report["tasks"]["mico_bench_object_centric"]["mean"] == pytest.approx(72.0)  # W=1, SC=8, PQ=9
-    assert "W x SC x PQ (paper definition, 0-100)" in capsys.readouterr().out
+    assert "W x SC x PQ (paper definition, 0-100; upstream eval_score.py f58070c" in capsys.readouterr().out
     assert RunStore.load(out).meta["details"]["judge"]["api_key_env"] is None
 
     assert module.main(["report", "--run", str(out), "--out", str(tmp_path / "rep")]) == 0

@@ -86,7 +86,7 @@ def test_tie_tolerance_and_small_samples():
 
 def test_unpairable_runs_are_refused(tmp_path):
     a = make_run(tmp_path / "a", {"g": {"1": 1.0, "2": 2.0}})
-    b = make_run(tmp_path / "b", {"g": {"1": 1.0, "2": 2.0}}, identity=dict(IDENTITY, formula="released"))
+    b = make_run(tmp_path / "b", {"g": {"1": 1.0, "2": 2.0}}, identity=dict(IDENTITY, formula="legacy"))
     with pytest.raises(ValueError, match="formula"):
         compare(a, b)
     c = make_run(tmp_path / "c", {"g": {"1": 1.0, "2": 2.0}}, identity=dict(IDENTITY, judge_model="other"))

@@ -80,19 +80,19 @@ def test_weighted_ref_viescore_paper_formula(tmp_path):
     assert report["formula"].startswith("W x SC x PQ") and report["score_scale"] == "0-100"
     assert report["tasks"]["mico_bench_hoi"]["mean"] == pytest.approx((1 + 0.25) / 2 * SC_PQ)
     assert report["overall"]["mean"] == pytest.approx((1 + 0.25 + 0.9) / 3 * SC_PQ)
-    assert "Formula: W x SC x PQ (paper definition, 0-100)" in to_markdown(report)
+    assert "Formula: W x SC x PQ (paper definition, 0-100; upstream eval_score.py f58070c" in to_markdown(report)
 
 
-def test_released_formula_and_hungarian_matching(tmp_path):
+def test_legacy_formula_and_hungarian_matching(tmp_path):
     fx = build_mico(tmp_path)
-    store, _ = run(fx, tmp_path / "released", formula="released", face_matching="hungarian")
+    store, _ = run(fx, tmp_path / "legacy", formula="legacy", face_matching="hungarian")
     dere = store.load_record("mico_bench_dere", "7")
     # one output face: hungarian gives it to source 0; source 1 is unmatched -> 0; W = (1 + 0 + 1)/3
     assert dere["face_similarities"][1] is None and dere["face_credits"] == [1.0, 0.0]
     assert dere["w"] == pytest.approx(2 / 3)
     assert dere["score"] == pytest.approx(2 / 3 * math.sqrt(SC_PQ))
     report = summarize(store)
-    assert report["score_scale"] == "0-10" and "released" in report["formula"]
+    assert report["score_scale"] == "0-10" and "legacy" in report["formula"] and "f58070c" in report["formula"]
 
 
 def test_unclear_visibility_answer_strict_vs_released(tmp_path):

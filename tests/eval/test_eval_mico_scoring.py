@@ -34,10 +34,10 @@ def test_case_score_worked_example():
     assert semantic_consistency(9, 6) == pytest.approx(7.348469, abs=1e-6)
     assert perceptual_quality(8, 7) == pytest.approx(7.483315, abs=1e-6)
     assert case_score(0.75, 9, 6, 8, 7, formula="paper") == pytest.approx(41.243, abs=1e-3)
-    # released: 0.75 x 3024 ** 0.25 = 0.75 x 7.41558 = 5.5617 (the README shows 5.56)
-    assert case_score(0.75, 9, 6, 8, 7, formula="released") == pytest.approx(5.56168, abs=1e-5)
+    # legacy: 0.75 x 3024 ** 0.25 = 0.75 x 7.41558 = 5.5617 (upstream's README showed 5.56 before f58070c)
+    assert case_score(0.75, 9, 6, 8, 7, formula="legacy") == pytest.approx(5.56168, abs=1e-5)
     assert case_score(1.0, 10, 10, 10, 10) == 100.0
-    assert case_score(1.0, 10, 10, 10, 10, formula="released") == 10.0
+    assert case_score(1.0, 10, 10, 10, 10, formula="legacy") == 10.0
     assert case_score(0.0, 10, 10, 10, 10) == 0.0
     assert case_score(1.0, 0, 10, 10, 10) == 0.0
 
@@ -154,8 +154,8 @@ def test_formulas_order_the_same_cases_the_same_way():
     rows = rng.uniform(0, 10, size=(50, 4))
     weights = rng.uniform(0, 1, size=50)
     paper = [case_score(w, *r, formula="paper") for w, r in zip(weights, rows)]
-    released = [case_score(w, *r, formula="released") for w, r in zip(weights, rows)]
-    for p, r, w in zip(paper, released, weights):
-        # released = W x sqrt(SC x PQ) and paper = W x SC x PQ, so released^2 = W x paper
+    legacy = [case_score(w, *r, formula="legacy") for w, r in zip(weights, rows)]
+    for p, r, w in zip(paper, legacy, weights):
+        # legacy = W x sqrt(SC x PQ) and paper = W x SC x PQ, so legacy^2 = W x paper
         assert r * r == pytest.approx(w * p)
     assert all(math.isfinite(p) for p in paper)

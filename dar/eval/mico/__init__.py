@@ -9,23 +9,28 @@ from .manifest import GROUPS, Case, load_benchmark, load_manifest
 from .prompts import MicoPrompts, load_prompt_file
 from .runner import COMPAT_MODES, MicoScorer, run_mico
 from .scoring import (
+    DEPRECATED_FORMULAS,
     FACE_BANDS,
     FORMULA_SCALE,
+    FORMULA_UPSTREAM,
     FORMULAS,
     MATCHING_MODES,
     case_score,
     face_score,
     match_faces,
     perceptual_quality,
+    resolve_formula,
     semantic_consistency,
     visibility_weight,
 )
 
 __all__ = [
     "COMPAT_MODES",
+    "DEPRECATED_FORMULAS",
     "FACE_BANDS",
     "FORMULAS",
     "FORMULA_SCALE",
+    "FORMULA_UPSTREAM",
     "GROUPS",
     "MATCHING_MODES",
     "Case",
@@ -38,6 +43,7 @@ __all__ = [
     "load_prompt_file",
     "match_faces",
     "perceptual_quality",
+    "resolve_formula",
     "run_mico",
     "semantic_consistency",
     "visibility_weight",

@@ -23,11 +23,6 @@ OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 __all__ = ["COMPAT_MODES", "MicoScorer", "run_mico"]
 
 
-def check_formula(formula: str) -> None:
-    if formula not in scoring.FORMULAS:
-        raise ValueError(f"formula must be one of {scoring.FORMULAS}, got {formula!r}")
-
-
 @dataclass
 class MicoScorer(JudgedScorer):
     """Everything needed to score one MICo-Bench case; :meth:`evaluate` returns its record.
@@ -52,7 +47,7 @@ class MicoScorer(JudgedScorer):
     keep_replies: bool = True
 
     def __post_init__(self) -> None:
-        check_formula(self.formula)
+        self.formula = scoring.resolve_formula(self.formula)
         if self.face_matching not in scoring.MATCHING_MODES:
             raise ValueError(f"face_matching must be one of {scoring.MATCHING_MODES}, got {self.face_matching!r}")
         check_compat(self.compat)
@@ -160,9 +155,13 @@ def run_mico(
     parse_retries: int = 2,
     progress: bool = True,
 ) -> RunSummary:
-    """Score ``<results_dir>/<model>/<group>/<case_id>.(png|jpg|jpeg|webp)`` into the run directory ``out_dir``."""
+    """Score ``<results_dir>/<model>/<group>/<case_id>.(png|jpg|jpeg|webp)`` into the run directory ``out_dir``.
+
+    ``formula``: ``"paper"`` (default, W x SC x PQ on 0-100, upstream since f58070c) or
+    ``"legacy"`` (W x sqrt(SC x PQ) on 0-10); ``"released"`` is a deprecated name of ``"legacy"``.
+    """
     check_model(model, "results_dir")
-    check_formula(formula)
+    formula = scoring.resolve_formula(formula)  # a run records the current name
     results = existing_dir(results_dir, "results_dir")
     cases = load_benchmark(bench_dir, groups)
     if embedder is None and any(c.human_indices for c in cases):

@@ -3,20 +3,34 @@
 Per case: W (visibility of the sources in the output, 0-1), SC = sqrt(PF x SR) and
 PQ = sqrt(naturalness x artifacts) (each 0-10), combined by one of two formulas:
 
-- ``paper``:    W x SC x PQ          (0-100; the definition in the MICo-150K paper)
-- ``released``: W x sqrt(SC x PQ)    (0-10; what the released eval_score.py computes)
+- ``paper``:  W x SC x PQ          (0-100; the MICo-150K paper's definition, and what
+  upstream ``MICo-Bench/eval_score.py`` computes since commit f58070c of 2026-04-17,
+  the formula of the leaderboard)
+- ``legacy``: W x sqrt(SC x PQ)    (0-10; upstream ``eval_score.py`` as first released,
+  commit 1e0ab5d, until f58070c removed the extra square root)
+
+``released`` is a deprecated name of ``legacy`` (it was "released" until upstream changed).
+
+A face source's credit follows upstream's graded ArcFace rule (commit 7529a82 of
+2026-04-19, implemented in ``compute_weights.py`` since da992f5): the cosine similarity
+of its best-matching output face, banded by :data:`FACE_BANDS`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import threading
+import warnings
 from typing import Sequence
 
 import numpy as np
 
-FORMULAS = ("paper", "released")
-FORMULA_SCALE = {"paper": "0-100", "released": "0-10"}
+FORMULAS = ("paper", "legacy")
+DEPRECATED_FORMULAS = {"released": "legacy"}  # old name -> current name
+FORMULA_SCALE = {"paper": "0-100", "legacy": "0-10"}
+# The upstream (github.com/A113N-W3I/MICo-150K) commits whose eval_score.py each formula matches.
+FORMULA_UPSTREAM = {"paper": "f58070c (2026-04-17) and later", "legacy": "1e0ab5d (2026-04-15), before f58070c"}
 MATCHING_MODES = ("best", "hungarian")
 
 # (lower bound of the similarity band, visibility credit), highest band first.
@@ -31,6 +45,31 @@ def _real(value: object, name: str) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return number
+
+
+_warned_aliases: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def resolve_formula(formula: object) -> str:
+    """The current name of ``formula``; a deprecated name warns (``FutureWarning``) once per process."""
+    if formula in FORMULAS:
+        return formula  # type: ignore[return-value]
+    if isinstance(formula, str) and formula in DEPRECATED_FORMULAS:
+        current = DEPRECATED_FORMULAS[formula]
+        with _warn_lock:
+            first = formula not in _warned_aliases
+            _warned_aliases.add(formula)
+        if first:
+            warnings.warn(
+                f"formula {formula!r} is deprecated; it is now called {current!r} (W x sqrt(SC x PQ), 0-10, upstream "
+                f"eval_score.py before commit f58070c). Upstream and the leaderboard now use 'paper' (W x SC x PQ, 0-100)",
+                FutureWarning,
+                stacklevel=3,
+            )
+        return current
+    allowed = FORMULAS + tuple(f"{old} (deprecated)" for old in DEPRECATED_FORMULAS)
+    raise ValueError(f"formula must be one of {allowed}, got {formula!r}")
 
 
 def face_score(similarity: float) -> float:
@@ -110,10 +149,10 @@ def _sub_score(value: object, name: str) -> float:
 def case_score(w: float, pf: float, sr: float, naturalness: float, artifacts: float, formula: str = "paper") -> float:
     """Weighted-Ref-VIEScore of one case.
 
-    ``formula="paper"``: W x SC x PQ on 0-100; ``formula="released"``: W x sqrt(SC x PQ) on 0-10.
+    ``formula="paper"`` (default): W x SC x PQ on 0-100, upstream since f58070c;
+    ``formula="legacy"``: W x sqrt(SC x PQ) on 0-10, upstream before it (``"released"``: deprecated alias).
     """
-    if formula not in FORMULAS:
-        raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
+    formula = resolve_formula(formula)
     weight = _real(w, "w")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"w must be within [0, 1], got {w!r}")
