@@ -9,16 +9,25 @@ Layout::
 Because each case is its own file, replaced atomically, a process killed at any moment
 leaves every case either complete or absent: a rerun skips the complete ones, redoes the
 absent ones, and can never produce two results for one case.
+
+A case file that cannot be read as a record anyway (truncated or emptied by a full disk,
+garbage, another JSON shape -- written by something other than this module) never stops
+a run: a scoring run moves it aside to ``<name>.json.corrupt`` (``.corrupt-1``, ... when
+taken), says so in a warning naming both files, and scores the case again; a read-only
+reader (reports, comparisons) warns and treats the case as not yet scored.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import sys
 import urllib.parse
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +51,7 @@ RUN_FILE = "run.json"
 EXPECTED_FILE = "expected.json"
 CASES_DIR = "cases"
 LOCK_FILE = ".lock"
+CORRUPT_SUFFIX = ".corrupt"
 
 # Identity values renamed since a run directory may have been written: (setting, old value)
 # -> new value. Old runs keep their meaning, so resuming, reporting and comparing them go on working.
@@ -66,6 +76,47 @@ def _file_name(case_id: str) -> str:
     # Case ids come from benchmark files; quote anything that is not a plain file name.
     name = urllib.parse.quote(case_id, safe="-_")
     return name if not name.startswith(".") else "%2E" + name[1:]
+
+
+def record_problem(record: object) -> str | None:
+    """Why ``record`` is not a usable case record, or ``None`` if it is."""
+    if not isinstance(record, dict):
+        return f"a case record must be a JSON object, got {type(record).__name__}"
+    for key in ("task", "case_id"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+            return f"{key!r} must be a non-empty string, got {value!r}"
+    if record.get("status") not in STATUSES:
+        return f"'status' must be one of {STATUSES}, got {record.get('status')!r}"
+    if record["status"] == STATUS_OK:
+        score = record.get("score")
+        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+            return f"a scored record needs a finite 'score', got {score!r}"
+    return None
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, why it cannot be read)``; ``FileNotFoundError`` passes through."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"not UTF-8 text ({err.reason} at byte {err.start})"
+    if not text.strip():
+        return None, "empty file"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+
+
+def keep_aside(path: Path) -> Path:
+    """Rename ``path`` to a free ``<name>.corrupt[-N]`` next to it (never overwriting one) and return it."""
+    for n in range(10_000):
+        target = path.with_name(path.name + CORRUPT_SUFFIX + (f"-{n}" if n else ""))
+        if not target.exists():
+            os.replace(path, target)
+            return target
+    raise RuntimeError(f"{path}: too many corrupt copies kept aside already")
 
 
 class RunStore:
@@ -95,7 +146,11 @@ class RunStore:
         identity = dict(identity)
         meta_path = store.run_dir / RUN_FILE
         if meta_path.is_file():
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
+            try:
+                old = store._read_meta()
+            except ValueError:
+                store.close()
+                raise
             old_identity = current_identity(old.get("identity", {}))
             diff = {k: (old_identity.get(k), identity.get(k)) for k in set(old_identity) | set(identity) if old_identity.get(k) != identity.get(k)}
             if diff:
@@ -147,28 +202,76 @@ class RunStore:
     # -- metadata ----------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.run_dir / RUN_FILE).read_text(encoding="utf-8"))
+        return self._read_meta()
+
+    def _read_meta(self) -> dict[str, Any]:
+        path = self.run_dir / RUN_FILE
+        meta, problem = _read_json(path)
+        if problem is None and not isinstance(meta, dict):
+            problem = f"expected a JSON object, got {type(meta).__name__}"
+        if problem is not None:
+            # Not recoverable by rescoring: it holds the settings every score of the run depends on.
+            raise ValueError(f"run_dir: {path} is unreadable ({problem}); restore it or score into a new directory")
+        return meta
 
     @property
     def identity(self) -> dict[str, Any]:
         return current_identity(self.meta.get("identity", {}))
 
+    @property
+    def writable(self) -> bool:
+        """Opened for scoring (holding the run's lock) rather than loaded read-only."""
+        return self._lock_handle is not None
+
     def expected(self) -> dict[str, list[str]]:
         path = self.run_dir / EXPECTED_FILE
-        if not path.is_file():
+        try:
+            expected, problem = _read_json(path)
+        except FileNotFoundError:
             return {}
-        return json.loads(path.read_text(encoding="utf-8"))
+        if problem is None and not (
+            isinstance(expected, dict) and all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in expected.values())
+        ):
+            problem = "expected an object of task -> list of case ids"
+        if problem is not None:
+            # Rebuilt from the cases asked for when a scoring run opens the directory.
+            self._unreadable(path, problem, "the case list is rebuilt from this run's cases" if self.writable
+                             else "expected counts cover only cases with records")
+            return {}
+        return expected
+
+    @property
+    def _rescored(self) -> str:
+        return "the case is scored again" if self.writable else "the case counts as not scored until a scoring run redoes it"
+
+    def _unreadable(self, path: Path, problem: str, consequence: str) -> None:
+        """Warn about an unreadable file; a scoring run also moves it aside so the next write starts clean."""
+        where = f"{path}"
+        if self.writable:
+            where += f" (kept as {keep_aside(path).name})"
+        warnings.warn(f"unreadable run file {where}: {problem}; {consequence}", RuntimeWarning, stacklevel=3)
 
     # -- records -----------------------------------------------------------------------
     def record_path(self, task: str, case_id: str) -> Path:
         return self.run_dir / CASES_DIR / _file_name(task) / f"{_file_name(case_id)}.json"
 
     def load_record(self, task: str, case_id: str) -> dict[str, Any] | None:
-        path = self.record_path(task, case_id)
+        """The case's record, or ``None`` when it has none or its file is unreadable (see module docs)."""
+        return self._read_record(self.record_path(task, case_id))
+
+    def _read_record(self, path: Path) -> dict[str, Any] | None:
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            record, problem = _read_json(path)
         except FileNotFoundError:
             return None
+        if problem is None:
+            problem = record_problem(record)
+        if problem is None and self.record_path(str(record["task"]), str(record["case_id"])) != path:
+            problem = f"it holds case {record['task']}/{record['case_id']}, which is not this file's case"
+        if problem is not None:
+            self._unreadable(path, problem, self._rescored)
+            return None
+        return record
 
     def write_record(self, record: Mapping[str, Any]) -> Path:
         for key in ("task", "case_id", "status"):
@@ -186,7 +289,9 @@ class RunStore:
             for path in sorted(root.rglob("*.json")):
                 if is_temp_file(path):
                     continue
-                out.append(json.loads(path.read_text(encoding="utf-8")))
+                record = self._read_record(path)
+                if record is not None:
+                    out.append(record)
         out.sort(key=lambda r: (str(r["task"]), _natural_key(str(r["case_id"]))))
         return out
 

@@ -5,18 +5,24 @@ same answer, so rescoring a run (a new report, a second formula, a crash) must n
 for the calls again. Keys are SHA-256 digests of the model name, the generation
 settings, the system and user prompts and the SHA-256 of every image's bytes -- never
 of credentials, which are not part of the question.
+
+An entry that cannot be read (truncated, garbage, no ``reply`` string) is a cache miss:
+the judge is asked again and the fresh reply replaces the entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..atomic import atomic_write_json, remove_orphaned_temp_files
 from .base import image_sha256
+
+logger = logging.getLogger(__name__)
 
 
 class ResponseCache:
@@ -53,15 +59,20 @@ class ResponseCache:
         return self.directory / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> str | None:
+        """The cached reply, or ``None`` on a miss (no entry, or one that cannot be read)."""
         path = self._path(key)
         try:
             with open(path, encoding="utf-8") as handle:
                 entry = json.load(handle)
         except FileNotFoundError:
             return None
+        except (OSError, ValueError) as err:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+            logger.warning("unreadable judge cache entry %s (%s); asking the judge again", path, err)
+            return None
         reply = entry.get("reply") if isinstance(entry, dict) else None
         if not isinstance(reply, str):
-            raise ValueError(f"corrupt judge cache entry {path}: no 'reply' string")
+            logger.warning("judge cache entry %s has no 'reply' string; asking the judge again", path)
+            return None
         return reply
 
     def put(self, key: str, reply: str, *, model: str) -> None:
