@@ -42,15 +42,15 @@ class DARPlan:
 
     @property
     def max_samples(self) -> int:
-        return max((len(s) for s in self.samples), default=0)
+        return max([0] + [len(s) for s in self.samples])
 
     @property
     def max_refs(self) -> int:
-        return max((len(r) for r in self.ref_ranges), default=0)
+        return max([0] + [len(r) for r in self.ref_ranges])
 
     @property
     def max_gen(self) -> int:
-        return max((len(g) for g in self.gen_ranges), default=0)
+        return max([0] + [len(g) for g in self.gen_ranges])
 
     @property
     def rows_uniform(self) -> bool:
@@ -140,7 +140,8 @@ def _make_plan(layouts, lq, lk, num_samples, sampling, seed, normalize, queries,
             gens.append(((0, lq),))
         else:
             gens.append(lay.gen)
-    num_groups = max((max(g) + 1 for g in groups if g), default=0)
+    # Lists, not generators with max(default=): dynamo (torch 2.13) cannot trace the latter, and this runs traced.
+    num_groups = max([0] + [max(g) + 1 for g in groups if g])
     return DARPlan(
         batch=len(layouts), lq=lq, lk=lk, samples=tuple(samples), ref_ranges=tuple(refs),
         ref_groups=tuple(groups), gen_ranges=tuple(gens), num_groups=num_groups,

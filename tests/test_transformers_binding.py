@@ -516,13 +516,13 @@ def test_janus_image_generation():
         model.set_attn_implementation(impl)
         with torch.no_grad():
             if cfg is None:
-                return model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                                      do_sample=False, guidance_scale=2.0, **kw)
+                return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                      do_sample=False, guidance_scale=2.0, num_return_sequences=1, max_length=30, **kw)
             with dar.rebalanced(model, cfg, ref_mask=ref, gen_mask=gen):
                 assert model.model.language_model.layers[0].self_attn.__dict__.get("_dar_state") is not None
                 assert "_dar_state" not in model.model.vision_model.__dict__  # only the language model
-                return model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                                      do_sample=False, guidance_scale=2.0, **kw)
+                return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                      do_sample=False, guidance_scale=2.0, num_return_sequences=1, max_length=30, **kw)
 
     want = run("sdpa")
     assert torch.equal(run("dar", dar.DARConfig(gamma=0.0)), want)

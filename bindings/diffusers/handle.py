@@ -179,8 +179,8 @@ class ModelState:
             if len(self._interned) >= 256:
                 self._interned.clear()
             rows = (lays,) if isinstance(lays, TokenLayout) else lays
-            gen_end = max((e for lay in rows for _, e in lay.gen), default=0)
-            ref_end = max((e for lay in rows for _, e in lay.ref), default=0)
+            gen_end = max([0] + [e for lay in rows for _, e in lay.gen])
+            ref_end = max([0] + [e for lay in rows for _, e in lay.ref])
             hit = self._interned[key] = context.Active(self, lays, seq_len, gen_end, ref_end)
         return hit
 
