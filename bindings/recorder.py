@@ -10,11 +10,14 @@ per head, never ``Lq x Lk``) and keeps, per batch row and reference image, on th
 - ``rhat`` (the min-max normalised score r̂) and ``weight`` (w),
 
 each reshaped to the reference image's token grid. `summary` tabulates them, `plot_heatmaps` draws
-them over the reference images. Recording is an inspection path: it synchronises with the device.
+them over the reference images. `call_counts` says how many attention calls of the enabled models
+were rebalanced and how many ran unchanged, by reason (a binding reports those through `passed`).
+Recording is an inspection path: it synchronises with the device.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import warnings
@@ -99,6 +102,25 @@ class RecordEntry:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class CallCounts:
+    """Attention calls of the enabled models since the recorder was created or cleared.
+
+    ``rebalanced``: calls that ran DAR; ``passed``: calls that ran unchanged; ``reasons``: how many
+    calls passed for each reason (e.g. "layer not selected", "reference self-attention of the
+    KV-cache extract pass"). Every call is counted, whatever the recorder's steps / layers filters.
+    """
+
+    rebalanced: int
+    passed: int
+    reasons: dict
+
+    def __str__(self) -> str:
+        lines = [f"{self.rebalanced} attention calls rebalanced, {self.passed} passed through"]
+        lines += [f"  {n:>6}  {reason}" for reason, n in sorted(self.reasons.items(), key=lambda x: -x[1])]
+        return "\n".join(lines)
+
+
 def _selector(name: str, sel) -> Callable[[int], bool]:
     """None -> everything; an int, an iterable of ints, or a predicate over the index."""
     if sel is None:
@@ -169,6 +191,8 @@ class Recorder:
         self._keep_layer = _selector("layers", layers)
         self._entries: dict[tuple[int, int], list[RecordEntry]] = {}
         self._calls: dict[tuple[int, int], int] = {}
+        self._rebalanced = 0
+        self._passed: collections.Counter = collections.Counter()
         self._warned_shapes = False
 
     # ------------------------------------------------------------------ collection
@@ -186,6 +210,7 @@ class Recorder:
         is the call's SDPA flag (as in `dar.dar_attention`).
         """
         step, layer = int(step), int(layer)
+        self._rebalanced += 1
         if not (self._keep_step(step) and self._keep_layer(layer)):
             return
         with torch.no_grad():
@@ -224,6 +249,14 @@ class Recorder:
                 num_samples=n, refs=tuple(refs), shapes_guessed=guessed,
             ))
 
+    def passed(self, *, layer: int, layer_name: str, step: int, reason: str) -> None:
+        """Count one attention call of an enabled model that ran unchanged (called by the binding)."""
+        self._passed[str(reason)] += 1
+
+    def call_counts(self) -> CallCounts:
+        """How many attention calls were rebalanced and how many passed through, and why."""
+        return CallCounts(self._rebalanced, sum(self._passed.values()), dict(self._passed))
+
     def _shapes(self, lay) -> tuple[tuple[tuple[int, int], ...], bool]:
         if lay.image_shapes is not None:
             return lay.image_shapes, False
@@ -237,6 +270,8 @@ class Recorder:
         """Forget everything recorded (e.g. between two pipeline runs: steps restart at 0)."""
         self._entries.clear()
         self._calls.clear()
+        self._rebalanced = 0
+        self._passed.clear()
 
     # ------------------------------------------------------------------ access
 
@@ -291,7 +326,9 @@ class Recorder:
             raise ValueError(f"group_by must be None, 'layer' or 'step', got {group_by!r}")
         recs = self.records(steps, layers, rows)
         if not recs:
-            return "(dar.Recorder: nothing recorded)"
+            counts = self.call_counts()
+            return f"(dar.Recorder: nothing recorded; {counts})" if counts.rebalanced or counts.passed \
+                else "(dar.Recorder: nothing recorded)"
         if group_by is not None:
             recs = _aggregate(recs, group_by)
         nref = max(len(r["mass_before"]) for r in recs)
@@ -533,4 +570,4 @@ def _draw_heatmaps(images, maps, path, title, guessed, min_share, n_avg):
     return path
 
 
-__all__ = ["Recorder", "RecordEntry", "RefImageStats", "near_square_shape", "weighted_sampled_mass"]
+__all__ = ["Recorder", "RecordEntry", "RefImageStats", "CallCounts", "near_square_shape", "weighted_sampled_mass"]

@@ -79,16 +79,24 @@ class LayerFrame:
 class Active:
     """How the running forward of ``state``'s model is rebalanced.
 
-    layouts: a tuple of one `TokenLayout` per batch row (or one `TokenLayout` for the whole batch,
-             from a ``layout_fn``), or None when this forward is not rebalanced (step
-             filtered out, no reference tokens).
-    seq_len: the joint sequence length the layouts were derived for; attention calls with another
-             query or key length (IP-adapter keys, KV-cache reference self-attention) pass through.
-             None for layouts from a user's ``layout_fn``: those apply to every call they fit.
+    calls:  ``{(Lq, Lk): layouts}`` from an automatic layout (one `TokenLayout` per batch row): an
+            attention call with these query / key lengths is rebalanced with those layouts.
+    passes: ``{(Lq, Lk): reason}``: calls of this forward that have nothing to rebalance (reference
+            self-attention, per-mode blocks); they run unchanged without a warning.
+    user:   the layouts a user's ``layout_fn`` returned (a `TokenLayout` or a tuple of them); they apply
+            to every call they fit.
+    reason: why this forward is not rebalanced at all (``calls`` and ``user`` are None), e.g. a step
+            filtered out or no reference tokens; None for a rebalanced forward.
     """
 
     state: object
-    layouts: object
-    seq_len: int | None
+    calls: dict | None = None
+    passes: dict = dataclasses.field(default_factory=dict)
+    user: object = None
+    reason: str | None = None
     gen_end: int = 0  # largest gen / ref range end over the rows (for the fit check of user layouts)
     ref_end: int = 0
+
+    @property
+    def rebalanced(self) -> bool:
+        return self.calls is not None or self.user is not None

@@ -31,8 +31,9 @@ class Settings:
 
     config: DARConfig
     backend: str
-    layout_fn: Callable  # (model, call_kwargs, memo) -> (layouts, seq_len) | None
+    layout_fn: Callable  # (model, call_kwargs, memo) -> Derived | NoLayout | UserLayouts | None
     family: str
+    after: Callable | None  # (model, memo, output) after each forward, for layouts that span forwards
     steps: StepFilter
     recorder: object | None
 
@@ -70,17 +71,24 @@ def call_kwargs(module, args: tuple, kwargs: dict) -> dict:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class UserLayouts:
+    """What a user's ``layout_fn`` returned: applies to every attention call it fits."""
+
+    layouts: object  # a TokenLayout or a tuple of them
+
+
 def _user_layout_fn(fn):
-    """Adapt a user's ``layout_fn(module, call_kwargs)`` to the internal ``(layouts, seq_len)`` form."""
+    """Adapt a user's ``layout_fn(module, call_kwargs)`` to the internal form."""
 
     def derive(model, kw, memo):
         got = fn(model, kw)
         if got is None:
-            return None
+            return layouts.NoLayout("layout_fn returned None for this forward", warn=False)
         if isinstance(got, TokenLayout):
-            return got, None
+            return UserLayouts(got)
         if isinstance(got, (list, tuple)) and got and all(isinstance(x, TokenLayout) for x in got):
-            return tuple(got), None
+            return UserLayouts(tuple(got))
         raise TypeError(f"layout_fn must return a dar.TokenLayout, a list of them (one per batch row) or None, "
                         f"got {type(got).__name__}")
 
@@ -95,7 +103,7 @@ class ModelState:
         self.clock = clock
         self.settings: Settings | None = None
         self.now = Now(0, None)
-        self.passive = context.Active(self, None, None)
+        self.passive = context.Active(self, reason="step not selected")
         self.frames: list[context.LayerFrame] = []
         self.hooks: list = []
         self.sites: list[intercept.Site] = []
@@ -105,16 +113,15 @@ class ModelState:
         self.owner = None  # the DARHandle that enabled this model
 
     # -- messages ----------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return type(self.model_ref()).__name__
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._said:
             self._said.add(key)
             warnings.warn(message, stacklevel=3)
             logger.warning(message)
-
-    def note_once(self, key: str, message: str) -> None:
-        if key not in self._said:
-            self._said.add(key)
-            logger.info(message)
 
     # -- install / remove --------------------------------------------------------------------------
     def install(self, model: torch.nn.Module) -> None:
@@ -171,18 +178,36 @@ class ModelState:
         self.memo.clear()
 
     # -- per forward -------------------------------------------------------------------------------
-    def intern(self, lays, seq_len) -> context.Active:
-        """One long-lived `Active` per distinct layout (stable torch.compile guards across steps)."""
-        key = (lays, seq_len)
-        hit = self._interned.get(key)
+    def intern(self, derived) -> context.Active:
+        """One long-lived `Active` per distinct outcome (stable torch.compile guards across steps).
+
+        ``derived``: a `layouts.Derived`, a `UserLayouts`, or a `layouts.NoLayout`."""
+        hit = self._interned.get(derived)
         if hit is None:
             if len(self._interned) >= 256:
                 self._interned.clear()
-            rows = (lays,) if isinstance(lays, TokenLayout) else lays
-            gen_end = max([0] + [e for lay in rows for _, e in lay.gen])
-            ref_end = max([0] + [e for lay in rows for _, e in lay.ref])
-            hit = self._interned[key] = context.Active(self, lays, seq_len, gen_end, ref_end)
+            if isinstance(derived, UserLayouts):
+                lays = derived.layouts
+                rows = (lays,) if isinstance(lays, TokenLayout) else lays
+                gen_end = max([0] + [e for lay in rows for _, e in lay.gen])
+                ref_end = max([0] + [e for lay in rows for _, e in lay.ref])
+                hit = context.Active(self, user=lays, gen_end=gen_end, ref_end=ref_end)
+            elif isinstance(derived, layouts.Derived):
+                hit = context.Active(self, calls=dict(derived.calls), passes=dict(derived.passes))
+            else:
+                hit = context.Active(self, reason=derived.reason)
+            self._interned[derived] = hit
         return hit
+
+    def _not_rebalanced(self, outcome) -> layouts.NoLayout:
+        """The `NoLayout` for a forward that is not rebalanced, after saying so once per reason."""
+        if outcome is None:
+            outcome = layouts.NoLayout(layouts.NO_REFERENCES)
+        if outcome.warn:
+            self.warn_once(f"forward:{outcome.reason}",
+                           f"dar: {self.model_name} ({self.settings.family} layout): {outcome.reason}; this forward "
+                           f"runs without DAR")
+        return outcome
 
     # The transformer-level hooks read host values (ids, shapes, the step counter) and run once per
     # forward; kept out of torch.compile so they never break or specialise the model's graph.
@@ -202,13 +227,17 @@ class ModelState:
             if kw is None:
                 kw = call_kwargs(module, args, kwargs)
             derived = s.layout_fn(module, kw, self.memo)
-            if derived is not None:
-                entry = self.intern(*derived)
+            if not isinstance(derived, (layouts.Derived, UserLayouts)):
+                derived = self._not_rebalanced(derived)
+            entry = self.intern(derived)
         context.calls_stack().append(entry)
         return None
 
     @torch.compiler.disable
     def _forward_exit(self, module, args, kwargs, output):
+        after = self.settings.after if self.settings is not None else None
+        if after is not None:
+            after(module, self.memo, output)
         stack = context.calls_stack()
         for i in range(len(stack) - 1, -1, -1):
             if stack[i].state is self:
@@ -311,11 +340,13 @@ def make_settings(model, config, backend, layout_fn, steps, recorder) -> Setting
         if not callable(layout_fn):
             raise TypeError(f"layout_fn must be a callable (module, call_kwargs) -> TokenLayout | list | None, "
                             f"got {type(layout_fn).__name__}")
-        fn, family = _user_layout_fn(layout_fn), "layout_fn"
+        fn, family, after = _user_layout_fn(layout_fn), "layout_fn", None
     else:
         fam = layouts.family_of(model)
         if fam is None:
-            raise ValueError(f"dar.enable: no automatic token layout for {type(model).__name__} (supported: "
-                             f"{', '.join(layouts.SUPPORTED)}); {LAYOUT_FN_HELP}")
-        family, fn = fam
-    return Settings(config, backend, fn, family, StepFilter(steps), recorder)
+            why = layouts.unsupported_reason(model)
+            raise ValueError(f"dar.enable: no automatic token layout for {type(model).__name__}"
+                             f"{f' ({why})' if why else ''} (supported: {', '.join(layouts.SUPPORTED)}); "
+                             f"{LAYOUT_FN_HELP}")
+        fn, family, after = fam.derive, fam.name, fam.after
+    return Settings(config, backend, fn, family, after, StepFilter(steps), recorder)

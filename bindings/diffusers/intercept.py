@@ -58,29 +58,61 @@ def _bind(names, positional: int, defaults: dict, args: tuple, kwargs: dict):
     return bound
 
 
+def passed(active, frame, reason: str, warn: str | None = None) -> None:
+    """Account for an intercepted call of an enabled model that runs unchanged.
+
+    ``warn``: a key; the model then warns once per key, naming itself and ``reason``. A recorder
+    with a ``passed`` method counts the call under ``reason``. Nothing happens while tracing (a
+    warning or host work there would break the graph).
+    """
+    if torch.compiler.is_compiling():
+        return
+    state = active.state
+    if warn is not None:
+        state.warn_once(warn, f"dar: {state.model_name}, layer {frame.name!r}: {reason}; that call runs without DAR")
+    recorder = state.settings.recorder if state.settings is not None else None
+    note = getattr(recorder, "passed", None)
+    if note is not None:
+        now = state.now
+        note(layer=frame.index, layer_name=frame.name, step=now.step, reason=reason)
+
+
+def _layouts_for(active, frame, lq: int, lk: int):
+    """The layouts for an attention call with ``lq`` queries and ``lk`` keys, or None (accounted for)."""
+    if active.user is not None:
+        if active.gen_end > lq or active.ref_end > lk:
+            passed(active, frame, f"the layout_fn layout does not fit an attention call with Lq={lq}, Lk={lk}",
+                   warn=f"fit-{frame.index}")
+            return None
+        return active.user
+    lays = active.calls.get((lq, lk))
+    if lays is None:
+        reason = active.passes.get((lq, lk))
+        if reason is not None:
+            passed(active, frame, reason)
+        else:
+            # A call the layout rule does not describe (IP-adapter keys, a processor DAR does not
+            # know): it does not see the reference tokens as laid out.
+            passed(active, frame, f"an attention call with Lq={lq}, Lk={lk} that the "
+                                  f"{active.state.settings.family} layout does not describe",
+                   warn=f"shape-{lq}-{lk}")
+    return lays
+
+
 def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """DAR attention for one intercepted call, in SDPA layout; None means "pass this call through"."""
     state = active.state
     settings = state.settings
     lq, lk = q.shape[2], k.shape[2]
-    if active.seq_len is not None:
-        if lq != active.seq_len or lk != active.seq_len:
-            # Not the joint sequence the layout describes (IP-adapter keys, KV-cache reference
-            # self-attention): this call does not see the reference tokens as laid out.
-            if not torch.compiler.is_compiling():  # logging inside a traced region would break the graph
-                state.note_once(f"skip-len-{frame.index}-{lq}-{lk}",
-                                f"dar: layer {frame.name!r} has an attention call with Lq={lq}, Lk={lk} != the joint "
-                                f"sequence length {active.seq_len}; that call is not rebalanced")
-            return None
-    elif active.gen_end > lq or active.ref_end > lk:
-        if not torch.compiler.is_compiling():
-            state.warn_once(f"fit-{frame.index}",
-                            f"dar: the layout_fn layout does not fit an attention call of layer {frame.name!r} "
-                            f"(Lq={lq}, Lk={lk}); that call is not rebalanced")
+    layouts = _layouts_for(active, frame, lq, lk)
+    if layouts is None:
         return None
     if dropout_p != 0.0:
-        if not torch.compiler.is_compiling():
-            state.warn_once("dropout", "dar: attention calls with dropout_p > 0 are not rebalanced (DAR has no dropout)")
+        passed(active, frame, "attention with dropout_p > 0 (DAR has no dropout)", warn="dropout")
+        return None
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        passed(active, frame, f"an attention mask of type {type(attn_mask).__name__} (DAR takes tensor masks)",
+               warn=f"mask-{type(attn_mask).__name__}")
         return None
     if q.shape[1] != k.shape[1] and not enable_gqa:
         return None  # the original raises for mismatched heads without enable_gqa; let it
@@ -89,12 +121,12 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
         attn_mask = attn_mask[:, None, None, :]
     recorder = settings.recorder
     if recorder is None:
-        return dar_attention(q, k, v, active.layouts, settings.config, attn_mask, scale,
-                                 is_causal=bool(is_causal), backend=settings.backend)
-    out, w = dar_attention(q, k, v, active.layouts, settings.config, attn_mask, scale,
-                               is_causal=bool(is_causal), backend=settings.backend, return_weights=True)
+        return dar_attention(q, k, v, layouts, settings.config, attn_mask, scale,
+                             is_causal=bool(is_causal), backend=settings.backend)
+    out, w = dar_attention(q, k, v, layouts, settings.config, attn_mask, scale,
+                           is_causal=bool(is_causal), backend=settings.backend, return_weights=True)
     now = state.now
-    layout = active.layouts if isinstance(active.layouts, TokenLayout) else list(active.layouts)
+    layout = layouts if isinstance(layouts, TokenLayout) else list(layouts)
     recorder.observe(layer=frame.index, layer_name=frame.name, step=now.step, timestep=now.timestep,
                      q=q, k=k, v=v, layout=layout, config=settings.config, attn_mask=attn_mask,
                      scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
@@ -108,7 +140,8 @@ def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsu
     Every call that is not rebalanced (no enabled model running, layer or step filtered out, no
     layout, arguments DAR does not take) goes to ``original`` unchanged. ``blhd``: the function
     takes and returns ``(B, L, H, D)`` (diffusers' dispatch) rather than SDPA's ``(B, H, L, D)``.
-    ``unsupported(a, active)``: True for bound arguments that must pass through.
+    ``unsupported(a, active, frame)``: True for bound arguments that must pass through (it accounts
+    for the call with `passed`).
     """
 
     def interceptor(*args, **kwargs):
@@ -116,13 +149,21 @@ def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsu
         if hit is None:
             return original(*args, **kwargs)
         active, frame = hit
-        if active.layouts is None or not frame.selected:
+        if not active.rebalanced:
+            passed(active, frame, active.reason)
+            return original(*args, **kwargs)
+        if not frame.selected:
+            passed(active, frame, "layer not selected")
             return original(*args, **kwargs)
         a = _bind(names, positional, defaults, args, kwargs)
-        if a is None or (unsupported is not None and unsupported(a, active)):
+        if a is None:
+            passed(active, frame, "arguments that do not match the attention function's signature", warn="bind")
+            return original(*args, **kwargs)
+        if unsupported is not None and unsupported(a, active, frame):
             return original(*args, **kwargs)
         q, k, v = a["query"], a["key"], a["value"]
         if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor) and k.dim() == 4):
+            passed(active, frame, "query / key that are not 4-D tensors", warn="rank")
             return original(*args, **kwargs)
         if blhd:  # (B, L, H, D) -> (B, H, L, D) views: no copy; DAR accepts any strides.
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -136,12 +177,11 @@ def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsu
     return interceptor
 
 
-def _parallel_or_backend_kwargs(a, active) -> bool:
+def _parallel_or_backend_kwargs(a, active, frame) -> bool:
     if a["parallel_config"] is None and not a["attention_kwargs"]:
         return False
-    if not torch.compiler.is_compiling():
-        active.state.warn_once("parallel", "dar: attention calls with a context-parallel config or "
-                                           "backend-specific attention_kwargs are not rebalanced")
+    passed(active, frame, "attention with a context-parallel config or backend-specific attention_kwargs",
+           warn="parallel")
     return True
 
 

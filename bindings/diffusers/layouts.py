@@ -1,30 +1,72 @@
 """Automatic token layouts: where the reference and generated-image tokens sit, per batch row.
 
-Each family function reads only what the transformer's ``forward`` already receives and returns
-``(layouts, seq_len)``: one `dar.TokenLayout` per batch row and the joint sequence length the
-processors attend over, or None when the call has no reference tokens (it then runs unchanged).
-
-- Qwen-Image (``QwenImageTransformer2DModel``): the joint sequence is ``[text, image]`` (the
-  processor concatenates text first); the image part follows ``img_shapes[b]``: the first entry is
-  the generated image, the rest are reference images (Qwen-Image-Layered, ``use_layer3d_rope``:
-  every entry but the last is generated, the last is the condition image).
-- FLUX.2 and FLUX.1 Kontext (``Flux2Transformer2DModel``, ``FluxTransformer2DModel``): the joint
-  sequence is ``[txt_ids, img_ids]``; image tokens whose first id column (time) is 0 are generated,
-  each run of tokens with one non-zero time value is one reference image.
-- OmniGen (``OmniGenTransformer2DModel``): the sequence is ``[condition tokens, time token, output
-  image]``; ``input_image_sizes[b]`` gives the reference images' ``[start, end)`` positions.
+Each family function reads only what the transformer's ``forward`` already receives and returns a
+`Derived` (for each attention-call shape ``(Lq, Lk)`` the forward makes: the layouts of its rows, or
+why that call has nothing to rebalance), a `NoLayout` (this forward cannot be rebalanced, and why),
+or None (this forward has no reference tokens). docs/diffusers.md tabulates the rules per family;
+`NOT_SUPPORTED` below lists every other diffusers transformer with the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import weakref
 
 import torch
 
 from dar.layout import TokenLayout
 
-SUPPORTED = ("QwenImageTransformer2DModel", "Flux2Transformer2DModel", "FluxTransformer2DModel (Kontext ids)",
-             "OmniGenTransformer2DModel")
+Shape = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """How the attention calls of one transformer forward are rebalanced.
+
+    calls:  ``((Lq, Lk), layouts)`` pairs: an attention call with exactly these query and key lengths
+            is rebalanced with ``layouts`` (one `TokenLayout` per batch row; ``gen`` in query
+            positions, ``ref`` in key positions).
+    passes: ``((Lq, Lk), reason)`` pairs: calls the model makes that have no generated-image queries
+            or no reference keys (reference self-attention, per-mode blocks, ...). They run unchanged
+            without a warning; a recorder counts them under ``reason``.
+    Any other call shape runs unchanged with a one-time warning.
+    """
+
+    calls: tuple[tuple[Shape, tuple[TokenLayout, ...]], ...]
+    passes: tuple[tuple[Shape, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class NoLayout:
+    """This forward is not rebalanced: ``reason`` (warned once per model when ``warn``)."""
+
+    reason: str
+    warn: bool = True
+
+
+NO_REFERENCES = "no reference-image tokens in this forward"
+
+
+def joint(layouts, seq_len: int, passes=()) -> Derived:
+    """The common case: every rebalanced call attends over the whole joint sequence."""
+    return Derived((((seq_len, seq_len), tuple(layouts)),), tuple(passes))
+
+
+def _cached(memo: dict, name: str, tensor: torch.Tensor, extra: tuple, compute):
+    """``compute()`` once per (tensor, version, extra): host reads of ids and masks happen once per
+    pipeline call (pipelines build these tensors once), not once per step. The memo holds the tensor
+    itself, so its id cannot be reused by another tensor while the entry lives."""
+    table = memo.setdefault(name, {})
+    key = (id(tensor), tensor._version, tuple(tensor.shape)) + extra
+    hit = table.get(key)
+    if hit is not None and hit[0] is tensor:
+        return hit[1]
+    if len(table) >= 8:
+        table.clear()
+    value = compute()
+    table[key] = (tensor, value)
+    return value
 
 
 def _as_shape_list(entry, where: str) -> list[tuple[int, int, int]]:
@@ -71,7 +113,7 @@ def qwenimage(model, kw: dict, memo: dict):
         layouts.append(TokenLayout(ref=refs, gen=[(n_txt, n_txt + sum(sizes[:n_gen]))], image_shapes=grids or None))
     if not any_ref:
         return None
-    return tuple(layouts), n_txt + n_img
+    return joint(layouts, n_txt + n_img)
 
 
 def _runs(values: list) -> list[tuple[int, int, object]]:
@@ -91,44 +133,131 @@ def _grid(ids_hw: list, start: int, end: int):
     return (len(rows), len(cols)) if len(rows) * len(cols) == end - start else None
 
 
-def _ids_row_layout(t: list, hw: list, n_txt: int) -> TokenLayout:
+def _row_layout(kinds: list, hw: list, offset: int) -> TokenLayout:
+    """Layout of one row from a per-token kind: ``"gen"``, or any other hashable value for a
+    reference token (each run of one value is one reference image)."""
     gen, refs, grids = [], [], []
-    for s, e, value in _runs(t):
-        if value == 0:
-            gen.append((n_txt + s, n_txt + e))
+    for s, e, kind in _runs(kinds):
+        if kind == "gen":
+            gen.append((offset + s, offset + e))
         else:
-            refs.append((n_txt + s, n_txt + e))
+            refs.append((offset + s, offset + e))
             grids.append(_grid(hw, s, e))
     grids = grids if grids and all(g is not None for g in grids) else None
     return TokenLayout(ref=refs, gen=gen, image_shapes=grids)
 
 
+def _id_rows(img_ids: torch.Tensor, batch: int, columns: int) -> list[list[list[float]]]:
+    ids = img_ids if img_ids.dim() == 3 else img_ids[None]
+    ids = ids[..., :columns].detach().to("cpu", torch.float64).tolist()
+    if len(ids) not in (1, batch):
+        raise ValueError(f"img_ids has {len(ids)} rows but the batch has {batch}")
+    return ids if len(ids) == batch else [ids[0]] * batch
+
+
+def _fill_mask_rows(model, hs: torch.Tensor):
+    """Per row, per token: True where a FLUX Fill-style input marks the token as generated.
+
+    Such models take ``[noisy latents, masked-image latents, mask]`` on the channel axis (VisualCloze
+    uses FLUX.1 Fill); the mask channels follow the ``2 * out_channels`` latent channels. None when
+    the model has no mask channels."""
+    cfg = getattr(model, "config", None)
+    c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None) or getattr(cfg, "in_channels", 0)
+    if not c_in or c_in <= 2 * c_out or hs.shape[-1] != c_in:
+        return None
+    return (hs[..., 2 * c_out:].detach().float().mean(dim=-1) > 0.5).cpu().tolist()
+
+
+def _flux_rows(model, hs, img_ids, n_txt: int):
+    """One layout per row in joint ``[text, image]`` positions, or a `NoLayout`.
+
+    FLUX.2 / FLUX.1 Kontext / Bria Fibo: tokens whose time id (first column) is 0 are generated; each
+    run of one non-zero time value is a reference image. VisualCloze (a FLUX.1 Fill grid: every grid
+    row has its own time id >= 1, none is 0): the generated cells are the tokens the Fill mask marks,
+    every other run of one time value is a reference (an in-context row is one run; in the query row
+    the condition cells and the target interleave per patch row, so each patch-row run is one range).
+    """
+    batch = int(hs.shape[0])
+    rows = _id_rows(img_ids, batch, 3)
+    if all(any(r[0] == 0 for r in row) for row in rows):
+        return tuple(_row_layout(["gen" if r[0] == 0 else r[0] for r in row], [(r[1], r[2]) for r in row], n_txt)
+                     for row in rows)
+    masks = _fill_mask_rows(model, hs)
+    if masks is None:
+        return NoLayout(f"no image token has time id 0 and {type(model).__name__} has no mask channels, so the "
+                        f"generated tokens cannot be told apart from the references")
+    return tuple(_row_layout(["gen" if m else r[0] for r, m in zip(row, mask)], [(r[1], r[2]) for r in row], n_txt)
+                 for row, mask in zip(rows, masks))
+
+
+_FLUX2_CACHES = "flux2_kv_caches"  # memo entry: Flux2KVCache -> reference ranges relative to the text
+
+
 def flux_ids(model, kw: dict, memo: dict):
-    """Layouts of a FLUX.2 / FLUX.1 Kontext forward from ``img_ids`` (time column) and ``txt_ids``."""
+    """Layouts of a FLUX.2 / FLUX.1 (Kontext, VisualCloze) / Bria Fibo forward from ``img_ids``."""
     img_ids, txt_ids, hs = kw.get("img_ids"), kw.get("txt_ids"), kw.get("hidden_states")
     if img_ids is None or txt_ids is None or hs is None:
         return None
-    if kw.get("kv_cache_mode") is not None:
-        return None  # FLUX.2 KV-cache modes split the attention calls; they run unchanged (docs/diffusers.md)
+    mode = kw.get("kv_cache_mode")
+    if mode == "cached":
+        return _flux2_cached(kw, memo)
     batch, n_txt, n_img = int(hs.shape[0]), int(txt_ids.shape[-2]), int(img_ids.shape[-2])
     if n_img != hs.shape[1]:
         raise ValueError(f"img_ids has {n_img} positions but hidden_states has {hs.shape[1]} tokens")
-    # The ids are read on the host once per (tensor, version): pipelines build them once per call,
-    # so later steps reuse the result without a device synchronisation.
-    key = (id(img_ids), img_ids._version, tuple(img_ids.shape), n_txt, batch)
-    if memo.get("ids_key") == key and memo.get("ids_ref") is img_ids:
-        return memo["ids_value"]
-    ids = img_ids if img_ids.dim() == 3 else img_ids[None]
-    ids = ids[..., :3].detach().to("cpu", torch.float64).tolist()
-    if len(ids) not in (1, batch):
-        raise ValueError(f"img_ids has {len(ids)} rows but the batch has {batch}")
-    rows = ids if len(ids) == batch else [ids[0]] * batch
-    layouts = []
-    for row in rows:
-        layouts.append(_ids_row_layout([r[0] for r in row], [(r[1], r[2]) for r in row], n_txt))
-    value = (tuple(layouts), n_txt + n_img) if any(lay.ref for lay in layouts) else None
-    memo.update(ids_key=key, ids_ref=img_ids, ids_value=value)
-    return value
+    # The Fill mask lives in hidden_states, which is new every step, but it is fixed for a pipeline
+    # call, as are the ids: keyed on the ids tensor, it is read once per call.
+    lays = _cached(memo, "flux_ids", img_ids, (n_txt, batch, tuple(hs.shape)),
+                   lambda: _flux_rows(model, hs, img_ids, n_txt))
+    if isinstance(lays, NoLayout):
+        return lays
+    if not any(lay.ref for lay in lays):
+        return None
+    n_ref = int(kw.get("num_ref_tokens") or 0)
+    if mode == "extract" and n_ref > 0:
+        return _flux2_extract(lays, n_txt, n_img, n_ref, memo)
+    return joint(lays, n_txt + n_img)
+
+
+def _flux2_extract(lays, n_txt: int, n_img: int, n_ref: int, memo: dict):
+    """FLUX.2 ``kv_cache_mode="extract"``: the sequence is ``[text, references, image]``; text and
+    image queries attend to every key in one call, the references to themselves in another."""
+    ref_end = n_txt + n_ref
+    for lay in lays:
+        if any(s < n_txt or e > ref_end for s, e in lay.ref) or any(s < ref_end for s, _ in lay.gen):
+            return NoLayout(f"the reference ids do not fill the first num_ref_tokens={n_ref} image tokens that the "
+                            f"KV cache holds")
+    queries = tuple(TokenLayout(ref=lay.ref, gen=[(s - n_ref, e - n_ref) for s, e in lay.gen],
+                                image_shapes=lay.image_shapes) for lay in lays)
+    memo["flux2_pending"] = tuple((tuple((s - n_txt, e - n_txt) for s, e in lay.ref), lay.image_shapes)
+                                  for lay in lays)
+    return Derived((((n_txt + n_img - n_ref, n_txt + n_img), queries),),
+                   (((n_ref, n_ref), "reference self-attention of the KV-cache extract pass"),))
+
+
+def flux2_after(model, memo: dict, output) -> None:
+    """After an extract forward: remember which reference images the returned KV cache holds."""
+    pending = memo.pop("flux2_pending", None)
+    cache = output[1] if isinstance(output, tuple) and len(output) > 1 else getattr(output, "kv_cache", None)
+    if pending is not None and cache is not None:
+        memo.setdefault(_FLUX2_CACHES, weakref.WeakKeyDictionary())[cache] = pending
+
+
+def _flux2_cached(kw: dict, memo: dict):
+    """FLUX.2 ``kv_cache_mode="cached"``: queries ``[text, image]``, keys ``[text, cached references,
+    image]``; the reference split is the one its extract forward saw."""
+    cache, hs, txt_ids = kw.get("kv_cache"), kw["hidden_states"], kw["txt_ids"]
+    n_ref = int(getattr(cache, "num_ref_tokens", 0) or 0)
+    if cache is None or n_ref == 0:
+        return None
+    batch, n_txt, n_img = int(hs.shape[0]), int(txt_ids.shape[-2]), int(hs.shape[1])
+    rows = memo.get(_FLUX2_CACHES, {}).get(cache)
+    if rows is None or len(rows) not in (1, batch):
+        return NoLayout("the KV cache was filled while DAR was not enabled on this model (or for another batch), so "
+                        "the cached reference images are unknown; enable DAR before the pipeline call")
+    rows = rows if len(rows) == batch else rows * batch
+    lays = tuple(TokenLayout(ref=[(n_txt + s, n_txt + e) for s, e in refs], gen=[(n_txt, n_txt + n_img)],
+                             image_shapes=grids) for refs, grids in rows)
+    return Derived((((n_txt + n_img, n_txt + n_ref + n_img), lays),))
 
 
 def omnigen(model, kw: dict, memo: dict):
@@ -157,21 +286,67 @@ def omnigen(model, kw: dict, memo: dict):
                                    image_shapes=g if g and all(x is not None for x in g) else None))
     if not any(lay.ref for lay in layouts):
         return None
-    return tuple(layouts), seq_len
+    return joint(layouts, seq_len)
 
 
-def family_of(model):
-    """``(name, layout function)`` for a supported diffusers transformer, else None."""
-    from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_omnigen, \
-        transformer_qwenimage
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """An automatic layout rule: ``derive(model, call_kwargs, memo)`` and an optional
+    ``after(model, memo, output)`` run after each forward."""
 
-    table = (
-        (transformer_qwenimage.QwenImageTransformer2DModel, "qwenimage", qwenimage),
-        (transformer_flux2.Flux2Transformer2DModel, "flux2", flux_ids),
-        (transformer_flux.FluxTransformer2DModel, "flux", flux_ids),
-        (transformer_omnigen.OmniGenTransformer2DModel, "omnigen", omnigen),
+    name: str
+    derive: object
+    after: object = None
+
+
+def _families():
+    """``(module, class name, Family)`` for every supported transformer (modules missing from an
+    older diffusers are skipped)."""
+    return (
+        ("transformer_qwenimage", "QwenImageTransformer2DModel", Family("qwenimage", qwenimage)),
+        ("transformer_flux2", "Flux2Transformer2DModel", Family("flux2", flux_ids, flux2_after)),
+        ("transformer_flux", "FluxTransformer2DModel", Family("flux", flux_ids)),
+        ("transformer_bria_fibo", "BriaFiboTransformer2DModel", Family("bria_fibo", flux_ids)),
+        ("transformer_omnigen", "OmniGenTransformer2DModel", Family("omnigen", omnigen)),
     )
-    for cls, name, fn in table:
-        if isinstance(model, cls):
-            return name, fn
+
+
+def _resolve(module: str, name: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"diffusers.models.transformers.{module}")
+    except ImportError:
+        return None
+    return getattr(mod, name, None)
+
+
+SUPPORTED = tuple(name for _, name, _ in _families())
+
+
+def family_of(model) -> Family | None:
+    """The `Family` of a supported diffusers transformer, else None."""
+    for module, name, fam in _families():
+        cls = _resolve(module, name)
+        if cls is not None and isinstance(model, cls):
+            return fam
+    return None
+
+
+# Every other diffusers transformer whose attention DAR could intercept, with why it has no automatic
+# layout. tests/test_diffusers_coverage.py enumerates the installed diffusers' transformers and fails
+# on any class that is neither supported (with a layout test) nor listed here, so a new release's
+# multi-reference model cannot go unnoticed. Entries for classes an older diffusers lacks are fine.
+NOT_MULTI_REFERENCE = "not multi-reference"
+NOT_YET = "not yet supported"
+NOT_SUPPORTED: dict[str, tuple[str, str]] = {
+}
+
+
+def unsupported_reason(model) -> str | None:
+    """``"<status>: <reason>"`` from `NOT_SUPPORTED` for ``model``'s class (or a base class), else None."""
+    for cls in type(model).__mro__:
+        entry = NOT_SUPPORTED.get(cls.__name__)
+        if entry is not None:
+            return f"{entry[0]}: {entry[1]}"
     return None

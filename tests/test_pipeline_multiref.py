@@ -1,0 +1,190 @@
+"""Multi-reference diffusers pipelines, run end to end with DAR: tiny random components, CPU.
+
+Each case runs the pipeline's own ``__call__`` (its image preprocessing, ids, masks, latents, KV
+cache and denoising loop); only the text encoders are stood in for by fixed embeddings. The
+transformers use the real attention head size with one head and one block of each kind. Per case:
+
+- the layout of every attention call is written out here from the pipeline's token order (not
+  taken from the binding), and every rebalanced call's output equals ``dar_attention(backend=
+  "reference")`` on the q/k/v captured around the interceptor with that layout;
+- the recorder's counts say how many calls were rebalanced / passed through, and why;
+- gamma = 0 is bit-identical to DAR off, a tiny gamma is within rounding of it, gamma = 0.5 is not;
+- after ``disable`` the pipeline's output is bit-identical to never enabling DAR.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import dar
+from dar import TokenLayout
+from test_diffusers_binding import capture, plain, reference
+
+CFG = dar.DARConfig(gamma=0.5, num_samples=8)
+HEAD_DIM = 128  # FLUX.1 / FLUX.2 attention head size
+
+
+def _image(h: int, w: int, seed: int) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def _vae_kl(cls, **extra):
+    # Three blocks: 4x spatial compression; the pipelines pack 2x2 latent patches into one token.
+    return cls(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+               block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+               sample_size=32, **extra).eval()
+
+
+def verify(run, pipe, namespace, expected: dict, counts: dict):
+    """The checks of the module docstring. ``run()`` runs the pipeline with fixed seeds and returns
+    the final latents; ``expected``: {(Lq, Lk): layouts}; ``counts``: the recorder's expected
+    ``rebalanced`` count and pass reasons."""
+    case = type("Case", (), {"namespace": namespace, "name": "dispatch_attention_fn"})
+    base = run()
+    rec = dar.Recorder()
+    with dar.rebalanced(pipe, CFG, recorder=rec):
+        with capture(case) as calls:
+            on = run()
+    got = rec.call_counts()
+    assert got.rebalanced == counts["rebalanced"] and got.reasons == counts.get("passed", {}), str(got)
+    rebalanced = [c for c in calls if (c.q.shape[2], c.k.shape[2]) in expected]
+    assert len(rebalanced) == counts["rebalanced"]
+    for c in rebalanced:
+        want = reference(c, expected[(c.q.shape[2], c.k.shape[2])])
+        torch.testing.assert_close(c.out, want, rtol=2e-5, atol=2e-5)
+        assert (want - plain(c)).abs().max() > 1e-4  # the call really was rebalanced
+    for c in calls:
+        if (c.q.shape[2], c.k.shape[2]) not in expected:
+            torch.testing.assert_close(c.out, plain(c), rtol=1e-5, atol=1e-6)
+    assert (on - base).abs().max() > 1e-4
+    with dar.rebalanced(pipe, CFG.replace(gamma=0.0)):
+        assert torch.equal(run(), base)
+    with dar.rebalanced(pipe, CFG.replace(gamma=1e-6)):
+        torch.testing.assert_close(run(), base, rtol=1e-4, atol=1e-5)
+    assert torch.equal(run(), base)  # disabled again: exactly the original pipeline
+
+
+# ---- FLUX.2 [klein] with its reference KV cache ----------------------------------------------------------
+
+def test_flux2_klein_kv_pipeline():
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    pytest.importorskip("diffusers.pipelines.flux2.pipeline_flux2_klein_kv")
+    from diffusers.models.transformers import transformer_flux2
+    from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import Flux2KleinKVPipeline
+
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=HEAD_DIM, num_attention_heads=1, joint_attention_dim=32,
+                                          timestep_guidance_channels=32, axes_dims_rope=(32, 32, 32, 32),
+                                          guidance_embeds=False).eval()
+    vae = _vae_kl(AutoencoderKLFlux2)
+    pipe = Flux2KleinKVPipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, transformer)
+    refs = [_image(64, 96, 1), _image(64, 64, 2)]
+    prompt = torch.randn(1, 6, 32)
+
+    def run():
+        return pipe(image=refs, prompt_embeds=prompt, height=64, width=64, num_inference_steps=3,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    # Tokens (8 px per token side): text 6; references 64x96 and 64x64 px -> 8x12 and 8x8 tokens; target 8x8.
+    # Step 0 ("extract") runs [text, references, target]: the text and target queries attend to all
+    # keys in one call, the references to themselves in another. Steps 1-2 ("cached") run queries
+    # [text, target] against keys [text, cached references, target]. Both calls have the same layout.
+    layout = TokenLayout(ref=[(6, 102), (102, 166)], gen=[(6, 70)], image_shapes=[(8, 12), (8, 8)])
+    verify(run, pipe, vars(transformer_flux2), {(70, 230): [layout]},
+           {"rebalanced": 2 * 3, "passed": {"reference self-attention of the KV-cache extract pass": 2}})
+
+
+def test_flux2_kv_cache_filled_without_dar_warns():
+    """A cached forward whose KV cache DAR did not see being filled cannot know the references: it
+    warns (naming the model and why) instead of silently running plain."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                    num_attention_heads=1, joint_attention_dim=16, timestep_guidance_channels=16,
+                                    axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False).eval()
+    from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import Flux2KleinKVPipeline
+
+    Flux2KleinKVPipeline._set_kv_attn_processors(type("P", (), {"transformer": model})())
+    ids = torch.cat([torch.tensor([[10, i, j, 0] for i in range(2) for j in range(2)]),
+                     torch.tensor([[0, i, j, 0] for i in range(2) for j in range(2)])])[None]
+    common = dict(timestep=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 3, 16),
+                  txt_ids=torch.zeros(1, 3, 4), return_dict=False)
+    with torch.no_grad():
+        _, cache = model(hidden_states=torch.randn(1, 8, 8), img_ids=ids, kv_cache_mode="extract", num_ref_tokens=4,
+                         **common)
+        with dar.rebalanced(model, CFG):
+            with pytest.warns(UserWarning, match="Flux2Transformer2DModel.*cached reference images are unknown"):
+                model(hidden_states=torch.randn(1, 4, 8), img_ids=ids[:, 4:], kv_cache=cache, kv_cache_mode="cached",
+                      **common)
+
+
+# ---- VisualCloze (a FLUX.1 Fill grid) -------------------------------------------------------------------
+
+def _grid_layout(sizes, targets, n_txt, per):
+    """Expected VisualCloze layout from the processor's cell sizes (pixels): each grid row is one
+    token block in raster order over the row's concatenated width; the generated cells are the
+    ``targets`` of the last row, and every run of other tokens of one row is one reference range."""
+    kinds, hw, offset = [], [], n_txt
+    for r, row in enumerate(sizes):
+        h = row[0][0] // per
+        widths = [w // per for _, w in row]
+        for i in range(h):
+            for c, w in enumerate(widths):
+                is_gen = r == len(sizes) - 1 and targets[c]
+                kinds += [("gen",) if is_gen else ("ref", r)] * w
+                hw += [(i, j) for j in range(sum(widths[:c]), sum(widths[:c + 1]))]
+    gen, ref, shapes = [], [], []
+    start = 0
+    for t in range(1, len(kinds) + 1):
+        if t == len(kinds) or kinds[t] != kinds[start]:
+            rng = (offset + start, offset + t)
+            if kinds[start] == ("gen",):
+                gen.append(rng)
+            else:
+                rows = {a for a, _ in hw[start:t]}
+                ref.append(rng)
+                shapes.append((len(rows), (t - start) // len(rows)))
+            start = t
+    return TokenLayout(ref=ref, gen=gen, image_shapes=shapes)
+
+
+def test_visualcloze_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    pytest.importorskip("diffusers.pipelines.visualcloze")
+    from diffusers.models.transformers import transformer_flux
+    from diffusers.pipelines.visualcloze.pipeline_visualcloze_generation import VisualClozeGenerationPipeline
+
+    torch.manual_seed(0)
+    vae = _vae_kl(AutoencoderKL, shift_factor=0.1, scaling_factor=0.5)
+    # FLUX.1 Fill: [noisy latents (16), masked-image latents (16), mask (4 x 4 pixels x 2 x 2 packed)] per token.
+    transformer = FluxTransformer2DModel(in_channels=16 + 16 + 64, out_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=HEAD_DIM, num_attention_heads=1, joint_attention_dim=32,
+                                         pooled_projection_dim=16, axes_dims_rope=(16, 56, 56),
+                                         guidance_embeds=True).eval()
+    pipe = VisualClozeGenerationPipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, None, None, transformer,
+                                         resolution=32)
+    # The text encoders are stood in for by fixed embeddings (the pipeline rejects prompt_embeds
+    # without prompts); every image goes through the pipeline's own processing.
+    prompt, pooled = torch.randn(1, 5, 32), torch.randn(1, 16)
+    pipe.encode_prompt = lambda **kw: (prompt, pooled, torch.zeros(5, 3))
+    # One in-context example row and the query row, whose second cell is generated.
+    grid = [[_image(32, 32, 1), _image(32, 32, 2)], [_image(48, 32, 3), None]]
+
+    def run():
+        return pipe(task_prompt="task", content_prompt="content", image=grid, num_inference_steps=2,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    processed = pipe.image_processor.preprocess("task", "content", grid, vae_scale_factor=pipe.vae_scale_factor)
+    sizes, targets = processed["image_size"][0], processed["target_position"][0]
+    assert targets == [0, 1]
+    per = 2 * pipe.vae_scale_factor  # pixels per token side: the VAE's factor times the 2x2 packing
+    layout = _grid_layout(sizes, targets, 5, per)
+    assert layout.gen and len(layout.ref) >= 2 and layout.ref[0][1] - layout.ref[0][0] == 4 * 8
+    seq = 5 + sum((row[0][0] // per) * sum(w // per for _, w in row) for row in sizes)
+    verify(run, pipe, vars(transformer_flux), {(seq, seq): [layout]}, {"rebalanced": 2 * 2})
