@@ -14,6 +14,8 @@ transformers use the real attention head size with one head and one block of eac
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -39,16 +41,19 @@ def _vae_kl(cls, **extra):
                sample_size=32, **extra).eval()
 
 
-def verify(run, pipe, namespace, expected: dict, counts: dict):
+def verify(run, pipe, namespaces, expected: dict, counts: dict):
     """The checks of the module docstring. ``run()`` runs the pipeline with fixed seeds and returns
-    the final latents; ``expected``: {(Lq, Lk): layouts}; ``counts``: the recorder's expected
-    ``rebalanced`` count and pass reasons."""
-    case = type("Case", (), {"namespace": namespace, "name": "dispatch_attention_fn"})
+    the final latents; ``namespaces``: the processors' module globals (one or a list); ``expected``:
+    {(Lq, Lk): layouts}; ``counts``: the recorder's expected ``rebalanced`` count and pass reasons."""
     base = run()
     rec = dar.Recorder()
-    with dar.rebalanced(pipe, CFG, recorder=rec):
-        with capture(case) as calls:
-            on = run()
+    with dar.rebalanced(pipe, CFG, recorder=rec), contextlib.ExitStack() as stack:
+        calls = []
+        for ns in namespaces if isinstance(namespaces, list) else [namespaces]:
+            calls.append(stack.enter_context(capture(type("Case", (), {"namespace": ns,
+                                                                       "name": "dispatch_attention_fn"}))))
+        on = run()
+    calls = [c for group in calls for c in group]
     got = rec.call_counts()
     assert got.rebalanced == counts["rebalanced"] and got.reasons == counts.get("passed", {}), str(got)
     rebalanced = [c for c in calls if (c.q.shape[2], c.k.shape[2]) in expected]
@@ -188,3 +193,40 @@ def test_visualcloze_pipeline():
     assert layout.gen and len(layout.ref) >= 2 and layout.ref[0][1] - layout.ref[0][0] == 4 * 8
     seq = 5 + sum((row[0][0] // per) * sum(w // per for _, w in row) for row in sizes)
     verify(run, pipe, vars(transformer_flux), {(seq, seq): [layout]}, {"rebalanced": 2 * 2})
+
+
+# ---- Bria Fibo Edit (the FLUX id rule) -----------------------------------------------------------------
+
+def test_bria_fibo_edit_ids():
+    """Fibo Edit's ids (the pipeline's own helpers): the target on time plane 0, reference k on plane k,
+    ids 2-D and shared by the classifier-free-guidance batch; the sequence is [text, target, refs]."""
+    from diffusers.models.transformers import transformer_bria, transformer_bria_fibo
+    BriaFiboTransformer2DModel = getattr(transformer_bria_fibo, "BriaFiboTransformer2DModel", None)
+    if BriaFiboTransformer2DModel is None:
+        pytest.skip("this diffusers has no Bria Fibo")
+    from diffusers.pipelines.bria_fibo.pipeline_bria_fibo_edit import BriaFiboEditPipeline
+
+    torch.manual_seed(0)
+    model = BriaFiboTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=HEAD_DIM, num_attention_heads=1, joint_attention_dim=32,
+                                       text_encoder_dim=16).eval()
+    prep = BriaFiboEditPipeline._prepare_latent_image_ids
+    target = prep(1, 4, 4, "cpu", torch.float32)
+    refs = []
+    for index, (h, w) in enumerate([(4, 6), (2, 4)], start=1):  # as prepare_reference_latents numbers them
+        ids = prep(1, h, w, "cpu", torch.float32)
+        ids[..., 0] = index
+        refs.append(ids)
+    img_ids = torch.cat([target, *refs], dim=0)
+    n_txt = 5
+    kwargs = dict(hidden_states=torch.randn(2, 48, 16), encoder_hidden_states=torch.randn(2, n_txt, 32),
+                  text_encoder_layers=[torch.randn(2, n_txt, 16)] * 2, timestep=torch.tensor([0.5, 0.5]),
+                  txt_ids=torch.zeros(n_txt, 3), img_ids=img_ids, return_dict=False)
+
+    def run():
+        with torch.no_grad():
+            return model(**kwargs)[0]
+
+    layout = TokenLayout(ref=[(21, 45), (45, 53)], gen=[(5, 21)], image_shapes=[(4, 6), (2, 4)])
+    # The single-stream blocks use Bria's processor, from another module.
+    verify(run, model, [vars(transformer_bria_fibo), vars(transformer_bria)], {(53, 53): [layout] * 2}, {"rebalanced": 2})
