@@ -7,6 +7,7 @@ scorers look for them: ``<out>/<model>/<task or group>/<case_id>.png``.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,19 +34,23 @@ def benchmark_jobs(benchmark: str, data_dir: str | os.PathLike[str], subsets: Se
     references in card order, the prompt is ``generation_prompt``; ``subsets`` are tasks.
     ``mico``: ``data_dir`` is the MICo-Bench folder with the JSONL files; images are the
     ``input`` list, the prompt is ``refined_prompt`` or ``prompt``; ``subsets`` are groups.
+
+    A case whose id or image paths break :mod:`dar.eval.inputs`' rules is left out, with a
+    ``RuntimeWarning`` naming it and the reasons (the scorers record it as an input error).
     """
     if benchmark == "micon":
         from .micon.cases import load_cases
 
-        return [
-            GenerationJob("micon", c.task, c.case_id, tuple(c.refs.values()), c.generation_prompt)
-            for c in load_cases(data_dir, subsets)
-        ]
-    if benchmark == "mico":
+        cases = load_cases(data_dir, subsets)
+        jobs = [GenerationJob("micon", c.task, c.case_id, tuple(c.refs.values()), c.generation_prompt) for c in cases]
+    elif benchmark == "mico":
         from .mico.manifest import load_benchmark
 
-        return [
-            GenerationJob("mico", c.group, c.case_id, tuple(c.input_paths(data_dir)), c.prompt)
-            for c in load_benchmark(data_dir, subsets)
-        ]
-    raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+        cases = load_benchmark(data_dir, subsets)
+        jobs = [GenerationJob("mico", c.group, c.case_id, tuple(c.input_paths(data_dir)), c.prompt) for c in cases]
+    else:
+        raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+    for case, job in zip(cases, jobs):
+        if case.input_errors:
+            warnings.warn(f"{job.task}/{job.case_id!r} is not generated: {'; '.join(case.input_errors)}", RuntimeWarning, stacklevel=2)
+    return [job for case, job in zip(cases, jobs) if not case.input_errors]

@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
+from .inputs import image_content_problem
 from .judges.base import Judge, ParsedReply, ask_parsed, image_sha256
-from .runs import STATUS_JUDGE_FAILURE, STATUS_MISSING, RunStore, RunSummary, find_output, run_cases
+from .runs import STATUS_INPUT_ERROR, STATUS_JUDGE_FAILURE, STATUS_MISSING, RunStore, RunSummary, find_output, run_cases
 
 C = TypeVar("C")
 
@@ -63,6 +64,18 @@ class JudgedScorer:
     def new_record(benchmark: str, task: str, case_id: str, **extra: Any) -> dict[str, Any]:
         """An unfinished record; ``extra`` keys sit between ``score`` and ``failures``."""
         return {"benchmark": benchmark, "task": task, "case_id": case_id, "status": None, "score": None, **extra, "failures": []}
+
+    @staticmethod
+    def input_error(record: dict[str, Any], kind: str, errors: Sequence[str]) -> dict[str, Any]:
+        """Mark ``record`` an ``input_error``, one failure entry per reason."""
+        record["status"] = STATUS_INPUT_ERROR
+        record["failures"] += [{"stage": "inputs", "kind": kind, "error": error} for error in errors]
+        return record
+
+    @staticmethod
+    def not_images(paths: Sequence[Path]) -> list[str]:
+        """Reasons for the existing files among ``paths`` that are not PNG/JPEG/WebP images."""
+        return [problem for path in paths if (problem := image_content_problem(path)) is not None]
 
     @staticmethod
     def attach_output(record: dict[str, Any], root: Path, model: str, extensions: Sequence[str]) -> Path | None:

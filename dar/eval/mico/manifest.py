@@ -5,6 +5,11 @@ A record looks like ``{"idx": 0, "input": ["mico_bench_hoi/0/0.jpg", ...], "refe
 "editing_type": "1 Human + 1 Object"}``. De&Re records use ``ed_idx`` instead of ``idx``
 and may add ``refined_prompt``, which then replaces ``prompt``. Paths are relative to the
 benchmark root (the folder holding the JSONL files).
+
+A case whose id or paths break :mod:`dar.eval.inputs`' rules (a ``../`` or absolute path
+leaving the root, a reference that is not an image path, an id that is not a file name)
+is still loaded, with the reasons in ``input_errors``; the runner records it as an input
+error and reads none of its files.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from ..inputs import case_id_problem, image_path_problem
 
 GROUPS = ("mico_bench_object_centric", "mico_bench_human_centric", "mico_bench_hoi", "mico_bench_dere")
 
@@ -31,6 +38,7 @@ class Case:
     editing_type: str
     group: str = ""
     original_prompt: str = ""
+    input_errors: tuple[str, ...] = ()  # why its files may not be read (see module docs)
 
     def input_paths(self, root: str | os.PathLike[str]) -> list[Path]:
         return [Path(root) / p for p in self.inputs]
@@ -52,7 +60,8 @@ def _case_id(record: dict, where: str) -> str:
     return str(value)
 
 
-def parse_record(record: object, where: str, group: str = "") -> Case:
+def parse_record(record: object, where: str, group: str = "", root: str | os.PathLike[str] | None = None) -> Case:
+    """One manifest line as a :class:`Case`; with ``root`` (the benchmark folder) its paths are checked too."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: each line must be a JSON object")
     case_id = _case_id(record, where)
@@ -79,6 +88,10 @@ def parse_record(record: object, where: str, group: str = "") -> Case:
         raise ValueError(f"{where}: human_indices {bad} out of range for {len(inputs)} inputs")
     if len(set(humans)) != len(humans):
         raise ValueError(f"{where}: human_indices has duplicates: {humans}")
+    problems = [case_id_problem(case_id)]
+    if root is not None:
+        problems += [image_path_problem(root, Path(root) / p, f"input {i}") for i, p in enumerate(inputs)]
+        problems.append(image_path_problem(root, Path(root) / reference, "reference"))
     return Case(
         case_id=case_id,
         inputs=tuple(inputs),
@@ -89,6 +102,7 @@ def parse_record(record: object, where: str, group: str = "") -> Case:
         editing_type=str(record.get("editing_type") or ""),
         group=group,
         original_prompt=(original or "").strip(),
+        input_errors=tuple(p for p in problems if p is not None),
     )
 
 
@@ -109,7 +123,7 @@ def load_manifest(path: str | os.PathLike[str]) -> list[Case]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-            case = parse_record(record, where, group)
+            case = parse_record(record, where, group, root=source.parent)
             if case.case_id in seen:
                 raise ValueError(f"{where}: duplicate case id {case.case_id!r} (first on line {seen[case.case_id]})")
             seen[case.case_id] = lineno
@@ -129,8 +143,8 @@ def load_benchmark(bench_dir: str | os.PathLike[str], groups: Iterable[str] | No
     else:
         selected = list(groups)
         for g in selected:
-            if not isinstance(g, str) or not g:
-                raise ValueError(f"groups: invalid group name {g!r}")
+            if not isinstance(g, str) or case_id_problem(g) is not None:
+                raise ValueError(f"groups: invalid group name {g!r} (a manifest's file name without .jsonl)")
     cases: list[Case] = []
     for group in selected:
         path = root / f"{group}.jsonl"

@@ -12,7 +12,7 @@ from ..judges.base import Judge
 from ..judges.faces import FaceEmbedder, cosine_similarity_matrix
 from ..replies import parse_score_pair, parse_yes_no
 from ..runner_base import COMPAT_MODES, JudgedScorer, check_compat, check_model, existing_dir, judge_details, run_identity, score_run
-from ..runs import STATUS_INPUT_ERROR, STATUS_OK, RunSummary
+from ..runs import STATUS_OK, RunSummary
 from . import scoring
 from .manifest import Case, load_benchmark
 from .prompts import MicoPrompts, load_prompt_file
@@ -87,15 +87,18 @@ class MicoScorer(JudgedScorer):
 
     def evaluate(self, case: Case) -> dict[str, Any]:
         record = self.new_record("mico", case.group, case.case_id, formula=self.formula)
+        if case.input_errors:  # nothing named by this case is read (see dar.eval.inputs)
+            return self.input_error(record, "unsafe_input", case.input_errors)
         output = self.attach_output(record, self.results_dir, self.model, OUTPUT_EXTENSIONS)
         if output is None:
             return record
         needed = case.input_paths(self.bench_dir) + [case.reference_path(self.bench_dir)]
         missing = [str(p) for p in needed if not p.is_file()]
         if missing:
-            record["status"] = STATUS_INPUT_ERROR
-            record["failures"].append({"stage": "inputs", "kind": "missing_input", "error": f"benchmark images not found: {missing}"})
-            return record
+            return self.input_error(record, "missing_input", [f"benchmark images not found: {missing}"])
+        not_images = self.not_images(needed)
+        if not_images:
+            return self.input_error(record, "not_an_image", not_images)
 
         replies: dict[str, Any] = {}
         record["judge_replies"] = replies

@@ -8,7 +8,10 @@ Layout of the released data (``MICON-Bench/Evaluation/data``)::
 
 Reference paths inside cards are relative; like the released scripts, a leading ``data/``
 component (or the data directory's own name) is dropped and the rest is resolved under
-the data directory.
+the data directory. A card whose case id or reference paths break :mod:`dar.eval.inputs`'
+rules (a path leaving the data directory, a reference that is not an image path, an id
+that is not a file name) is still loaded, with the reasons in ``input_errors``; the
+runner records it as an input error and reads none of its files.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from ..inputs import case_id_problem, image_path_problem
 from .protocol import STORY_TASK, TASKS, task_spec
 
 CANDIDATES_FILE = Path(STORY_TASK) / "simple_candidate_template.json"
@@ -40,6 +44,7 @@ class MiconCase:
     expectation_list: tuple[str, ...] = ()
     participating_dimensions: tuple[str, ...] = ()
     source: Path | None = field(default=None, compare=False)
+    input_errors: tuple[str, ...] = ()  # why its files may not be read (see module docs)
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class StoryCandidates:
 
 
 def resolve_ref(ref: str, data_dir: Path) -> Path:
-    """Resolve a card's reference path the way the released scripts do."""
+    """Resolve a card's reference path the way the released scripts do (not checked: see :func:`parse_card`)."""
     path = Path(ref)
     if path.is_absolute():
         return path
@@ -86,10 +91,13 @@ def parse_card(card: Any, task: str, data_dir: Path, source: Path) -> MiconCase:
     dims = card.get("participating_dimensions") or []
     if not isinstance(dims, list):
         raise ValueError(f"{source}: 'participating_dimensions' must be a list")
+    resolved = {str(name): resolve_ref(str(path), data_dir) for name, path in refs.items()}
+    problems = [case_id_problem(str(case_id))]
+    problems += [image_path_problem(data_dir, path, f"reference {name!r}") for name, path in resolved.items()]
     return MiconCase(
         task=task,
         case_id=str(case_id),
-        refs={str(name): resolve_ref(str(path), data_dir) for name, path in refs.items()},
+        refs=resolved,
         generation_prompt=prompt.strip(),
         goal=str(card.get("goal") or "").strip(),
         constraints_hard=_str_list(card, "constraints_hard", source),
@@ -97,6 +105,7 @@ def parse_card(card: Any, task: str, data_dir: Path, source: Path) -> MiconCase:
         expectation_list=_str_list(card, "expectation_list", source),
         participating_dimensions=tuple(str(d).upper() for d in dims),
         source=source,
+        input_errors=tuple(p for p in problems if p is not None),
     )
 
 

@@ -62,6 +62,8 @@ class MiconScorer(JudgedScorer):
     def evaluate(self, case: MiconCase) -> dict[str, Any]:
         spec = task_spec(case.task)
         record = self.new_record("micon", case.task, case.case_id)
+        if case.input_errors:  # nothing named by this card is read (see dar.eval.inputs)
+            return self.input_error(record, "unsafe_input", case.input_errors)
         output = self.attach_output(record, self.generations_dir, self.model, OUTPUT_EXTENSIONS)
         if output is None:
             return record
@@ -78,6 +80,9 @@ class MiconScorer(JudgedScorer):
             if story_hybrid and candidates is None:
                 record["failures"].append({"stage": "inputs", "kind": "missing_candidates", "error": "no candidate answers for this story_infer case"})
             return record
+        not_images = self.not_images(list(case.refs.values()))
+        if not_images:
+            return self.input_error(record, "not_an_image", not_images)
 
         images = list(case.refs.values()) + [output]
         known = set(spec.all_checkpoints)
