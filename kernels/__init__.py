@@ -4,8 +4,10 @@
   ``torch.ops.dar.rebalanced_attention``.
 - `dar.kernels.scoring`: sampled-query scoring -> key weights, registered as ``torch.ops.dar.key_weights``.
 - `dar.kernels.autotune`: the per-GPU autotuning tables.
+- `dar.kernels.aot`: ahead-of-time compilation for a GPU that need not be present, and reading
+  the resulting SASS (the static report, `dar bench static`).
 
 Importing this package does not import triton; the submodules do (and raise ImportError without it).
 """
 
-__all__ = ["attention", "autotune", "scoring"]
+__all__ = ["aot", "attention", "autotune", "scoring"]

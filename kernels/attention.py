@@ -172,7 +172,7 @@ def _attend_tiles(acc, l_i, m_i, q, k_head, v_head, w_row, bias_row, m0, rows, r
 
 @triton.jit
 def _rebalanced_attention_fwd(
-    Q, K, V, W, GEN, BIAS, Out,
+    Q, K, V, W, GEN, BIAS, Out, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -182,7 +182,7 @@ def _rebalanced_attention_fwd(
     LQ_BUCKET, LK_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_W: tl.constexpr, PROB_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
 ):
     # Which tile: axis 0 walks query tiles of one (batch, head), so neighbouring programs share
@@ -191,25 +191,51 @@ def _rebalanced_attention_fwd(
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
-    off_b = pid_bh // Hq
+    off_b = pid_bh // Hq  # batch row, or (VARLEN) sequence
     off_h = pid_bh % Hq
     off_hk = off_h // KV_GROUP  # GQA/MQA: index the shared K/V head, never repeat it
     m0 = pid_m * BLOCK_M
+    b64 = off_b.to(tl.int64)
+    if VARLEN:
+        # Packed sequences: sequence b owns rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
+        # of k/v; the grid covers max_seqlen_q, so programs past this sequence's end stop here. The
+        # row offsets go to the base pointers, and the rest of the kernel sees one (Lq, Lk) problem.
+        q_start = tl.load(CU_Q + off_b)
+        k_start = tl.load(CU_K + off_b)
+        seq_q = tl.load(CU_Q + off_b + 1) - q_start
+        seq_k = tl.load(CU_K + off_b + 1) - k_start
+        if m0 >= seq_q:
+            return
+        q_base = Q + q_start.to(tl.int64) * stride_qm
+        k_base = K + k_start.to(tl.int64) * stride_kn
+        v_base = V + k_start.to(tl.int64) * stride_vn
+        o_base = Out + q_start.to(tl.int64) * stride_om
+        w_base = W + k_start
+        # flash-attn's bottom-right causal rule: row i sees keys j <= i + Lk - Lq.
+        shift = seq_k - seq_q
+    else:
+        seq_q = Lq
+        seq_k = Lk
+        q_base = Q + b64 * stride_qb
+        k_base = K + b64 * stride_kb
+        v_base = V + b64 * stride_vb
+        o_base = Out + b64 * stride_ob
+        w_base = W + b64 * stride_wb
+        shift = 0  # SDPA's top-left causal rule: row i sees keys j <= i
 
     offs_m = tl.arange(0, BLOCK_M)
     rows = m0 + offs_m
-    row_ok = rows < Lq
+    row_ok = rows < seq_q
     offs_d = tl.arange(0, BLOCK_D)  # head dims are padded to a power of two and masked
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
 
     # Base pointers with 64-bit offsets: batch/head/row strides overflow int32 past 2^31 elements.
-    b64 = off_b.to(tl.int64)
-    q_ptrs = (Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qm
+    q_ptrs = (q_base + off_h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qm
               + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-    k_head = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_head = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+    k_head = k_base + off_hk.to(tl.int64) * stride_kh
+    v_head = v_base + off_hk.to(tl.int64) * stride_vh
     q = _load_tile(q_ptrs, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
     # DOT_F32 (set only under TRITON_INTERPRET=1): the CPU interpreter multiplies bf16 dot operands
     # as raw bit patterns (triton #11584), and any bf16 arithmetic there is wrong too, so dot
@@ -224,8 +250,8 @@ def _rebalanced_attention_fwd(
         row_on = _rebalanced_rows(GEN, stride_gb, stride_gg, G, off_b, rows) & row_ok
         n_on = tl.sum(row_on.to(tl.int32), 0)
         tile_on = n_on > 0
-        mixed = tile_on & (n_on < tl.minimum(Lq - m0, BLOCK_M))
-        w_row = W + b64 * stride_wb
+        mixed = tile_on & (n_on < tl.minimum(seq_q - m0, BLOCK_M))
+        w_row = w_base
     else:
         row_on = row_ok
         tile_on = False
@@ -235,21 +261,21 @@ def _rebalanced_attention_fwd(
 
     # Causal: key tiles past the tile's last row are masked for every row, so never visited.
     if IS_CAUSAL:
-        stop = tl.minimum(Lk, m0 + BLOCK_M)
+        stop = tl.minimum(seq_k, m0 + BLOCK_M + shift)
     else:
-        stop = Lk
+        stop = seq_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_head, v_head, w_row, bias_row, m0, rows, row_on, tile_on, mixed, stop, Lk,
+        acc, l_i, m_i, q, k_head, v_head, w_row, bias_row, m0 + shift, rows + shift, row_on, tile_on, mixed, stop, seq_k,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
         BLOCK_D, BLOCK_DV, MASK_KEYS, IS_CAUSAL, HAS_W, PROB_SCALE, HAS_BIAS, DOT_F32, DOT_PRECISION)
 
     # Epilogue: normalise; rows that saw no allowed key have l = 0 and acc = 0 and output 0.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    o_ptrs = (Out + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
+    o_ptrs = (o_base + off_h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
               + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
@@ -270,7 +296,7 @@ except ImportError:  # pragma: no cover - older triton layouts
 def _tuned_kernel(capability: tuple[int, int] | None):
     """The kernel wrapped in an autotuner whose candidates suit this GPU (None: interpreter)."""
     # MASK_KEYS depends on the tuned BLOCK_N, so it is a heuristic applied after the config is chosen.
-    masked = triton.heuristics({"MASK_KEYS": lambda a: bool(a["IS_CAUSAL"]) or a["Lk"] % a["BLOCK_N"] != 0})
+    masked = triton.heuristics({"MASK_KEYS": mask_keys})
     return triton.autotune(
         configs=candidate_configs(capability), key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": prune_for(capability)},
@@ -320,6 +346,52 @@ def _check(q, k, v, w, gen_ranges, key_bias, mode) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
+def mask_keys(meta: dict) -> bool:
+    """The MASK_KEYS heuristic: key tiles need masking when causal, for packed sequences (whose
+    lengths the host does not know), or when Lk is not a multiple of BLOCK_N (known only once the
+    autotuner has picked BLOCK_N)."""
+    return bool(meta["IS_CAUSAL"]) or bool(meta["VARLEN"]) or meta["Lk"] % meta["BLOCK_N"] != 0
+
+
+def kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal: bool, scale: float, mode: str,
+                     out: torch.Tensor, varlen: tuple | None = None) -> tuple[dict, dict]:
+    """The kernel's runtime arguments and constexprs (all but the tuned BLOCK_M/BLOCK_N/MASK_KEYS)
+    for one call; shared by the ops and the static report, which passes ``meta`` tensors.
+
+    Dense: the op's 4-D tensors. Packed: ``varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k)`` and (1, H, total, D) views of the packed tensors (`_packed_views`).
+    """
+    b, hq, lq, d = q.shape
+    _, hk, lk, dv = v.shape
+    has_w, has_bias = w is not None, key_bias is not None
+    dummy = out  # stands in for absent optional tensors; their loads are compiled out
+    W, GEN, BIAS = (w if has_w else dummy), (gen_ranges if has_w else dummy), (key_bias if has_bias else dummy)
+    cu_q, cu_k, lq, lk = varlen if varlen is not None else (dummy, dummy, lq, lk)
+    names = ("stride_qb", "stride_qh", "stride_qm", "stride_qd", "stride_kb", "stride_kh", "stride_kn", "stride_kd",
+             "stride_vb", "stride_vh", "stride_vn", "stride_vd", "stride_ob", "stride_oh", "stride_om", "stride_od")
+    args = dict(Q=q, K=k, V=v, W=W, GEN=GEN, BIAS=BIAS, Out=out, CU_Q=cu_q, CU_K=cu_k,
+                **dict(zip(names, (*q.stride(), *k.stride(), *v.stride(), *out.stride()))),
+                stride_wb=W.stride(0) if has_w else 0, stride_gb=GEN.stride(0) if has_w else 0,
+                stride_gg=GEN.stride(1) if has_w else 0, stride_biasb=BIAS.stride(0) if has_bias else 0,
+                stride_biasn=BIAS.stride(1) if has_bias else 0,
+                Hq=hq, KV_GROUP=hq // hk, Lq=lq, Lk=lk, G=gen_ranges.shape[1] if has_w else 0, qk_scale=scale * LOG2E,
+                LQ_BUCKET=seq_bucket(lq), LK_BUCKET=seq_bucket(lk))
+    const = dict(HEAD_DIM=d, HEAD_DIM_V=dv,
+                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+                 IS_CAUSAL=is_causal, HAS_W=has_w, PROB_SCALE=mode == "prob_scale", HAS_BIAS=has_bias,
+                 VARLEN=varlen is not None, DOT_F32=INTERPRETED,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return args, const
+
+
+def _launch(args: dict, const: dict, device: torch.device, num_q_tiles_of, programs_y: int) -> None:
+    capability = None if INTERPRETED else torch.cuda.get_device_capability(device)
+    kernel = _tuned_kernel(capability)
+    grid = lambda meta: (num_q_tiles_of(meta["BLOCK_M"]), programs_y)  # noqa: E731
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](**args, **const)
+
+
 @torch.library.custom_op("dar::rebalanced_attention", mutates_args=())
 def rebalanced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Optional[torch.Tensor],
                          gen_ranges: Optional[torch.Tensor], key_bias: Optional[torch.Tensor],
@@ -333,32 +405,14 @@ def rebalanced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: O
     """
     _check(q, k, v, w, gen_ranges, key_bias, mode)
     b, hq, lq, d = q.shape
-    _, hk, lk, dv = v.shape
-    out = empty_output(q, dv)
+    out = empty_output(q, v.shape[3])
     if out.numel() == 0:
         return out
-    has_w, has_bias = w is not None, key_bias is not None
-    if has_w:
+    if w is not None:
         w = w.contiguous()  # (B, Lk) rows are read as unit-stride vectors
         gen_ranges = gen_ranges.contiguous()
-    dummy = out  # stands in for absent optional tensors; their loads are compiled out
-    W, GEN, BIAS = (w if has_w else dummy), (gen_ranges if has_w else dummy), (key_bias if has_bias else dummy)
-    capability = None if INTERPRETED else torch.cuda.get_device_capability(q.device)
-    kernel = _tuned_kernel(capability)
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)  # noqa: E731
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            q, k, v, W, GEN, BIAS, out,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            W.stride(0) if has_w else 0, GEN.stride(0) if has_w else 0, GEN.stride(1) if has_w else 0,
-            BIAS.stride(0) if has_bias else 0, BIAS.stride(1) if has_bias else 0,
-            hq, hq // hk, lq, lk, gen_ranges.shape[1] if has_w else 0, scale * LOG2E,
-            seq_bucket(lq), seq_bucket(lk),
-            HEAD_DIM=d, HEAD_DIM_V=dv,
-            BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-            IS_CAUSAL=is_causal, HAS_W=has_w, PROB_SCALE=mode == "prob_scale", HAS_BIAS=has_bias,
-            DOT_F32=INTERPRETED, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        )
+    args, const = kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode, out)
+    _launch(args, const, q.device, lambda block_m: triton.cdiv(lq, block_m), b * hq)
     return out
 
 
@@ -368,4 +422,111 @@ def _(q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode):
     return empty_output(q, v.shape[-1])
 
 
-__all__ = ["INTERPRETED", "MAX_HEAD_DIM", "MODES", "SUPPORTED_DTYPES", "empty_output", "rebalanced_attention"]
+# --------------------------------------------------------------------------------------------
+# Packed sequences (flash-attn's varlen convention)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, w, gen_ranges, mode) -> None:
+    """Metadata checks of the packed op (shapes, dtypes, devices; nothing that reads device memory)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, H, D), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    _, hq, d = q.shape
+    total_k, hk, _ = k.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[2] != d or tuple(v.shape[:2]) != (total_k, hk):
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hk == 0 or hq % hk:
+        raise ValueError(f"Hq={hq} must be a multiple of Hk={hk}")
+    if max(d, v.shape[2]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got D={d}, Dv={v.shape[2]}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"{name} must be int32 of shape (N + 1,), got {t.dtype} {tuple(t.shape)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+                         "must describe the same number of sequences")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    if (w is None) != (gen_ranges is None):
+        raise ValueError("w and gen_ranges must be given together (or both None for plain attention)")
+    n_seq = cu_seqlens_q.shape[0] - 1
+    if w is not None:
+        if w.dtype != torch.float32 or tuple(w.shape) != (total_k,):
+            raise ValueError(f"w must be float32 of shape (total_k,) = {(total_k,)}, got {w.dtype} {tuple(w.shape)}")
+        if (gen_ranges.dtype != torch.int32 or gen_ranges.dim() != 3 or gen_ranges.shape[0] != n_seq
+                or gen_ranges.shape[2] != 2):
+            raise ValueError(f"gen_ranges must be int32 of shape (N, G, 2) = ({n_seq}, G, 2), got "
+                             f"{gen_ranges.dtype} {tuple(gen_ranges.shape)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("w", w),
+                    ("gen_ranges", gen_ranges)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+@torch.library.custom_op("dar::rebalanced_attention_varlen", mutates_args=())
+def rebalanced_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                w: Optional[torch.Tensor], gen_ranges: Optional[torch.Tensor], is_causal: bool,
+                                scale: float, mode: str) -> torch.Tensor:
+    """Rebalanced attention over packed sequences, flash-attn's varlen convention
+    (``torch.ops.dar.rebalanced_attention_varlen``).
+
+    Sequence ``s`` (of ``N``) owns rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` of ``q`` and rows
+    ``cu_seqlens_k[s]:cu_seqlens_k[s+1]`` of ``k`` / ``v``; its queries attend only its own keys.
+
+    Args:
+        q: ``(total_q, Hq, D)``; k: ``(total_k, Hk, D)``; v: ``(total_k, Hk, Dv)``: float16, bfloat16
+            or float32, any strides, ``Hq % Hk == 0`` (query head ``h`` reads key head ``h // (Hq/Hk)``),
+            head dims up to 256.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(N + 1,)`` on q's device: 0, then the running totals of
+            the sequence lengths (non-decreasing, last entry ``total_q`` / ``total_k``).
+        max_seqlen_q, max_seqlen_k: Python ints >= every sequence's query / key length. The grid
+            covers ``max_seqlen_q`` query rows per sequence; rows of a sequence longer than that are
+            not computed (the output there is undefined), as in flash-attn.
+        w: float32 ``(total_k,)``, the key weights aligned with ``k``, or None for plain attention.
+        gen_ranges: int32 ``(N, G, 2)``, per sequence the half-open query ranges DAR rebalances, in
+            that sequence's own row coordinates (0 = its first query); ``(0, 0)`` pads; None iff
+            ``w`` is None.
+        is_causal: flash-attn's bottom-right rule: row ``i`` of a sequence with ``Lq`` queries and
+            ``Lk`` keys attends key ``j`` iff ``j <= i + Lk - Lq`` (the top-left rule of the dense
+            op when ``Lq == Lk``). A row with no allowed key outputs 0.
+        scale: softmax scale; mode: ``"key_scale"`` or ``"prob_scale"`` (logits as in the module
+            docstring, per sequence).
+
+    Returns ``(total_q, Hq, Dv)`` in q's dtype, contiguous. Sequence ``s``'s rows equal the dense op
+    on that sequence alone. One launch for every sequence: no padding to the longest, no host
+    synchronisation (the cu_seqlens contents are read on the device and not validated).
+    """
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, w, gen_ranges, mode)
+    total_q, hq, _ = q.shape
+    out = q.new_empty(total_q, hq, v.shape[2])
+    n_seq = cu_seqlens_q.shape[0] - 1
+    if out.numel() == 0 or n_seq == 0 or max_seqlen_q == 0:
+        return out
+    if w is not None:
+        w = w.contiguous()
+        gen_ranges = gen_ranges.contiguous()
+    as4 = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731  (total, H, D) -> (1, H, total, D) view
+    args, const = kernel_arguments(as4(q), as4(k), as4(v), None if w is None else w.unsqueeze(0), gen_ranges, None,
+                                   is_causal, scale, mode, as4(out),
+                                   varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    _launch(args, const, q.device, lambda block_m: triton.cdiv(max_seqlen_q, block_m), n_seq * hq)
+    return out
+
+
+@rebalanced_attention_varlen.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, w, gen_ranges, is_causal, scale, mode):
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, w, gen_ranges, mode)
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+__all__ = ["INTERPRETED", "MAX_HEAD_DIM", "MODES", "SUPPORTED_DTYPES", "empty_output", "kernel_arguments", "mask_keys",
+           "rebalanced_attention", "rebalanced_attention_varlen"]

@@ -97,56 +97,33 @@ def compile_report(capability: tuple[int, int], dtype: str, head_dim: int, confi
                    *, causal: bool = False, weights: bool = True, prob_scale: bool = False,
                    key_bias: bool = True) -> dict:
     """Compile the attention kernel ahead of time for a GPU that need not be present and report
-    ``{"registers", "spill_bytes", "shared_bytes"}`` from ``ptxas -v``.
+    ``{"registers", "spill_bytes", "shared_bytes"}`` of the cubin Triton builds (with the ptxas
+    Triton itself picks for the architecture; see `aot`).
 
     This is how the tables above were checked. ``dtype`` is "fp16", "bf16" or "fp32";
-    ``config`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. Strides get the specialisations
-    the launcher gives contiguous inputs (unit head-dim stride, 16-divisible others). Needs
-    ``TRITON_INTERPRET`` unset (the interpreter replaces the kernel with a Python function).
+    ``config`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. The call is a contiguous
+    ``(2, 4, 1000, head_dim)`` one (Lk = 1000 is no multiple of BLOCK_N, so key tiles are masked).
+    Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the kernel with a Python function).
     """
-    import os
-    import re
-    import subprocess
-    import tempfile
+    import torch
 
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from . import attention
+    from . import aot, attention
 
     if attention.INTERPRETED:
         raise RuntimeError("compile_report needs TRITON_INTERPRET unset")
-    fn = attention._rebalanced_attention_fwd
     bm, bn, warps, stages = config
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    const = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=block_d, BLOCK_DV=block_d, IS_CAUSAL=causal,
-                 HAS_W=weights, PROB_SCALE=prob_scale, HAS_BIAS=key_bias, DOT_F32=False,
-                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, MASK_KEYS=True,
-                 stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_biasn=1)
-    pointer = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "W": "fp32", "GEN": "i32", "BIAS": "fp32"}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in const:
-            sig[name] = "constexpr"
-        elif name in pointer:
-            sig[name] = "*" + pointer[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
-                            options=dict(num_warps=warps, num_stages=stages))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    arch = f"sm_{capability[0]}{capability[1]}" + ("a" if capability[0] == 9 else "")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(kernel.asm["ptx"])
-        log = subprocess.run([ptxas, "-v", f"-arch={arch}", src, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", log).group(1)),
-            "shared_bytes": int(kernel.metadata.shared)}
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    q = torch.empty(2, 4, 1000, head_dim, dtype=dt, device="meta")
+    w = torch.empty(2, 1000, device="meta") if weights else None
+    gen = torch.empty(2, 1, 2, dtype=torch.int32, device="meta") if weights else None
+    bias = torch.empty(2, 1000, device="meta") if key_bias else None
+    args, const = attention.kernel_arguments(q, q, q, w, gen, bias, causal, 0.1,
+                                             "prob_scale" if prob_scale else "key_scale", torch.empty_like(q))
+    const.update(BLOCK_M=bm, BLOCK_N=bn)
+    const["MASK_KEYS"] = attention.mask_keys({**args, **const})
+    fn = attention._rebalanced_attention_fwd
+    sig, const, attrs = aot.specialise(fn, args, const)
+    report = aot.analyse(aot.compile_for(fn, capability[0] * 10 + capability[1], const, sig, attrs,
+                                         num_warps=warps, num_stages=stages))
+    return {"registers": report["registers"], "spill_bytes": report["local_bytes"] + report["stack_bytes"],
+            "shared_bytes": report["shared_bytes"]}

@@ -10,6 +10,7 @@ they are stated.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -465,3 +466,165 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed sequences: torch.ops.dar.rebalanced_attention_varlen
+# ------------------------------------------------------------------------------------------------
+
+varlen_op = torch.ops.dar.rebalanced_attention_varlen
+
+
+def exact_varlen(q, k, v, cu_q, cu_k, w, gen_ranges, is_causal, scale, mode):
+    """Float64, one sequence at a time, with flash-attn's bottom-right causal rule written out."""
+    q, k, v = (t.detach().cpu().double() for t in (q, k, v))
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    g = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
+    for s in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[s]:cu_q[s + 1]], k[cu_k[s]:cu_k[s + 1]], v[cu_k[s]:cu_k[s + 1]]
+        lq, lk = qs.shape[0], ks.shape[0]
+        if lq == 0:
+            continue
+        kr, vr = ks.repeat_interleave(g, dim=1), vs.repeat_interleave(g, dim=1)
+        logits = scale * torch.einsum("ihd,jhd->hij", qs, kr)
+        if w is not None:
+            ws = w.cpu().double()[cu_k[s]:cu_k[s + 1]]
+            on = torch.zeros(lq, dtype=torch.bool)
+            for a, e in gen_ranges[s].tolist():
+                on[a:e] = True
+            reb = logits * ws if mode == "key_scale" else logits + ws.log()
+            logits = torch.where(on[None, :, None], reb, logits)
+        if is_causal:
+            i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+            logits = logits.masked_fill(j > i + (lk - lq), -math.inf)
+        top = logits.amax(dim=-1, keepdim=True) if lk else torch.zeros(logits.shape[:-1] + (1,))
+        e = torch.exp(logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+        total = e.sum(dim=-1, keepdim=True)
+        p = torch.where(total > 0, e / total.clamp_min(1e-300), torch.zeros_like(e))
+        out[cu_q[s]:cu_q[s + 1]] = torch.einsum("hij,jhd->ihd", p, vr)
+    return out
+
+
+def packed(lengths, h, dim, dtype, gen, spread=1.0):
+    total = sum(lengths)
+    return (torch.randn(total, h, dim, generator=gen) * spread).to(dtype).to(DEVICE)
+
+
+def cu(lengths):
+    return torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=DEVICE)
+
+
+@st.composite
+def varlen_cases(draw):
+    n = draw(st.integers(1, 4))
+    lq = draw(st.lists(st.integers(0, 40), min_size=n, max_size=n))
+    same = draw(st.booleans())
+    lk = lq if same else draw(st.lists(st.integers(1, 40), min_size=n, max_size=n))
+    hq, hk = draw(st.sampled_from([(1, 1), (3, 1), (4, 2), (6, 2)]))
+    d = draw(st.sampled_from([16, 24, 40]))
+    dv = draw(st.sampled_from([d, 16]))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = packed(lq, hq, d, dtype, gen), packed(lk, hk, d, dtype, gen), packed(lk, hk, dv, dtype, gen)
+    w = gen_ranges = None
+    if draw(st.booleans()):
+        w = (0.5 + torch.rand(sum(lk), generator=gen)).to(DEVICE)
+        gen_ranges = as_ranges([draw(row_ranges(x)) for x in lq])
+    is_causal = draw(st.booleans())
+    mode = draw(st.sampled_from(attention.MODES))
+    max_q = max(lq) + draw(st.sampled_from([0, 0, 5]))  # a larger max_seqlen only adds idle programs
+    return (q, k, v, cu(lq), cu(lk), max_q, max(lk), w, gen_ranges, is_causal, 1.0 / math.sqrt(d), mode)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(varlen_cases())
+def test_varlen_matches_float64_per_sequence(case):
+    q, k, v, cu_q, cu_k, max_q, max_k, w, gr, causal, scale, mode = case
+    out = varlen_op(*case)
+    assert out.dtype == q.dtype and tuple(out.shape) == (q.shape[0], q.shape[1], v.shape[2])
+    assert_close(out, exact_varlen(q, k, v, cu_q, cu_k, w, gr, causal, scale, mode), q.dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", attention.MODES)
+def test_varlen_equals_dense_op_per_sequence(causal, mode):
+    """Each packed sequence gives what the dense op gives on that sequence alone (Lq == Lk, so the
+    bottom-right and top-left causal rules coincide), bit for bit: the same kernel, the same tiles."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = [19, 33, 5]
+    q, k, v = (packed(lengths, h, 24, torch.float16, gen) for h in (4, 2, 2))
+    w = (0.5 + torch.rand(sum(lengths), generator=gen)).to(DEVICE)
+    ranges = [[(3, 15)], [(0, 33)], []]
+    out = varlen_op(q, k, v, cu(lengths), cu(lengths), 33, 33, w, as_ranges(ranges), causal, 0.3, mode)
+    start = 0
+    for n, r in zip(lengths, ranges):
+        sl = slice(start, start + n)
+        as4 = lambda t: t[sl].unsqueeze(0).transpose(1, 2)  # noqa: E731
+        dense = op(as4(q), as4(k), as4(v), w[sl][None], as_ranges([r]), None, causal, 0.3, mode)
+        assert torch.equal(out[sl], dense[0].transpose(0, 1)), f"sequence of length {n}"
+        start += n
+
+
+def test_varlen_bottom_right_causal():
+    """Lq = 3 queries over Lk = 5 keys: row i sees keys j <= i + 2; with Lq > Lk the first rows see
+    nothing and output 0 (flash-attn's rule)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = packed([3, 6], 2, 16, torch.float32, gen), packed([5, 2], 2, 16, torch.float32, gen), \
+        packed([5, 2], 2, 16, torch.float32, gen)
+    out = varlen_op(q, k, v, cu([3, 6]), cu([5, 2]), 6, 5, None, None, True, 0.25, "key_scale")
+    want = exact_varlen(q, k, v, cu([3, 6]), cu([5, 2]), None, None, True, 0.25, "key_scale")
+    assert_close(out, want, torch.float32)
+    assert torch.equal(out[3:7].cpu(), torch.zeros(4, 2, 16))  # sequence 2: rows 0-3 have i + 2 - 6 < 0
+    assert out[7:].abs().sum() > 0
+
+
+def test_varlen_strided_inputs():
+    """q/k/v as slices of a fused (total, 3, H, D) QKV buffer: non-contiguous, used in place."""
+    gen = torch.Generator().manual_seed(4)
+    lengths = [7, 12]
+    qkv = torch.randn(sum(lengths), 3, 2, 16, generator=gen).to(DEVICE)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    assert not q.is_contiguous()
+    out = varlen_op(q, k, v, cu(lengths), cu(lengths), 12, 12, None, None, False, 0.25, "key_scale")
+    assert_close(out, exact_varlen(q, k, v, cu(lengths), cu(lengths), None, None, False, 0.25, "key_scale"),
+                 torch.float32)
+
+
+def test_varlen_bad_arguments_raise():
+    gen = torch.Generator().manual_seed(5)
+    q = packed([4, 4], 2, 16, torch.float32, gen)
+    c = cu([4, 4])
+    w = torch.ones(8, device=DEVICE)
+    gr = as_ranges([[(0, 4)], []])
+    ok = (q, q, q, c, c, 4, 4, w, gr, False, 0.3, "key_scale")
+    varlen_op(*ok)
+    bad = [
+        ((0, q[None]), ValueError, "q must be 3-D"),
+        ((3, c.long()), ValueError, "cu_seqlens_q must be int32"),
+        ((4, cu([4, 2, 2])), ValueError, "same number of sequences"),
+        ((5, -1), ValueError, "max_seqlen_q"),
+        ((7, w[:5]), ValueError, "w must be float32 of shape \\(total_k,\\)"),
+        ((8, gr[:1]), ValueError, "gen_ranges must be int32 of shape \\(N, G, 2\\)"),
+        ((8, None), ValueError, "together"),
+        ((11, "bogus"), ValueError, "mode"),
+        ((0, packed([4, 4], 3, 16, torch.float32, gen)), ValueError, "multiple of Hk"),
+    ]
+    for (i, value), exc, msg in bad:
+        args = list(ok)
+        args[i] = value
+        with pytest.raises(exc, match=msg):
+            varlen_op(*args)
+
+
+def test_varlen_fake_and_compile():
+    gen = torch.Generator().manual_seed(6)
+    lengths = [5, 9]
+    q, k, v = (packed(lengths, h, 16, torch.float32, gen) for h in (2, 1, 1))
+    w = (0.5 + torch.rand(14, generator=gen)).to(DEVICE)
+    gr = as_ranges([[(1, 4)], [(0, 9)]])
+    args = (q, k, v, cu(lengths), cu(lengths), 9, 9, w, gr, True, 0.3, "prob_scale")
+    torch.library.opcheck(varlen_op.default, args, test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda *a: varlen_op(*a) * 2.0, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*args), varlen_op(*args) * 2.0)

@@ -2,6 +2,7 @@
 
     dar bench [kernels] [--quick] [--preset NAME ...] [--impl NAME ...] [--out DIR] [--warmup N] [--reps N]
     dar bench e2e [--quick] [--model NAME ...] [--backend NAME ...] [--out DIR] ...
+    dar bench static [--arch N] [--variant PATTERN] [--print]   (a repository checkout only)
     dar bench --list
 
 Each run writes ``<kind>-<device>-<commit>[-quick].json`` (every figure, the device, versions and
@@ -21,8 +22,9 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dar bench", description="Benchmark DAR kernels and model steps.", allow_abbrev=False)
-    p.add_argument("what", nargs="?", default="kernels", choices=("kernels", "e2e"),
-                   help="kernels (default): attention calls; e2e: one denoising step of a real-size transformer")
+    p.add_argument("what", nargs="?", default="kernels", choices=("kernels", "e2e", "static"),
+                   help="kernels (default): attention calls; e2e: one denoising step of a real-size transformer; "
+                        "static: compiled-code report, no GPU (`dar bench static --help`)")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes on CPU (smoke test of the harness; timings mean nothing)")
     p.add_argument("--preset", action="append", metavar="NAME",
@@ -54,8 +56,31 @@ def _device(args):
     return torch.device(name)
 
 
+def _static(argv: list[str]) -> int:
+    """``dar bench static``: benchmarks/static_report.py of the checkout dar runs from (or the current
+    folder's); it compiles the kernels for GPUs that need not be present and reads their SASS."""
+    import importlib.util
+
+    import dar
+
+    for root in (Path(dar.__file__).resolve().parents[1], Path.cwd()):
+        path = root / "benchmarks" / "static_report.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("dar_static_report", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+            return module.main(argv)
+    print("dar bench static: needs a checkout of the dar repository (benchmarks/static_report.py); run it "
+          "from the repository root", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["static"]:
+        return _static(argv[1:])
+    args = _parser().parse_args(argv)
     import dar
 
     from . import e2e, impls, kernels, report, shapes
