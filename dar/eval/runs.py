@@ -53,14 +53,17 @@ CASES_DIR = "cases"
 LOCK_FILE = ".lock"
 CORRUPT_SUFFIX = ".corrupt"
 
-# Identity values renamed since a run directory may have been written: (setting, old value)
-# -> new value. Old runs keep their meaning, so resuming, reporting and comparing them go on working.
-RENAMED_IDENTITY_VALUES = {("formula", "released"): "legacy"}
-
-
 def current_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
-    """``identity`` with renamed values (:data:`RENAMED_IDENTITY_VALUES`) under their current names."""
-    return {k: RENAMED_IDENTITY_VALUES.get((k, v), v) if isinstance(v, str) else v for k, v in identity.items()}
+    """``identity`` with values renamed since a run directory was written under their current names.
+
+    Old runs keep their meaning, so resuming, reporting and comparing them go on working.
+    """
+    from .mico.scoring import DEPRECATED_FORMULAS  # here, not at the top: dar.eval.mico imports this module
+
+    formula = identity.get("formula")
+    if isinstance(formula, str) and formula in DEPRECATED_FORMULAS:
+        return {**identity, "formula": DEPRECATED_FORMULAS[formula]}
+    return dict(identity)
 
 
 def find_output(root: Path, model: str, task: str, case_id: str, extensions: Sequence[str]) -> Path | None:
@@ -85,7 +88,7 @@ def record_problem(record: object) -> str | None:
     for key in ("task", "case_id"):
         value = record.get(key)
         if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
-            return f"{key!r} must be a non-empty string, got {value!r}"
+            return f"{key!r} must be a non-empty string or integer, got {value!r}"
     if record.get("status") not in STATUSES:
         return f"'status' must be one of {STATUSES}, got {record.get('status')!r}"
     if record["status"] == STATUS_OK:
