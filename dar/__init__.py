@@ -1,6 +1,7 @@
 """Dynamic Attention Rebalancing (DAR): sharper attention to the reference images that matter.
 
-Public API: `DARConfig`, `TokenLayout`, `dar_attention`, `compute_key_weights`; model bindings
+Public API: `DARConfig`, `TokenLayout`, `dar_attention`, `compute_key_weights`, their packed
+(flash-attn varlen) forms `dar_attention_varlen`, `compute_key_weights_varlen`; model bindings
 `enable`, `disable`, `rebalanced`, `Recorder`.
 
 Names load on first use, so ``import dar.eval`` (the torch-free evaluation toolkit) does not pay for
@@ -18,6 +19,8 @@ _EXPORTS = {
     "TokenLayout": "dar.layout",
     "dar_attention": "dar.api",
     "compute_key_weights": "dar.api",
+    "dar_attention_varlen": "dar.varlen",
+    "compute_key_weights_varlen": "dar.varlen",
     "BACKENDS": "dar.backends",
     "KeyStats": "dar.scoring",
     "enable": "dar.bindings",

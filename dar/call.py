@@ -43,6 +43,31 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def check_heads_and_kinds(q, k, v, d: int, dk: int, hq: int, hk: int) -> None:
+    """Head dims and counts (GQA) agree; k and v share q's dtype and device. Shared with the varlen API."""
+    if dk != d:
+        raise ValueError(f"q and k head dims differ: {d} vs {dk}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"the number of query heads Hq={hq} must be a multiple of the number of key heads Hk={hk}")
+    for name, t in (("k", k), ("v", v)):
+        if t is None:
+            continue
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def resolve_scale(name: str, scale, d: int) -> float:
+    """The softmax scale argument ``name``: None means ``1 / sqrt(d)``; else a finite non-zero real."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    scale = as_real(name, scale)  # numpy / 0-d tensor scalars too; never a bool
+    if scale == 0:
+        raise ValueError(f"{name} must be finite and non-zero, got {scale!r}")
+    return scale
+
+
 def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal) -> DARCall:
     """Validate the public arguments (raising ValueError/TypeError that name them) and plan the batch."""
     _check_tensor("q", q)
@@ -57,28 +82,13 @@ def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal) -> DARCall:
     _, hk, lk, dk = k.shape
     if k.shape[0] != b:
         raise ValueError(f"q and k batch sizes differ: {b} vs {k.shape[0]}")
-    if dk != d:
-        raise ValueError(f"q and k head dims differ: {d} vs {dk}")
-    if hk == 0 or hq % hk != 0:
-        raise ValueError(f"the number of query heads Hq={hq} must be a multiple of the number of key heads Hk={hk}")
-    for name, t in (("k", k), ("v", v)):
-        if t is None:
-            continue
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    check_heads_and_kinds(q, k, v, d, dk, hq, hk)
     if v is not None and (v.shape[0] != b or v.shape[1] != hk or v.shape[2] != lk):
         raise ValueError(f"v must have shape (B, Hk, Lk, Dv) = ({b}, {hk}, {lk}, Dv), got {tuple(v.shape)}")
     if min(b, hq, lq, lk, d) == 0:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must not have zero-sized dims")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    else:
-        scale = as_real("scale", scale)  # numpy / 0-d tensor scalars too; never a bool
-        if scale == 0:
-            raise ValueError(f"scale must be finite and non-zero, got {scale!r}")
+    scale = resolve_scale("scale", scale, d)
     mask = make_mask_spec(attn_mask, is_causal, q, lk)
     layouts = resolve_layouts(layout, b, lq, lk)
     plan = make_plan(layouts, lq, lk, cfg)
-    return DARCall(q, k, v, layouts, cfg, mask, float(scale), plan)
+    return DARCall(q, k, v, layouts, cfg, mask, scale, plan)

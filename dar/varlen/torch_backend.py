@@ -1,0 +1,156 @@
+"""The varlen torch backend: packed DAR without a per-sequence loop and without host synchronisation.
+
+The N sequences are gathered into padded ``(N, H, L, D)`` tensors with index tensors computed on the
+device from ``cu_seqlens`` and the host ints ``max_seqlen_*``; the padded problem is then exactly
+the dense one, solved with SDPA (any device, autograd) as the dense torch backend does, and the
+result is gathered back to the packed rows. Nothing ``Lq x Lk`` is built.
+
+Frames (where sequence ``n``'s rows sit in the padded tensors):
+
+- not causal: query ``i`` at row ``i``, key ``j`` at column ``j``; padded keys are removed with a
+  ``(N, 1, 1, Lk)`` key-padding mask.
+- causal (flash-attn's bottom-right rule ``j <= i + Lk_n - Lq_n``): query ``i`` at row
+  ``p = i + Lk_n - Lq_n`` of a square ``max_seqlen_k`` frame, key ``j`` at column ``j``. SDPA's
+  top-left rule ``j <= p`` is then exactly the bottom-right rule, and the padding keys
+  (``j >= Lk_n > p``) are never reachable, so no mask tensor is needed. Queries with ``p < 0`` have
+  no allowed key and output zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import scoring
+from ..backends.torch import _pad_last, sdpa
+from .call import VarlenCall
+
+NEG_INF = float("-inf")
+
+
+class _Frame:
+    """Device index tensors mapping packed rows to the padded frame (no host reads)."""
+
+    def __init__(self, call: VarlenCall):
+        dev = call.q.device
+        cu_q = call.cu_seqlens_q.long()
+        cu_k = call.cu_seqlens_k.long()
+        self.len_q = cu_q[1:] - cu_q[:-1]  # (N,)
+        self.len_k = cu_k[1:] - cu_k[:-1]
+        self.cu_q, self.cu_k = cu_q, cu_k
+        self.lk = call.max_seqlen_k
+        # Offset of query i in the padded frame: 0, or Lk_n - Lq_n under the causal rule.
+        self.shift = (self.len_k - self.len_q) if call.causal else torch.zeros_like(self.len_q)
+        self.lq = call.max_seqlen_k if call.causal else call.max_seqlen_q
+        cols = torch.arange(self.lk, device=dev)
+        self.key_valid = cols[None, :] < self.len_k[:, None]  # (N, Lk)
+        self.key_index = (cu_k[:-1, None] + cols[None, :]).clamp_(0, max(call.k.shape[0] - 1, 0))
+        rows = torch.arange(self.lq, device=dev)
+        qi = rows[None, :] - self.shift[:, None]  # (N, Lq'): the query index i held by padded row p
+        self.row_valid = (qi >= 0) & (qi < self.len_q[:, None])
+        self.row_query = qi.clamp(min=0)
+        self.row_index = (cu_q[:-1, None] + self.row_query).clamp_(0, max(call.q.shape[0] - 1, 0))
+        # Packed row -> (sequence, padded row); searchsorted runs on the device.
+        tq = torch.arange(call.q.shape[0], device=dev)
+        self.seq_of_q = torch.searchsorted(cu_q[1:], tq, right=True).clamp_(max=max(call.num_seqs - 1, 0))
+        p = tq - cu_q[self.seq_of_q] + self.shift[self.seq_of_q]
+        self.q_row = p.clamp(0, max(self.lq - 1, 0))
+        self.q_has_key = (p >= 0) & (p < self.lq) & (self.len_k[self.seq_of_q] > 0)
+        tk = torch.arange(call.k.shape[0], device=dev)
+        self.seq_of_k = torch.searchsorted(cu_k[1:], tk, right=True).clamp_(max=max(call.num_seqs - 1, 0))
+        self.k_col = (tk - cu_k[self.seq_of_k]).clamp(0, max(self.lk - 1, 0))
+
+    def keys(self, t: torch.Tensor) -> torch.Tensor:
+        """(total_k, H, D) -> (N, H, Lk, D) (a permuted view of one gather)."""
+        return t[self.key_index].permute(0, 2, 1, 3)
+
+    def queries(self, t: torch.Tensor) -> torch.Tensor:
+        """(total_q, H, D) -> (N, H, Lq', D); rows that hold no query are copies (discarded later)."""
+        return t[self.row_index].permute(0, 2, 1, 3)
+
+    def unpad_out(self, out: torch.Tensor) -> torch.Tensor:
+        """(N, H, Lq', Dv) -> (total_q, H, Dv); queries without an allowed key get 0."""
+        packed = out.permute(0, 2, 1, 3)[self.seq_of_q, self.q_row]
+        return torch.where(self.q_has_key[:, None, None], packed, torch.zeros_like(packed))
+
+    def unpad_keys(self, w: torch.Tensor) -> torch.Tensor:
+        """(N, Lk) -> (total_k,)."""
+        return w[self.seq_of_k, self.k_col]
+
+
+def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
+    """(N, Lk) float32 attention mass of each sequence's sampled queries (steps 3-4), chunked over heads."""
+    q, k = call.q, call.k
+    hq, d = q.shape[1], q.shape[2]
+    hk = k.shape[1]
+    g = call.groups_per_kv
+    n, lk = fr.key_valid.shape
+    pt = call.plan.tensors(q.device)
+    s = pt.samples.long()  # (N, M) query index within the sequence, -1 = padding
+    valid = (s >= 0) & (s < fr.len_q[:, None])
+    s = s.clamp(min=0)
+    m = s.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rows = (fr.cu_q[:-1, None] + s).clamp_(0, max(q.shape[0] - 1, 0))
+    qs = q[rows].permute(0, 2, 1, 3)  # (N, Hq, M, D)
+    allowed = fr.key_valid[:, None, :]  # (N, 1 -> M, Lk)
+    if call.causal:
+        cols = torch.arange(lk, device=q.device)
+        allowed = allowed & (cols[None, None, :] <= (s + fr.len_k[:, None] - fr.len_q[:, None])[..., None])
+    bias = torch.zeros(allowed.shape, dtype=acc, device=q.device).masked_fill_(~allowed, NEG_INF)[:, None]
+    keys = fr.keys(k)  # (N, Hk, Lk, D)
+    step = max(1, min(hk, scoring._CHUNK_ELEMENTS // max(n * (g * m + d) * lk, 1)))
+    mass = torch.zeros(n, lk, dtype=acc, device=q.device)
+    for h0 in range(0, hk, step):
+        h1 = min(hk, h0 + step)
+        # The query heads of one KV head share its keys: fold them into the matmul's rows.
+        qc = qs[:, h0 * g:h1 * g].to(acc).reshape(n, h1 - h0, g * m, d)
+        logits = torch.matmul(qc, keys[:, h0:h1].to(acc).transpose(-1, -2)).mul_(call.scale)
+        logits = logits.reshape(n, (h1 - h0) * g, m, lk) + bias
+        row_max = logits.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(logits - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+        mass += (p * valid[:, None, :, None]).sum(dim=(1, 2))
+    return mass.float()
+
+
+def key_weights(call: VarlenCall) -> torch.Tensor:
+    """(total_k,) float32 key weights (steps 1-6), aligned with ``k``; no autograd graph."""
+    with torch.no_grad():
+        fr = _Frame(call)
+        mass = _sampled_mass(call, fr)
+        pt = call.plan.tensors(call.q.device)
+        w, _ = scoring.weights_from_mass(mass, pt.key_groups(fr.lk), fr.key_valid, call.plan.num_groups, call.cfg)
+        return fr.unpad_keys(w)
+
+
+def attention(call: VarlenCall, weights: torch.Tensor | None) -> torch.Tensor:
+    """(total_q, Hq, Dv) in q's dtype (step 7) on the padded frame."""
+    q, k, v = call.q, call.k, call.v
+    if q.shape[0] == 0 or k.shape[0] == 0 or call.max_seqlen_k == 0:
+        return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+    fr = _Frame(call)
+    qp, kp, vp = fr.queries(q), fr.keys(k), fr.keys(v)
+    mask = None if call.causal else fr.key_valid[:, None, None, :]
+    if weights is None or not call.plan.active:
+        return fr.unpad_out(sdpa(qp, kp, vp, mask, call.causal, call.scale))
+    w = weights[fr.key_index].masked_fill(~fr.key_valid, 1.0)  # (N, Lk): padded keys weigh 1
+    pt = call.plan.tensors(q.device)
+    on = pt.rebalanced_rows(max(call.max_seqlen_q, 1))  # (N, max_seqlen_q), query coordinates
+    on = on.gather(1, fr.row_query.clamp(max=on.shape[1] - 1)) & fr.row_valid  # (N, Lq') padded frame
+    ind = on[:, None, :, None].to(q.dtype)
+    if call.cfg.mode == "prob_scale":
+        # One extra head-dim column: scale * <[q, ind], [k, ln w / scale]> = scale * <q, k> + ind * ln w.
+        lw = (torch.log(w) / call.scale)[:, None, :, None].to(k.dtype).expand(*kp.shape[:3], 1)
+        out = sdpa(_pad_last(qp, [ind.expand(*qp.shape[:3], 1)]), _pad_last(kp, [lw]), vp, mask, call.causal,
+                   call.scale)
+        return fr.unpad_out(out)
+    kw = kp * w[:, None, :, None].to(k.dtype)
+    if all(r == ((0, call.max_seqlen_q),) for r in call.plan.gen_ranges if r):
+        # queries="all": every row of every active sequence is rebalanced (inactive ones have w = 1).
+        return fr.unpad_out(sdpa(qp, kw, vp, mask, call.causal, call.scale))
+    # key_scale on some rows: [q * ind, q * (1 - ind)] . [k * w, k] in one SDPA call.
+    q2 = torch.cat([qp * ind, qp * (1 - ind)], dim=-1)
+    k2 = torch.cat([kw, kp], dim=-1)
+    return fr.unpad_out(sdpa(q2, k2, vp, mask, call.causal, call.scale))
