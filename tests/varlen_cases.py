@@ -48,7 +48,8 @@ def cu(lens) -> torch.Tensor:
 
 
 @st.composite
-def varlen_cases(draw, dtypes=(torch.float32, torch.float64), max_len: int = 12, heads=HEADS, min_len: int = 1):
+def varlen_cases(draw, dtypes=(torch.float32, torch.float64), max_len: int = 12, heads=HEADS, min_len: int = 1,
+                 spreads=(1.0, 3.0)):
     n = draw(st.integers(1, 5))
     hq, hk, d = draw(st.sampled_from(heads))
     dv = draw(st.sampled_from([d, 6]))
@@ -57,7 +58,7 @@ def varlen_cases(draw, dtypes=(torch.float32, torch.float64), max_len: int = 12,
     lens_k = lens_q if same else draw(st.lists(st.integers(min_len, max_len), min_size=n, max_size=n))
     dtype = draw(st.sampled_from(dtypes))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    spread = draw(st.sampled_from([1.0, 3.0]))
+    spread = draw(st.sampled_from(spreads))
     q = (torch.randn(sum(lens_q), hq, d, generator=g) * spread).to(dtype)
     k = (torch.randn(sum(lens_k), hk, d, generator=g) * spread).to(dtype)
     v = torch.randn(sum(lens_k), hk, dv, generator=g).to(dtype)
