@@ -108,14 +108,13 @@ def test_flux2_kv_cache_filled_without_dar_warns():
     """A cached forward whose KV cache DAR did not see being filled cannot know the references: it
     warns (naming the model and why) instead of silently running plain."""
     from diffusers import Flux2Transformer2DModel
+    kv = pytest.importorskip("diffusers.pipelines.flux2.pipeline_flux2_klein_kv")
 
     torch.manual_seed(0)
     model = Flux2Transformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                     num_attention_heads=1, joint_attention_dim=16, timestep_guidance_channels=16,
                                     axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False).eval()
-    from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import Flux2KleinKVPipeline
-
-    Flux2KleinKVPipeline._set_kv_attn_processors(type("P", (), {"transformer": model})())
+    kv.Flux2KleinKVPipeline._set_kv_attn_processors(type("P", (), {"transformer": model})())
     ids = torch.cat([torch.tensor([[10, i, j, 0] for i in range(2) for j in range(2)]),
                      torch.tensor([[0, i, j, 0] for i in range(2) for j in range(2)])])[None]
     common = dict(timestep=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 3, 16),
@@ -204,7 +203,7 @@ def test_bria_fibo_edit_ids():
     BriaFiboTransformer2DModel = getattr(transformer_bria_fibo, "BriaFiboTransformer2DModel", None)
     if BriaFiboTransformer2DModel is None:
         pytest.skip("this diffusers has no Bria Fibo")
-    from diffusers.pipelines.bria_fibo.pipeline_bria_fibo_edit import BriaFiboEditPipeline
+    BriaFiboEditPipeline = pytest.importorskip("diffusers.pipelines.bria_fibo.pipeline_bria_fibo_edit").BriaFiboEditPipeline
 
     torch.manual_seed(0)
     model = BriaFiboTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1,

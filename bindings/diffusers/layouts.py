@@ -340,6 +340,90 @@ def family_of(model) -> Family | None:
 NOT_MULTI_REFERENCE = "not multi-reference"
 NOT_YET = "not yet supported"
 NOT_SUPPORTED: dict[str, tuple[str, str]] = {
+    # Multi-reference models without a layout rule yet.
+    "QwenImage21Transformer2DModel": (NOT_YET, "condition images interleave with the text of a block-causal "
+                                      "sequence whose target calls have Lq != Lk; rule not written yet"),
+    "GlmImageTransformer2DModel": (NOT_YET, "condition images are written into a KV cache by separate forwards "
+                                   "and read by the denoising forwards; rule not written yet"),
+    "JoyImageEditPlusTransformer3DModel": (NOT_YET, "sequence [target, references per shape_list, text]; rule not "
+                                           "written yet"),
+    "ZImageTransformer2DModel": (NOT_YET, "omni mode: per-sample lists of captions, images and SigLIP tokens; rule "
+                                 "not written yet"),
+    "BriaFibo2Transformer2DModel": (NOT_YET, "context images after the target, gist tokens first or last; rule not "
+                                    "written yet"),
+    "Flux3Transformer2DModel": (NOT_YET, "references (image_cond_hidden_states) told apart on the L id axis; rule "
+                                "not written yet"),
+    "WanVACETransformer3DModel": (NOT_YET, "WanVACEPipeline prepends reference_images as latent frames but does not "
+                                  "pass their count to the transformer, so the layout cannot be derived from its "
+                                  "arguments; use layout_fn with the number of reference frames"),
+    "LTX2VideoTransformer3DModel": (NOT_YET, "IC-LoRA reference_conditions are video conditions of their own kind; "
+                                    "not analysed"),
+    "Cosmos3OmniTransformer": (NOT_YET, "conditioning frames of one image or video; not analysed"),
+    # One conditioning image or video: image-to-video, single-image edit, or a character reference.
+    "CogVideoXTransformer3DModel": (NOT_MULTI_REFERENCE, "one conditioning image or video (latent frames / channels)"),
+    "ConsisIDTransformer3DModel": (NOT_MULTI_REFERENCE, "one identity image"),
+    "ChronoEditTransformer3DModel": (NOT_MULTI_REFERENCE, "one input image to edit"),
+    "CosmosTransformer3DModel": (NOT_MULTI_REFERENCE, "text or one conditioning video / image"),
+    "EasyAnimateTransformer3DModel": (NOT_MULTI_REFERENCE, "text, one control video or an inpainting mask"),
+    "HeliosTransformer3DModel": (NOT_MULTI_REFERENCE, "text, one image or one video"),
+    "HunyuanVideoTransformer3DModel": (NOT_MULTI_REFERENCE, "text or one conditioning image"),
+    "HunyuanVideo15Transformer3DModel": (NOT_MULTI_REFERENCE, "text or one conditioning image"),
+    "HunyuanVideoFramepackTransformer3DModel": (NOT_MULTI_REFERENCE, "one image plus the video's own history"),
+    "JoyImageEditTransformer3DModel": (NOT_MULTI_REFERENCE, "one input image to edit"),
+    "Kandinsky5Transformer3DModel": (NOT_MULTI_REFERENCE, "text or one conditioning image"),
+    "Kandinsky6Transformer3DModel": (NOT_MULTI_REFERENCE, "text or one conditioning image"),
+    "Kandinsky6SRTransformer3DModel": (NOT_MULTI_REFERENCE, "super-resolution of one video"),
+    "LongCatImageTransformer2DModel": (NOT_MULTI_REFERENCE, "text or one input image to edit"),
+    "LTXVideoTransformer3DModel": (NOT_MULTI_REFERENCE, "text or conditioning frames of the generated video"),
+    "MotifVideoTransformer3DModel": (NOT_MULTI_REFERENCE, "text or one conditioning image"),
+    "SanaVideoTransformer3DModel": (NOT_MULTI_REFERENCE, "text or one conditioning image"),
+    "SanaWMTransformer3DModel": (NOT_MULTI_REFERENCE, "world model: the video's own context frames"),
+    "SanaWMLTX2RefinerTransformer3DModel": (NOT_MULTI_REFERENCE, "refines one video"),
+    "SkyReelsV2Transformer3DModel": (NOT_MULTI_REFERENCE, "text, one image or the video's own earlier frames"),
+    "WanTransformer3DModel": (NOT_MULTI_REFERENCE, "text, one image (cross-attention and latent channels) or one "
+                              "video"),
+    "WanAnimateTransformer3DModel": (NOT_MULTI_REFERENCE, "one character image plus pose and face videos"),
+    "WanAnimate2Transformer3DModel": (NOT_MULTI_REFERENCE, "one character image plus driving videos"),
+    "AnyFlowTransformer3DModel": (NOT_MULTI_REFERENCE, "text or one conditioning image / video"),
+    "AnyFlowFARTransformer3DModel": (NOT_MULTI_REFERENCE, "the video's own earlier frames"),
+    "MiniMaxH3Transformer3DModel": (NOT_MULTI_REFERENCE, "no diffusers pipeline with reference images"),
+    "CogView4Transformer2DModel": (NOT_MULTI_REFERENCE, "text, or one control image on the latent channels"),
+    "ChromaTransformer2DModel": (NOT_MULTI_REFERENCE, "text; img2img / inpainting noise the input image"),
+    "SD3Transformer2DModel": (NOT_MULTI_REFERENCE, "text; img2img / inpainting / ControlNet do not add reference "
+                              "tokens"),
+    "SanaTransformer2DModel": (NOT_MULTI_REFERENCE, "text; img2img noises the input image"),
+    "HunyuanImageTransformer2DModel": (NOT_MULTI_REFERENCE, "text, or one image to refine"),
+    # Text (or class / audio / other) to output only: no image tokens besides the generated ones.
+    "AuraFlowTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "DiTTransformer2DModel": (NOT_MULTI_REFERENCE, "class-conditional image generation"),
+    "HunyuanDiT2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "LatteTransformer3DModel": (NOT_MULTI_REFERENCE, "text-to-video"),
+    "LuminaNextDiT2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "PixArtTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "Transformer2DModel": (NOT_MULTI_REFERENCE, "generic text/class-conditional image transformer"),
+    "TransformerTemporalModel": (NOT_MULTI_REFERENCE, "temporal layers of UNet video models"),
+    "PriorTransformer": (NOT_MULTI_REFERENCE, "predicts a CLIP image embedding; no image tokens"),
+    "AllegroTransformer3DModel": (NOT_MULTI_REFERENCE, "text-to-video"),
+    "MochiTransformer3DModel": (NOT_MULTI_REFERENCE, "text-to-video"),
+    "BriaTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "CogView3PlusTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "ErnieImageTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "HiDreamImageTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "Ideogram4Transformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "Krea2Transformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "Lumina2Transformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "NucleusMoEImageTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "OvisImageTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "PRXTransformer2DModel": (NOT_MULTI_REFERENCE, "text-to-image"),
+    "DreamLiteTransformer2DModel": (NOT_MULTI_REFERENCE, "no diffusers pipeline with reference images"),
+    "AceStepTransformer1DModel": (NOT_MULTI_REFERENCE, "music generation"),
+    "StableAudioDiTModel": (NOT_MULTI_REFERENCE, "audio generation"),
+    "StableAudio3DiTModel": (NOT_MULTI_REFERENCE, "audio generation"),
+    "LongCatAudioDiTTransformer": (NOT_MULTI_REFERENCE, "audio generation"),
+    "MiniMaxMusic3Transformer1DModel": (NOT_MULTI_REFERENCE, "music generation"),
+    "MiniMaxMusic3RVQDepthDecoder": (NOT_MULTI_REFERENCE, "music token decoder"),
+    "T5FilmDecoder": (NOT_MULTI_REFERENCE, "spectrogram generation"),
+    "RFD4ProteinaTransformer": (NOT_MULTI_REFERENCE, "protein structure generation"),
 }
 
 
