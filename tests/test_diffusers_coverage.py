@@ -25,6 +25,7 @@ LAYOUT_TESTS = {
                                 ("test_pipeline_multiref", "test_flux2_klein_kv_pipeline")],
     "FluxTransformer2DModel": [("test_diffusers_binding", "test_matches_reference_on_captured_calls"),
                                ("test_pipeline_multiref", "test_visualcloze_pipeline")],
+    "QwenImage21Transformer2DModel": [("test_pipeline_multiref", "test_qwenimage21_kv_cache")],
     "BriaFiboTransformer2DModel": [("test_pipeline_multiref", "test_bria_fibo_edit_ids")],
     "OmniGenTransformer2DModel": [("test_diffusers_binding", "test_matches_reference_on_captured_calls")],
 }
@@ -89,7 +90,7 @@ def test_supported_classes_resolve_to_their_family():
             assert fam is not None and callable(fam.derive), name
 
 
-@pytest.mark.parametrize("name", ["WanVACETransformer3DModel", "QwenImage21Transformer2DModel"])
+@pytest.mark.parametrize("name", ["WanVACETransformer3DModel", "GlmImageTransformer2DModel"])
 def test_enable_names_the_reason_for_an_unsupported_model(name):
     import dar
 

@@ -229,3 +229,42 @@ def test_bria_fibo_edit_ids():
     layout = TokenLayout(ref=[(21, 45), (45, 53)], gen=[(5, 21)], image_shapes=[(4, 6), (2, 4)])
     # The single-stream blocks use Bria's processor, from another module.
     verify(run, model, [vars(transformer_bria_fibo), vars(transformer_bria)], {(53, 53): [layout] * 2}, {"rebalanced": 2})
+
+
+# ---- Qwen-Image 2.1 (block-causal prefill and KV cache: Lq != Lk) --------------------------------------
+
+def test_qwenimage21_kv_cache():
+    """Inputs laid out as QwenImage21Pipeline lays them out: the vision-language sequence holds text and
+    one slot per 2x2 latent tokens of each condition image; the target's slots are appended; the
+    denoising loop runs step 0 with kv_cache_mode="extract" and later steps with "cached"."""
+    from diffusers.models.transformers import transformer_qwenimage21 as mod
+    if not hasattr(mod, "QwenImage21Transformer2DModel"):
+        pytest.skip("this diffusers has no Qwen-Image 2.1")
+
+    torch.manual_seed(0)
+    model = mod.QwenImage21Transformer2DModel(in_channels=16, out_channels=16, num_layers=2, attention_head_dim=HEAD_DIM,
+                                              num_attention_heads=1, context_in_dim=32).eval()
+    shapes = [(1, 4, 4), (1, 4, 6), (1, 4, 4)]  # two condition images, then the target
+    # VLM sequence: text 3, image 1 (16 tokens = 4 slots), text 2, image 2 (6 slots), text 5; then the
+    # pipeline appends the target's 4 slots.
+    slots = [0] * 3 + [1] * 4 + [0] * 2 + [1] * 6 + [0] * 5
+    img_mask = torch.tensor([slots + [1] * 4] * 2, dtype=torch.bool)
+    text_mask = torch.ones(2, len(slots), dtype=torch.bool)
+    text_mask[1, -2:] = False  # padded prompt in row 1
+    inputs = dict(hidden_states=torch.randn(2, 16 + 24 + 16, 16), encoder_hidden_states=torch.randn(2, len(slots), 32),
+                  img_shapes=[shapes] * 2, img_mask=img_mask, encoder_hidden_states_mask=text_mask, return_dict=False)
+
+    def run():
+        cache, outs = mod.QwenImage21KVCache(2), []
+        with torch.no_grad():
+            for step, mode in enumerate(["extract", "cached", "cached"]):
+                outs.append(model(timestep=torch.tensor([0.9 - 0.3 * step] * 2), kv_cache=cache, kv_cache_mode=mode,
+                                  **inputs)[0][:, -16:])
+        return torch.cat(outs)
+
+    # Joint sequence: text 3 | cond 1 [3, 19) | text 2 | cond 2 [21, 45) | text 5 | target [50, 66).
+    # The target call: queries = the 16 target tokens, keys = all 66 (prefill or cache + target).
+    layout = TokenLayout(ref=[(3, 19), (21, 45)], gen=[(0, 16)], image_shapes=[(4, 4), (4, 6)])
+    verify(run, model, vars(mod), {(16, 66): [layout] * 2},
+           {"rebalanced": 2 * 3,
+            "passed": {"block-causal prefill of text / condition tokens (no generated queries)": 2 * 5}})

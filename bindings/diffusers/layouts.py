@@ -116,6 +116,62 @@ def qwenimage(model, kw: dict, memo: dict):
     return joint(layouts, n_txt + n_img)
 
 
+def _qwenimage21_blocks(img_mask: torch.Tensor, sizes: list[int]):
+    """``(total, [(start, end) per image block])`` of a Qwen-Image 2.1 joint sequence, or a `NoLayout`.
+
+    As the model does: every ``True`` slot of ``img_mask[0]`` stands for 4 latent tokens, and the
+    image positions are filled block by block in ``img_shapes`` order."""
+    slots = img_mask[0].detach().to("cpu", torch.bool).tolist()
+    pos, image_positions = 0, []
+    for is_image in slots:
+        if is_image:
+            image_positions.extend(range(pos, pos + 4))
+            pos += 4
+        else:
+            pos += 1
+    if sum(sizes) != len(image_positions):
+        return NoLayout(f"img_shapes describes {sum(sizes)} image tokens but img_mask marks {len(image_positions)}")
+    blocks, i = [], 0
+    for size in sizes:
+        run = image_positions[i:i + size]
+        if run[-1] - run[0] + 1 != size:
+            return NoLayout("an image block's tokens are not contiguous in the joint sequence")
+        blocks.append((run[0], run[-1] + 1))
+        i += size
+    return pos, blocks
+
+
+def qwenimage21(model, kw: dict, memo: dict):
+    """Layouts of a Qwen-Image 2.1 forward from ``img_shapes`` (conditions first, target last) and
+    ``img_mask``.
+
+    The joint sequence interleaves text and condition images, with the target image last. The
+    processors attend block-causally: one call per prefix segment (text run or condition image;
+    nothing generated there) and one call whose queries are the target tokens and whose keys are the
+    whole sequence; with ``kv_cache_mode="cached"`` only that call is made, the prefix keys coming
+    from the cache. That call (``Lq`` = target tokens, ``Lk`` = whole sequence) is rebalanced."""
+    shapes, img_mask, hs = kw.get("img_shapes"), kw.get("img_mask"), kw.get("hidden_states")
+    if shapes is None or img_mask is None or hs is None or not shapes:
+        return None
+    entries = _as_shape_list(shapes[0], "img_shapes[0]")  # the model reads row 0: samples share a layout
+    if len(entries) < 2:
+        return None
+    sizes = [f * h * w for f, h, w in entries]
+    got = _cached(memo, "qwenimage21", img_mask, (tuple(sizes),), lambda: _qwenimage21_blocks(img_mask, sizes))
+    if isinstance(got, NoLayout):
+        return got
+    total, blocks = got
+    n_gen = sizes[-1]
+    if blocks[-1] != (total - n_gen, total):
+        return NoLayout("the target image is not the last block of the joint sequence")
+    layout = TokenLayout(ref=blocks[:-1], gen=[(0, n_gen)], image_shapes=[(f * h, w) for f, h, w in entries[:-1]])
+    # Prefix segments: runs of text or of one image block, each attending to the keys before its end.
+    cuts = sorted({0, total - n_gen} | {b for blk in blocks[:-1] for b in blk})
+    passes = tuple(((e - s, e), "block-causal prefill of text / condition tokens (no generated queries)")
+                   for s, e in zip(cuts, cuts[1:]))
+    return Derived((((n_gen, total), (layout,) * int(hs.shape[0])),), passes)
+
+
 def _runs(values: list) -> list[tuple[int, int, object]]:
     """Maximal runs of equal consecutive values: ``(start, end, value)``."""
     runs, start = [], 0
@@ -304,6 +360,7 @@ def _families():
     older diffusers are skipped)."""
     return (
         ("transformer_qwenimage", "QwenImageTransformer2DModel", Family("qwenimage", qwenimage)),
+        ("transformer_qwenimage21", "QwenImage21Transformer2DModel", Family("qwenimage21", qwenimage21)),
         ("transformer_flux2", "Flux2Transformer2DModel", Family("flux2", flux_ids, flux2_after)),
         ("transformer_flux", "FluxTransformer2DModel", Family("flux", flux_ids)),
         ("transformer_bria_fibo", "BriaFiboTransformer2DModel", Family("bria_fibo", flux_ids)),
@@ -341,8 +398,6 @@ NOT_MULTI_REFERENCE = "not multi-reference"
 NOT_YET = "not yet supported"
 NOT_SUPPORTED: dict[str, tuple[str, str]] = {
     # Multi-reference models without a layout rule yet.
-    "QwenImage21Transformer2DModel": (NOT_YET, "condition images interleave with the text of a block-causal "
-                                      "sequence whose target calls have Lq != Lk; rule not written yet"),
     "GlmImageTransformer2DModel": (NOT_YET, "condition images are written into a KV cache by separate forwards "
                                    "and read by the denoising forwards; rule not written yet"),
     "JoyImageEditPlusTransformer3DModel": (NOT_YET, "sequence [target, references per shape_list, text]; rule not "
