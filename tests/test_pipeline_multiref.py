@@ -268,3 +268,34 @@ def test_qwenimage21_kv_cache():
     verify(run, model, vars(mod), {(16, 66): [layout] * 2},
            {"rebalanced": 2 * 3,
             "passed": {"block-causal prefill of text / condition tokens (no generated queries)": 2 * 5}})
+
+
+# ---- JoyImage Edit Plus ([target, references, text]) ----------------------------------------------------
+
+def test_joyimage_edit_plus():
+    """shape_list and the padded patch tensor as JoyImageEditPlusPipeline.prepare_latents builds them
+    (target first, then each reference, rows padded to the longest), doubled for classifier-free
+    guidance as the pipeline does."""
+    from diffusers.models.transformers import transformer_joyimage_edit_plus as mod
+    if not hasattr(mod, "JoyImageEditPlusTransformer3DModel"):
+        pytest.skip("this diffusers has no JoyImage Edit Plus")
+
+    torch.manual_seed(0)
+    model = mod.JoyImageEditPlusTransformer3DModel(in_channels=4, hidden_size=HEAD_DIM, num_attention_heads=1,
+                                                   text_dim=32, num_layers=1, rope_dim_list=[16, 56, 56]).eval()
+    shape_list = [[(1, 4, 4), (1, 4, 6), (1, 2, 4)], [(1, 4, 4), (1, 4, 4)]]  # row 1 has one reference
+    shapes = shape_list * 2  # CFG: conditional rows, then unconditional rows
+    n_img, n_txt = 16 + 24 + 8, 5
+    text_mask = torch.ones(4, n_txt, dtype=torch.long)
+    text_mask[2:, 3:] = 0  # shorter negative prompt
+    kwargs = dict(hidden_states=torch.randn(4, n_img, 4, 1, 2, 2), timestep=torch.tensor([500.0] * 4),
+                  encoder_hidden_states=torch.randn(4, n_txt, 32), encoder_hidden_states_mask=text_mask,
+                  shape_list=shapes, return_dict=False)
+
+    def run():
+        with torch.no_grad():
+            return model(**kwargs)[0]
+
+    full = TokenLayout(ref=[(16, 40), (40, 48)], gen=[(0, 16)], image_shapes=[(4, 6), (2, 4)])
+    short = TokenLayout(ref=[(16, 32)], gen=[(0, 16)], image_shapes=[(4, 4)])  # patches 32..48 are padding
+    verify(run, model, vars(mod), {(n_img + n_txt, n_img + n_txt): [full, short, full, short]}, {"rebalanced": 1})

@@ -172,6 +172,30 @@ def qwenimage21(model, kw: dict, memo: dict):
     return Derived((((n_gen, total), (layout,) * int(hs.shape[0])),), passes)
 
 
+def joyimage_edit_plus(model, kw: dict, memo: dict):
+    """Layouts of a JoyImage Edit Plus forward from ``shape_list``: per row the image part is
+    ``[target, reference 1, ...]`` (``(t, h, w)`` patches each, padded to the batch's longest row),
+    then the text."""
+    shapes, hs, ehs = kw.get("shape_list"), kw.get("hidden_states"), kw.get("encoder_hidden_states")
+    if shapes is None or hs is None or ehs is None:
+        return None
+    batch, n_img, n_txt = int(hs.shape[0]), int(hs.shape[1]), int(ehs.shape[1])
+    if len(shapes) != batch:
+        raise ValueError(f"shape_list has {len(shapes)} entries but the batch has {batch} rows")
+    layouts = []
+    for b in range(batch):
+        entries = _as_shape_list(shapes[b], f"shape_list[{b}]")
+        sizes = [t * h * w for t, h, w in entries]
+        if sum(sizes) > n_img:
+            raise ValueError(f"shape_list[{b}] = {entries} describes {sum(sizes)} patches but hidden_states has {n_img}")
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        layouts.append(TokenLayout(ref=[(s, s + n) for s, n in zip(starts[1:], sizes[1:])], gen=[(0, sizes[0])],
+                                   image_shapes=[(t * h, w) for t, h, w in entries[1:]] or None))
+    if not any(lay.ref for lay in layouts):
+        return None
+    return joint(layouts, n_img + n_txt)
+
+
 def _runs(values: list) -> list[tuple[int, int, object]]:
     """Maximal runs of equal consecutive values: ``(start, end, value)``."""
     runs, start = [], 0
@@ -361,6 +385,8 @@ def _families():
     return (
         ("transformer_qwenimage", "QwenImageTransformer2DModel", Family("qwenimage", qwenimage)),
         ("transformer_qwenimage21", "QwenImage21Transformer2DModel", Family("qwenimage21", qwenimage21)),
+        ("transformer_joyimage_edit_plus", "JoyImageEditPlusTransformer3DModel",
+         Family("joyimage_edit_plus", joyimage_edit_plus)),
         ("transformer_flux2", "Flux2Transformer2DModel", Family("flux2", flux_ids, flux2_after)),
         ("transformer_flux", "FluxTransformer2DModel", Family("flux", flux_ids)),
         ("transformer_bria_fibo", "BriaFiboTransformer2DModel", Family("bria_fibo", flux_ids)),
@@ -400,8 +426,6 @@ NOT_SUPPORTED: dict[str, tuple[str, str]] = {
     # Multi-reference models without a layout rule yet.
     "GlmImageTransformer2DModel": (NOT_YET, "condition images are written into a KV cache by separate forwards "
                                    "and read by the denoising forwards; rule not written yet"),
-    "JoyImageEditPlusTransformer3DModel": (NOT_YET, "sequence [target, references per shape_list, text]; rule not "
-                                           "written yet"),
     "ZImageTransformer2DModel": (NOT_YET, "omni mode: per-sample lists of captions, images and SigLIP tokens; rule "
                                  "not written yet"),
     "BriaFibo2Transformer2DModel": (NOT_YET, "context images after the target, gist tokens first or last; rule not "
