@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import parallel
 from .backends import select_backend
 from .call import make_call
 from .config import DARConfig
@@ -13,12 +14,16 @@ from .layout import TokenLayout
 def compute_key_weights(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout | list[TokenLayout],
                         cfg: DARConfig | None = None, attn_mask: torch.Tensor | None = None,
                         scale: float | None = None, *, is_causal: bool = False,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", head_group=None, seq_group=None) -> torch.Tensor:
     """DAR key weights ``w`` of shape ``(B, Lk)``, float32 (docs/semantics.md, steps 1-6).
 
     Arguments are those of `dar_attention` without ``v``. Keys outside every reference range, and
-    every key of a row with no generated-image queries or no reference keys, get weight 1.
+    every key of a row with no generated-image queries or no reference keys, get weight 1. With
+    ``seq_group``, the weights of this rank's keys ``(B, Lk_local)``.
     """
+    if head_group is not None or seq_group is not None:
+        return parallel.key_weights(q, k, layout, cfg, attn_mask, scale, is_causal, backend, head_group,
+                                     seq_group)
     call = make_call(q, k, None, layout, cfg, attn_mask, scale, is_causal)
     if not call.plan.active:
         return torch.ones(q.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
@@ -28,7 +33,8 @@ def compute_key_weights(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout | 
 def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   layout: TokenLayout | list[TokenLayout], cfg: DARConfig | None = None,
                   attn_mask: torch.Tensor | None = None, scale: float | None = None, *,
-                  is_causal: bool = False, backend: str = "auto", return_weights: bool = False):
+                  is_causal: bool = False, backend: str = "auto", return_weights: bool = False,
+                  head_group=None, seq_group=None):
     """Attention with Dynamic Attention Rebalancing, a drop-in for SDPA.
 
     Args:
@@ -44,14 +50,25 @@ def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``"auto"`` (triton on CUDA when it
             supports the inputs, else torch; never the reference).
         return_weights: also return the key weights.
+        head_group: a ``torch.distributed`` process group over which the heads are split: this rank
+            holds a contiguous slice of the query heads with their KV heads, and every token (the
+            layout after Ulysses' all-to-all, or under tensor parallelism). docs/parallel.md.
+        seq_group: a process group over which the tokens are split: this rank holds the contiguous
+            ``r``-th equal shard of q, k and v, ``layout`` is in global positions and ``attn_mask``
+            is a key-padding mask of this rank's keys ``(B or 1, 1, 1, Lk_local)``. Combines with
+            ``head_group`` (Ulysses x ring). The result is the single-process one, up to rounding.
 
     Returns:
-        ``(B, Hq, Lq, Dv)`` in q's dtype, or ``(out, w)`` with ``w`` of shape ``(B, Lk)`` float32.
+        ``(B, Hq, Lq, Dv)`` in q's dtype, or ``(out, w)`` with ``w`` of shape ``(B, Lk)`` float32
+        (this rank's rows and keys under ``seq_group``).
     """
     if v is None:
         raise TypeError("v must be a torch.Tensor (use dar.compute_key_weights for weights alone)")
     if not isinstance(return_weights, bool):
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    if head_group is not None or seq_group is not None:
+        return parallel.attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return_weights,
+                                  head_group, seq_group)
     call = make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal)
     impl = select_backend(backend, call)
     w = impl.key_weights(call) if call.plan.active else None

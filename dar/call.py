@@ -68,8 +68,12 @@ def resolve_scale(name: str, scale, d: int) -> float:
     return scale
 
 
-def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal) -> DARCall:
-    """Validate the public arguments (raising ValueError/TypeError that name them) and plan the batch."""
+def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, lengths: tuple[int, int] | None = None) -> DARCall:
+    """Validate the public arguments (raising ValueError/TypeError that name them) and plan the batch.
+
+    ``lengths``: the global ``(Lq, Lk)`` the layout refers to when q and k hold a shard of the tokens
+    (`dar.parallel`); by default q's and k's own lengths.
+    """
     _check_tensor("q", q)
     _check_tensor("k", k)
     if v is not None:
@@ -89,6 +93,8 @@ def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal) -> DARCall:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must not have zero-sized dims")
     scale = resolve_scale("scale", scale, d)
     mask = make_mask_spec(attn_mask, is_causal, q, lk)
+    if lengths is not None:
+        lq, lk = lengths
     layouts = resolve_layouts(layout, b, lq, lk)
     plan = make_plan(layouts, lq, lk, cfg)
     return DARCall(q, k, v, layouts, cfg, mask, scale, plan)

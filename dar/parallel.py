@@ -1,0 +1,491 @@
+"""DAR with the heads or the tokens of an attention call split across ranks (docs/parallel.md).
+
+Two process groups describe the split, and they combine (Ulysses x ring):
+
+- ``head_group``: this rank holds a contiguous slice of the query heads, with their KV heads, and
+  every token (the layout after Ulysses' all-to-all, and tensor parallelism's). The mass ``r`` is a
+  sum over heads, so each rank sums its own heads and one all-reduce of ``(B, Lk_local)`` float32
+  completes it.
+- ``seq_group``: this rank holds a shard of the tokens of q, k and v, and the layout is in global
+  positions. Every rank scores every sampled query against its own keys: the sampled queries
+  ``(B, Hq, m, D)`` are all-gathered, then their per-rank log-sum-exps ``(B, Hq, m)``, which give
+  each rank the exact softmax normaliser of every sampled row. The mass of a key is then local; the
+  min/max of each group is one all-reduce of ``(B, 2G)`` (``thresholds="quantile"`` needs every
+  key's mass: one all-gather of ``(B, Lk_local)``).
+
+Nothing here builds an ``Lq x Lk`` tensor or reads a device value on the host: the shard plan is
+host arithmetic on the layout (cached), and the collectives are torch's functional collectives.
+Every collective is recorded by `count_traffic`, so the byte counts in the docs are checked by tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+
+import torch
+
+from .call import DARCall, _check_tensor, make_call
+from .masks import MaskSpec
+from .plan import DARPlan
+from . import scoring
+
+Range = tuple[int, int]
+
+
+# -- process groups ---------------------------------------------------------------------------------
+
+def check_group(name: str, group):
+    """None, or a torch.distributed ProcessGroup (TypeError / ValueError naming ``name`` otherwise)."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError(f"{name} is given but torch.distributed is not initialised (call init_process_group first)")
+    return group
+
+
+def _size_rank(group) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+# -- traffic accounting -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Traffic:
+    """The collectives one rank issued inside `count_traffic`: ``(kind, group size, payload bytes)``.
+
+    ``payload`` is this rank's tensor (its contribution to an all-gather, the reduced tensor of an
+    all-reduce). `sent` converts it to bytes put on the wire by this rank under the bandwidth-optimal
+    ring algorithms: an all-gather sends ``(W - 1) * payload``, an all-reduce ``2 (W - 1) / W * payload``.
+    """
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    @property
+    def payload(self) -> int:
+        return sum(p for _, _, p in self.calls)
+
+    @property
+    def sent(self) -> float:
+        return sum(wire_bytes(kind, w, p) for kind, w, p in self.calls)
+
+
+def wire_bytes(kind: str, world: int, payload: float) -> float:
+    """Bytes one rank sends for a collective of ``payload`` bytes over ``world`` ranks (ring algorithms)."""
+    if kind == "all_gather":
+        return (world - 1) * payload
+    if kind == "all_reduce":
+        return 2 * (world - 1) / world * payload
+    if kind == "all_to_all":
+        return (world - 1) / world * payload
+    raise ValueError(f"unknown collective {kind!r}")
+
+
+_recorders = threading.local()
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """Record the collectives DAR issues on this thread (eager mode): ``with count_traffic() as t: ...``."""
+    stack = getattr(_recorders, "stack", None)
+    if stack is None:
+        stack = _recorders.stack = []
+    t = Traffic()
+    stack.append(t)
+    try:
+        yield t
+    finally:
+        stack.remove(t)
+
+
+def _record(kind: str, group, t: torch.Tensor) -> None:
+    stack = getattr(_recorders, "stack", None)
+    if stack and not torch.compiler.is_compiling():
+        entry = (kind, _size_rank(group)[0], t.numel() * t.element_size())
+        for rec in stack:
+            rec.calls.append(entry)
+
+
+def all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    """``(W * t.shape[0], ...)``: every rank's ``t`` stacked in rank order along dim 0."""
+    import torch.distributed._functional_collectives as funcol
+
+    _record("all_gather", group, t)
+    return funcol.wait_tensor(funcol.all_gather_single(t.contiguous(), 0, group))
+
+
+def all_reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
+    import torch.distributed._functional_collectives as funcol
+
+    _record("all_reduce", group, t)
+    return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), op, group))
+
+
+def gather_ranks(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """All-gather ``t`` and concatenate the ranks' pieces along ``dim`` (rank order)."""
+    world = _size_rank(group)[0]
+    g = all_gather(t, group).reshape(world, *t.shape)
+    return torch.cat(g.unbind(0), dim=dim) if world > 1 else g[0]
+
+
+def statistics_traffic(*, batch: int, heads_q: int, head_dim: int, dtype_bytes: int, lk_local: int, slots: int,
+                       num_groups: int, seq_world: int | None, head_world: int | None, thresholds: str = "minmax",
+                       stat_bytes: int = 4) -> list[tuple[str, int, int]]:
+    """The collectives of one sharded key-weight computation, in issue order: ``(kind, group size, payload)``.
+
+    ``heads_q``: this rank's query heads; ``slots``: sampled rows per rank (`ShardPlan.slots`);
+    ``seq_world`` / ``head_world``: the groups' sizes, None when that group is not given;
+    ``stat_bytes``: 4 (8 for float64 inputs), the log-sum-exps' element size.
+    """
+    calls = []
+    if seq_world is not None:
+        calls.append(("all_gather", seq_world, batch * heads_q * slots * head_dim * dtype_bytes))  # sampled q
+        calls.append(("all_gather", seq_world, batch * heads_q * seq_world * slots * stat_bytes))  # their lse
+    if head_world is not None:
+        calls.append(("all_reduce", head_world, batch * lk_local * 4))  # r, summed over heads
+    if seq_world is not None:
+        if thresholds == "quantile":
+            calls.append(("all_gather", seq_world, batch * lk_local * 4))  # every key's r
+        else:
+            calls.append(("all_reduce", seq_world, batch * 2 * max(num_groups, 1) * 4))  # min and max per group
+    return calls
+
+
+# -- where the tokens are ---------------------------------------------------------------------------
+
+def _seg_len(segs) -> int:
+    return sum(e - s for s, e in segs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqShards:
+    """Where each rank's local tokens sit in the logical (global) sequence of an attention call.
+
+    ``q[r]`` / ``k[r]``: the logical ``[start, end)`` segments rank ``r``'s local queries / keys hold,
+    in local order. Every rank holds as many queries (and keys) as every other. The public API uses
+    one contiguous segment per rank (`contiguous`); bindings describe other splits (diffusers splits
+    the text and the image streams separately, so a rank holds one piece of each).
+    """
+
+    q: tuple[tuple[Range, ...], ...]
+    k: tuple[tuple[Range, ...], ...]
+
+    def __post_init__(self):
+        for name, segs in (("q", self.q), ("k", self.k)):
+            if len({_seg_len(s) for s in segs}) != 1:
+                raise ValueError(f"SeqShards.{name}: every rank must hold the same number of tokens, got "
+                                 f"{[_seg_len(s) for s in segs]}")
+
+    @classmethod
+    def contiguous(cls, world: int, lq_local: int, lk_local: int) -> "SeqShards":
+        return cls(tuple(((r * lq_local, (r + 1) * lq_local),) for r in range(world)),
+                   tuple(((r * lk_local, (r + 1) * lk_local),) for r in range(world)))
+
+    @property
+    def world(self) -> int:
+        return len(self.q)
+
+    @property
+    def lq(self) -> int:
+        return sum(_seg_len(s) for s in self.q)
+
+    @property
+    def lk(self) -> int:
+        return sum(_seg_len(s) for s in self.k)
+
+
+def _pieces(ranges, segs) -> list[tuple[int, int, int]]:
+    """``(local_start, local_end, i)`` for each overlap of ``ranges[i]`` with the segments ``segs``."""
+    out, off = [], 0
+    for s0, e0 in segs:
+        for i, (s, e) in enumerate(ranges):
+            a, b = max(s, s0), min(e, e0)
+            if a < b:
+                out.append((off + a - s0, off + b - s0, i))
+        off += e0 - s0
+    return sorted(out)
+
+
+def _merged(pieces) -> tuple[Range, ...]:
+    out: list[list[int]] = []
+    for s, e, _ in pieces:
+        if out and out[-1][1] == s:
+            out[-1][1] = e
+        else:
+            out.append([s, e])
+    return tuple((s, e) for s, e in out)
+
+
+def _local_index(pos: int, segs) -> int | None:
+    off = 0
+    for s, e in segs:
+        if s <= pos < e:
+            return off + pos - s
+        off += e - s
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """The plan of one rank of a sequence group, in local coordinates.
+
+    keys:     this rank's queries and keys: rebalanced rows, reference key pieces (with their global
+              group ids) and this rank's own sampled rows.
+    gathered: this rank's queries against every rank's keys in rank order (after a K/V all-gather).
+    samples:  per rank, per batch row, the local indices of the sampled rows it holds.
+    """
+
+    keys: DARPlan
+    gathered: DARPlan
+    samples: tuple[tuple[tuple[int, ...], ...], ...]
+    rank: int
+    global_gen: tuple  # the global plan's rebalanced row ranges, per batch row
+
+    @property
+    def slots(self) -> int:
+        """Sampled rows each rank contributes to the gather (the most any rank holds in any batch row)."""
+        return max(1, max((len(s) for per in self.samples for s in per), default=0))
+
+
+@functools.lru_cache(maxsize=256)
+def shard_plan(plan: DARPlan, shards: SeqShards, rank: int) -> ShardPlan:
+    """Map a global `DARPlan` onto rank ``rank`` of ``shards``. Host arithmetic on ints; cached."""
+    if plan.lq != shards.lq or plan.lk != shards.lk:
+        raise ValueError(f"the shards hold Lq={shards.lq}, Lk={shards.lk} tokens but the layout was planned for "
+                         f"Lq={plan.lq}, Lk={plan.lk}")
+    lq_loc, lk_loc = _seg_len(shards.q[rank]), _seg_len(shards.k[rank])
+    samples = tuple(
+        tuple(tuple(i for i in (_local_index(p, shards.q[r]) for p in row) if i is not None) for row in plan.samples)
+        for r in range(shards.world))
+    gens = tuple(_merged(_pieces(g, shards.q[rank])) for g in plan.gen_ranges)
+
+    def refs(r: int, offset: int):
+        ranges, groups = [], []
+        for rr, gg in zip(plan.ref_ranges, plan.ref_groups):
+            p = _pieces(rr, shards.k[r])
+            ranges.append(tuple((s + offset, e + offset) for s, e, _ in p))
+            groups.append(tuple(gg[i] for _, _, i in p))
+        return ranges, groups
+
+    own_r, own_g = refs(rank, 0)
+    all_r, all_g = [[] for _ in plan.ref_ranges], [[] for _ in plan.ref_ranges]
+    for r in range(shards.world):
+        rr, gg = refs(r, r * lk_loc)
+        for b in range(plan.batch):
+            all_r[b].extend(rr[b])
+            all_g[b].extend(gg[b])
+    common = dict(batch=plan.batch, gen_ranges=gens, num_groups=plan.num_groups, active=plan.active)
+    keys = DARPlan(lq=lq_loc, lk=lk_loc, samples=samples[rank], ref_ranges=tuple(own_r), ref_groups=tuple(own_g),
+                   **common)
+    gathered = DARPlan(lq=lq_loc, lk=shards.lk, samples=samples[rank], ref_ranges=tuple(map(tuple, all_r)),
+                       ref_groups=tuple(map(tuple, all_g)), **common)
+    return ShardPlan(keys, gathered, samples, rank, plan.gen_ranges)
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_tensors(sp: ShardPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(own rows (B, S) long, clamped to 0; valid (B, W * S) bool of the gathered slots), S = `slots`."""
+    s = sp.slots
+    own = [list(row) + [0] * (s - len(row)) for row in sp.samples[sp.rank]]
+    valid = [[j < len(per[b]) for per in sp.samples for j in range(s)] for b in range(len(own))]
+    return (torch.tensor(own, dtype=torch.long, device=device),
+            torch.tensor(valid, dtype=torch.bool, device=device))
+
+
+@functools.lru_cache(maxsize=256)
+def _idle_rows(sp: ShardPlan, device: torch.device) -> torch.Tensor | None:
+    """(B,) bool: batch rows active globally with no rebalanced row on this rank; None if there are none."""
+    idle = [not g and bool(full) for g, full in zip(sp.keys.gen_ranges, sp.global_gen)]
+    return torch.tensor(idle, device=device) if any(idle) else None
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) -> torch.Tensor:
+    """(B, Lk_local) float32 mass of this rank's keys under every rank's sampled queries."""
+    b, hq, _, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    g = hq // hk
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rows, valid = _slot_tensors(sp, q.device)
+    if torch.compiler.is_compiling():
+        rows, valid = rows.clone(), valid.clone()  # cached constants: keep them out of the graph's inputs
+    slots = rows.shape[1]
+    qs = q.gather(2, rows[:, None, :, None].expand(b, hq, slots, d))  # (B, Hq, S, D): this rank's samples
+    if seq_group is not None:
+        qs = gather_ranks(qs, seq_group, dim=2)  # (B, Hq, W * S, D), rank-major slots
+    m = qs.shape[2]
+    bias = None if key_bias is None else key_bias.to(acc)[:, None, None, :]
+    per_head = b * (g * m + d) * lk
+    step = max(1, min(hk, scoring._CHUNK_ELEMENTS // max(per_head, 1)))
+
+    def logits(h0, h1):
+        qc = qs[:, h0 * g:h1 * g].to(acc).reshape(b, h1 - h0, g * m, d)
+        out = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(scale).reshape(b, (h1 - h0) * g, m, lk)
+        return out if bias is None else out + bias
+
+    chunks = [(h0, min(hk, h0 + step)) for h0 in range(0, hk, step)]
+    # Pass 1: each sampled row's log-sum-exp over this rank's keys, then over every rank's.
+    lse = torch.cat([torch.logsumexp(logits(h0, h1), dim=-1) for h0, h1 in chunks], dim=1)  # (B, Hq, M)
+    if seq_group is not None:
+        world = _size_rank(seq_group)[0]
+        lse = torch.logsumexp(all_gather(lse, seq_group).reshape(world, *lse.shape), dim=0)
+    # A row with no allowed key anywhere has lse = -inf: it contributes zeros (as in one process).
+    ok = torch.isfinite(lse) & valid[:, None, :]
+    lse = torch.where(ok, lse, torch.zeros_like(lse))
+    mass = torch.zeros(b, lk, dtype=acc, device=q.device)
+    for h0, h1 in chunks:  # Pass 2: the probabilities, summed over heads and samples.
+        p = torch.exp(logits(h0, h1) - lse[:, h0 * g:h1 * g, :, None])
+        mass += torch.where(ok[:, h0 * g:h1 * g, :, None], p, torch.zeros_like(p)).sum(dim=(1, 2))
+    mass = mass.float()
+    if head_group is not None:
+        mass = all_reduce(mass, "sum", head_group)
+    return mass
+
+
+def _sharded_weights(mass, sp: ShardPlan, allowed, cfg, seq_group) -> torch.Tensor:
+    """Steps 5-6 with groups that span the sequence group: (B, Lk_local) float32 weights."""
+    b, lk = mass.shape
+    ngroups = max(sp.keys.num_groups, 1)
+    groups = sp.keys.tensors(mass.device).key_groups(lk)
+    if allowed is None:
+        allowed = torch.ones(b, lk, dtype=torch.bool, device=mass.device)
+    if cfg.thresholds == "quantile":
+        # The thresholds are quantiles of the whole group: gather every key's mass (-inf = not allowed).
+        world, rank = _size_rank(seq_group)
+        enc = gather_ranks(torch.where(allowed, mass, torch.full_like(mass, float("-inf"))), seq_group, dim=1)
+        ok = enc != float("-inf")
+        all_groups = sp.gathered.tensors(mass.device).key_groups(world * lk)
+        w, _ = scoring.weights_from_mass(torch.where(ok, enc, torch.zeros_like(enc)), all_groups, ok,
+                                         sp.keys.num_groups, cfg)
+        return w[:, rank * lk:(rank + 1) * lk]
+    gids = torch.arange(ngroups, device=mass.device, dtype=groups.dtype)
+    member = (groups[:, None, :] == gids[None, :, None]) & allowed[:, None, :]  # (B, G, Lk_local)
+    r = mass[:, None, :].expand(b, ngroups, lk)
+    lo = torch.where(member, r, torch.full_like(r, float("inf"))).amin(dim=-1)
+    hi = torch.where(member, r, torch.full_like(r, float("-inf"))).amax(dim=-1)
+    ext = all_reduce(torch.cat([-lo, hi], dim=1), "max", seq_group)  # one all-reduce: (B, 2G)
+    lo, hi = -ext[:, :ngroups], ext[:, ngroups:]
+    # Append each group's global min and max as two extra members: the group's local min/max become
+    # the global ones exactly, and steps 5-6 run unchanged (scoring.weights_from_mass).
+    sentinels = torch.cat([lo, hi], dim=1)
+    present = torch.isfinite(sentinels)
+    w, _ = scoring.weights_from_mass(
+        torch.cat([mass, torch.where(present, sentinels, torch.zeros_like(sentinels))], dim=1),
+        torch.cat([groups, gids.expand(b, ngroups), gids.expand(b, ngroups)], dim=1),
+        torch.cat([allowed, present], dim=1), sp.keys.num_groups, cfg)
+    return w[:, :lk]
+
+
+# -- the public entry points (reached through dar.dar_attention / dar.compute_key_weights) -------------
+
+@dataclasses.dataclass(frozen=True)
+class ShardedCall:
+    call: DARCall  # this rank's tensors; its plan is the global one
+    seq_group: object
+    head_group: object
+    shards: SeqShards | None
+    sp: ShardPlan | None  # None without a sequence group
+
+
+def make_sharded_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group,
+                      shards: SeqShards | None = None) -> ShardedCall:
+    """Validate a sharded call. ``shards`` (bindings only) overrides the contiguous split of ``seq_group``."""
+    head_group = check_group("head_group", head_group)
+    seq_group = check_group("seq_group", seq_group)
+    if seq_group is None:
+        return ShardedCall(make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal), None, head_group, None, None)
+    world, rank = _size_rank(seq_group)
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    if shards is None:
+        shards = SeqShards.contiguous(world, q.shape[2], k.shape[2])
+    elif shards.world != world or _seg_len(shards.q[rank]) != q.shape[2] or _seg_len(shards.k[rank]) != k.shape[2]:
+        raise ValueError(f"the shards ({shards.world} ranks of {_seg_len(shards.q[0])} queries, "
+                         f"{_seg_len(shards.k[0])} keys) do not match seq_group ({world} ranks) and q, k "
+                         f"({q.shape[2]} queries, {k.shape[2]} keys)")
+    call = make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, lengths=(shards.lq, shards.lk))
+    if call.mask.is_causal:
+        raise ValueError("is_causal=True is not supported with seq_group (the causal rule needs positions across "
+                         "ranks); DAR's sharded path serves bidirectional attention")
+    if call.mask.mask is not None and not call.mask.is_key_only:
+        raise ValueError(f"with seq_group, attn_mask must be a key-padding mask or key bias of this rank's keys, "
+                         f"shape (B or 1, 1, 1, Lk_local); got {tuple(call.mask.mask.shape)}")
+    return ShardedCall(call, seq_group, head_group, shards, shard_plan(call.plan, shards, rank))
+
+
+def sharded_key_weights(sc: ShardedCall) -> torch.Tensor:
+    """(B, Lk_local) float32 weights of this rank's keys, equal to the single-process weights there."""
+    call = sc.call
+    with torch.no_grad():
+        if sc.seq_group is None:
+            mass = scoring.sampled_attention_mass(call)
+            if sc.head_group is not None:
+                mass = all_reduce(mass, "sum", sc.head_group)
+            pt = call.plan.tensors(call.q.device)
+            w, _ = scoring.weights_from_mass(mass, pt.key_groups(call.plan.lk), call.mask.key_allowed(),
+                                             call.plan.num_groups, call.cfg)
+            return w
+        mass = _gathered_mass(call.q, call.k, call.mask.key_bias(), call.scale, sc.sp, sc.seq_group, sc.head_group)
+        return _sharded_weights(mass, sc.sp, call.mask.key_allowed(), call.cfg, sc.seq_group)
+
+
+def gathered_call(sc: ShardedCall, w: torch.Tensor | None) -> tuple[DARCall, torch.Tensor | None]:
+    """This rank's queries against every rank's keys, values, weights and key mask (all-gathered)."""
+    call, group = sc.call, sc.seq_group
+    k = gather_ranks(call.k, group, dim=2)
+    v = gather_ranks(call.v, group, dim=2)
+    mask = None
+    if call.mask.mask is not None:
+        km = call.mask.mask[:, 0, 0, :].expand(call.q.shape[0], call.k.shape[2])
+        mask = gather_ranks(km, group, dim=1)[:, None, None, :]
+    if w is not None:
+        w = gather_ranks(w, group, dim=1)
+        # A batch row none of whose rebalanced rows sit on this rank is plain here; backends read an
+        # empty row range as "every weight is 1", so make that true.
+        idle = _idle_rows(sc.sp, w.device)
+        if idle is not None:
+            w = torch.where(idle[:, None], torch.ones_like(w), w)
+    b, _, lq, _ = call.q.shape
+    spec = MaskSpec(mask, False, b, lq, k.shape[2])
+    return DARCall(call.q, k, v, call.layouts, call.cfg, spec, call.scale, sc.sp.gathered), w
+
+
+def key_weights(q, k, layout, cfg, attn_mask, scale, is_causal, backend, head_group, seq_group) -> torch.Tensor:
+    """`dar.compute_key_weights` with groups. The statistics are always the torch implementation."""
+    from .backends import BACKENDS
+
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    sc = make_sharded_call(q, k, None, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
+    if not sc.call.plan.active:
+        return torch.ones(k.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
+    return sharded_key_weights(sc)
+
+
+def attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return_weights, head_group, seq_group):
+    from .backends import select_backend
+
+    sc = make_sharded_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
+    w = sharded_key_weights(sc) if sc.call.plan.active else None
+    if sc.seq_group is None:
+        out = select_backend(backend, sc.call).attention(sc.call, w)
+    else:
+        attend, w_all = gathered_call(sc, w)
+        out = select_backend(backend, attend).attention(attend, w_all)
+    if return_weights:
+        if w is None:
+            w = torch.ones(k.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
+        return out, w
+    return out
+
+
+__all__ = ["SeqShards", "ShardPlan", "Traffic", "count_traffic", "wire_bytes", "shard_plan", "check_group"]

@@ -1,0 +1,198 @@
+"""dar_attention / compute_key_weights with the heads, the tokens or both split over gloo ranks.
+
+Every rank builds the same full tensors from a seed, runs the single-process reference on them, then
+the sharded call on its own slice, and compares: weights exactly (float64) and outputs to rounding.
+Both world sizes (2 and 4 processes) run every case inside one spawn.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dar
+from dar import DARConfig, TokenLayout
+from dar import parallel, scoring
+from dar.call import make_call
+from dist_harness import run_world
+
+MODES = ("key_scale", "prob_scale")
+NORMALIZE = ("joint", "per_image")
+THRESHOLDS = ("minmax", "quantile")
+QUERIES = ("generation", "all")
+SAMPLING = ("random", "strided")
+
+
+def _configs():
+    # Every value of every field appears, in several combinations (a rotating cover of the product).
+    combos = list(itertools.product(MODES, NORMALIZE, THRESHOLDS, QUERIES, SAMPLING))
+    picked = combos[::5] + [("key_scale", "joint", "minmax", "generation", "random")]
+    return [DARConfig(num_samples=5, gamma=0.3, tau_high=0.6, tau_low=0.35, mode=m, normalize=n, thresholds=t,
+                      queries=qq, sampling=s, seed=3) for m, n, t, qq, s in picked]
+
+
+def _layouts(rng: random.Random, batch: int, length: int):
+    """Per-row layouts: text, a gen range and 1-3 reference ranges, in varying orders and sizes."""
+    out = []
+    for _ in range(batch):
+        cuts = sorted(rng.sample(range(1, length), 4))
+        spans = [(0, cuts[0]), (cuts[0], cuts[1]), (cuts[1], cuts[2]), (cuts[2], cuts[3]), (cuts[3], length)]
+        gen = spans[1]
+        refs = [spans[i] for i in sorted(rng.sample([2, 3, 4], rng.randint(1, 3)))]
+        if rng.random() < 0.3:  # the generated image after the references
+            gen, refs = spans[4], [spans[i] for i in (1, 2, 3)]
+        out.append(TokenLayout(ref=refs, gen=[gen]))
+    return out
+
+
+def _mask(kind: str, batch: int, length: int, rng: random.Random, dtype):
+    if kind == "none":
+        return None
+    keep = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    for b in range(batch):
+        for j in rng.sample(range(length), 2):
+            keep[b, ..., j] = False
+    if kind == "bool":
+        return keep
+    bias = torch.randn(1, 1, 1, length, generator=torch.Generator().manual_seed(7), dtype=dtype) * 0.5
+    return bias.masked_fill(~keep[:1], float("-inf"))  # a float key bias shared by the batch
+
+
+def _groups(rank: int, world: int):
+    """(head_group, seq_group, head index, heads split, seq index, seq split) per split kind."""
+    world_group = dist.group.WORLD
+    kinds = {"head": (world_group, None, rank, world, 0, 1), "seq": (None, world_group, 0, 1, rank, world)}
+    if world == 4:
+        # 2 x 2: ranks {0,1} and {2,3} share tokens (head groups); {0,2} and {1,3} share heads (seq groups).
+        heads = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        seqs = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        kinds["both"] = (heads[rank // 2], seqs[rank % 2], rank % 2, 2, rank // 2, 2)
+    return kinds
+
+
+def _slice(n: int, i: int, parts: int) -> slice:
+    return slice(i * n // parts, (i + 1) * n // parts)
+
+
+def _check_case(kind, groups, q, k, v, layouts, cfg, mask, dtype):
+    head_group, seq_group, hi, hn, si, sn = groups
+    b, hq, length, _ = q.shape
+    hk = k.shape[1]
+    qs, ks, ts = _slice(hq, hi, hn), _slice(hk, hi, hn), _slice(length, si, sn)
+    local_mask = None if mask is None else mask[..., ts]
+    want_w = dar.compute_key_weights(q, k, layouts, cfg, mask, backend="reference")
+    want_torch = dar.dar_attention(q, k, v, layouts, cfg, mask, backend="torch")
+    want_ref = dar.dar_attention(q, k, v, layouts, cfg, mask, backend="reference")
+    args = (q[:, qs, ts], k[:, ks, ts])
+    w = dar.compute_key_weights(*args, layouts, cfg, local_mask, head_group=head_group, seq_group=seq_group)
+    out, w2 = dar.dar_attention(*args, v[:, ks, ts], layouts, cfg, local_mask, return_weights=True,
+                                head_group=head_group, seq_group=seq_group)
+    what = f"{kind} {cfg} mask={None if mask is None else mask.dtype}"
+    if dtype == torch.float64:
+        assert torch.equal(w, want_w[:, ts]), what
+        assert torch.equal(w2, w), what
+        torch.testing.assert_close(out, want_torch[:, qs, ts], atol=1e-12, rtol=1e-12, msg=lambda m: f"{what}: {m}")
+    else:  # float32: compare where the float64 r̂ is clear of the thresholds
+        mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
+        stats = scoring.key_statistics(make_call(q.double(), k.double(), None, layouts, cfg, mask64, None, False))
+        clear = ((stats.rhat - cfg.tau_high).abs() > 1e-3) & ((stats.rhat - cfg.tau_low).abs() > 1e-3)
+        clear |= stats.rhat.isnan()
+        assert torch.equal(w[clear[:, ts]], want_w[:, ts][clear[:, ts]]), what
+        if bool(clear.all()):
+            torch.testing.assert_close(out, want_torch[:, qs, ts], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, want_ref[:, qs, ts], atol=1e-6, rtol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def _traffic_case(groups, q, k, v, layouts, cfg, mask):
+    """The collectives recorded for one call are exactly those `parallel.statistics_traffic` predicts."""
+    head_group, seq_group, hi, hn, si, sn = groups
+    b, hq, length, d = q.shape
+    hk = k.shape[1]
+    qs, ks, ts = _slice(hq, hi, hn), _slice(hk, hi, hn), _slice(length, si, sn)
+    lk = ts.stop - ts.start
+    with parallel.count_traffic() as t:
+        dar.compute_key_weights(q[:, qs, ts], k[:, ks, ts], layouts, cfg, None if mask is None else mask[..., ts],
+                                head_group=head_group, seq_group=seq_group)
+    slots = 1
+    if seq_group is not None:
+        sc = parallel.make_sharded_call(q[:, qs, ts], k[:, ks, ts], None, layouts, cfg, None, None, False,
+                                        head_group, seq_group)
+        slots = sc.sp.slots
+    want = parallel.statistics_traffic(
+        batch=b, heads_q=qs.stop - qs.start, head_dim=d, dtype_bytes=q.element_size(), lk_local=lk, slots=slots,
+        num_groups=make_call(q, k, None, layouts, cfg, None, None, False).plan.num_groups,
+        seq_world=None if seq_group is None else sn, head_world=None if head_group is None else hn,
+        thresholds=cfg.thresholds, stat_bytes=8 if q.dtype == torch.float64 else 4)
+    assert t.calls == want
+    assert t.sent == sum(parallel.wire_bytes(*c) for c in want)
+    with parallel.count_traffic() as t:  # the attention adds the K/V gather of the sharded call
+        dar.dar_attention(q[:, qs, ts], k[:, ks, ts], v[:, ks, ts], layouts, cfg, None,
+                          head_group=head_group, seq_group=seq_group)
+    extra = t.calls[len(parallel.statistics_traffic(
+        batch=b, heads_q=qs.stop - qs.start, head_dim=d, dtype_bytes=q.element_size(), lk_local=lk, slots=slots,
+        num_groups=1, seq_world=None if seq_group is None else sn, head_world=None if head_group is None else hn,
+        thresholds=cfg.thresholds)):]
+    if seq_group is None:
+        assert extra == []
+    else:
+        kv = b * (ks.stop - ks.start) * lk * d * q.element_size()
+        assert extra == [("all_gather", sn, kv), ("all_gather", sn, kv), ("all_gather", sn, b * lk * 4)]
+
+
+def _errors(rank, world):
+    q = torch.randn(1, 2, 4, 8)
+    lay = TokenLayout(ref=[(0, 2)], gen=[(2, 4 * world)])
+    with pytest.raises(TypeError, match="seq_group must be a torch.distributed ProcessGroup"):
+        dar.dar_attention(q, q, q, lay, seq_group="world")
+    with pytest.raises(TypeError, match="head_group must be"):
+        dar.compute_key_weights(q, q, lay, head_group=[0, 1])
+    with pytest.raises(ValueError, match="is_causal=True is not supported with seq_group"):
+        dar.dar_attention(q, q, q, lay, is_causal=True, seq_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="attn_mask must be a key-padding mask"):
+        dar.dar_attention(q, q, q, lay, attn_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool),
+                          seq_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="exceeds the number of keys"):  # layouts are checked in global positions
+        dar.compute_key_weights(q, q, TokenLayout(ref=[(0, 4 * world + 1)], gen=[(0, 2)]),
+                                seq_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dar.compute_key_weights(q, q, lay, backend="nope", seq_group=dist.group.WORLD)
+
+
+def _worker(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    rng = random.Random(world)
+    kinds = _groups(rank, world)
+    ran = 0
+    for i, cfg in enumerate(_configs()):
+        gqa = i % 2 == 1
+        hq, hk, length = 2 * world, world if gqa else 2 * world, 6 * world
+        gen = torch.Generator().manual_seed(100 + i)
+        q, k, v = (torch.randn(2, h, length, 8, generator=gen, dtype=torch.float64) for h in (hq, hk, hk))
+        layouts = _layouts(rng, 2, length)
+        mask = _mask(("none", "bool", "float")[i % 3], 2, length, rng, torch.float64)
+        for kind, groups in kinds.items():
+            _check_case(kind, groups, q, k, v, layouts, cfg, mask, torch.float64)
+            ran += 1
+    # One float32 case per split; one traffic check per split; a single layout for the whole batch.
+    cfg = DARConfig(num_samples=6, gamma=0.25)
+    gen = torch.Generator().manual_seed(1)
+    length = 6 * world
+    q, k, v = (torch.randn(2, h, length, 8, generator=gen) for h in (2 * world, world, world))
+    one = TokenLayout(ref=[(length // 2, length)], gen=[(1, length // 2)])
+    for kind, groups in kinds.items():
+        _check_case(kind, groups, q, k, v, one, cfg, None, torch.float32)
+        _traffic_case(groups, q, k, v, [one, one], cfg, None)
+        _traffic_case(groups, q.double(), k.double(), v.double(), _layouts(rng, 2, length),
+                      DARConfig(num_samples=4, normalize="per_image", thresholds="quantile"), None)
+        ran += 1
+    _errors(rank, world)
+    assert ran == len(kinds) * (len(_configs()) + 1)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_matches_single_process(world):
+    run_world(world, _worker)
