@@ -252,7 +252,7 @@ class ShardPlan:
     @property
     def slots(self) -> int:
         """Sampled rows each rank contributes to the gather (the most any rank holds in any batch row)."""
-        return max(1, max((len(s) for per in self.samples for s in per), default=0))
+        return max([1] + [len(s) for per in self.samples for s in per])
 
 
 @functools.lru_cache(maxsize=256)
