@@ -356,6 +356,8 @@ def _sharded_weights(mass, sp: ShardPlan, allowed, cfg, seq_group) -> torch.Tens
     b, lk = mass.shape
     ngroups = max(sp.keys.num_groups, 1)
     groups = sp.keys.tensors(mass.device).key_groups(lk)
+    if seq_group is None:
+        return scoring.weights_from_mass(mass, groups, allowed, sp.keys.num_groups, cfg)[0]
     if allowed is None:
         allowed = torch.ones(b, lk, dtype=torch.bool, device=mass.device)
     if cfg.thresholds == "quantile":
@@ -401,9 +403,10 @@ def make_sharded_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, head_gr
     """Validate a sharded call. ``shards`` (bindings only) overrides the contiguous split of ``seq_group``."""
     head_group = check_group("head_group", head_group)
     seq_group = check_group("seq_group", seq_group)
-    if seq_group is None:
+    if seq_group is None and shards is None:
         return ShardedCall(make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal), None, head_group, None, None)
-    world, rank = _size_rank(seq_group)
+    # (A binding may pass shards without a sequence group: one rank holding the tokens in another order.)
+    world, rank = _size_rank(seq_group) if seq_group is not None else (1, 0)
     _check_tensor("q", q)
     _check_tensor("k", k)
     if shards is None:
@@ -426,7 +429,7 @@ def sharded_key_weights(sc: ShardedCall) -> torch.Tensor:
     """(B, Lk_local) float32 weights of this rank's keys, equal to the single-process weights there."""
     call = sc.call
     with torch.no_grad():
-        if sc.seq_group is None:
+        if sc.sp is None:
             mass = scoring.sampled_attention_mass(call)
             if sc.head_group is not None:
                 mass = all_reduce(mass, "sum", sc.head_group)
@@ -441,14 +444,15 @@ def sharded_key_weights(sc: ShardedCall) -> torch.Tensor:
 def gathered_call(sc: ShardedCall, w: torch.Tensor | None) -> tuple[DARCall, torch.Tensor | None]:
     """This rank's queries against every rank's keys, values, weights and key mask (all-gathered)."""
     call, group = sc.call, sc.seq_group
-    k = gather_ranks(call.k, group, dim=2)
-    v = gather_ranks(call.v, group, dim=2)
+    gather = (lambda t, dim: t) if group is None else (lambda t, dim: gather_ranks(t, group, dim))
+    k = gather(call.k, 2)
+    v = gather(call.v, 2)
     mask = None
     if call.mask.mask is not None:
         km = call.mask.mask[:, 0, 0, :].expand(call.q.shape[0], call.k.shape[2])
-        mask = gather_ranks(km, group, dim=1)[:, None, None, :]
+        mask = gather(km, 1)[:, None, None, :]
     if w is not None:
-        w = gather_ranks(w, group, dim=1)
+        w = gather(w, 1)
         # A batch row none of whose rebalanced rows sit on this rank is plain here; backends read an
         # empty row range as "every weight is 1", so make that true.
         idle = _idle_rows(sc.sp, w.device)
@@ -476,7 +480,7 @@ def attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return
 
     sc = make_sharded_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
     w = sharded_key_weights(sc) if sc.call.plan.active else None
-    if sc.seq_group is None:
+    if sc.sp is None:
         out = select_backend(backend, sc.call).attention(sc.call, w)
     else:
         attend, w_all = gathered_call(sc, w)
