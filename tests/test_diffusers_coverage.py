@@ -27,6 +27,7 @@ LAYOUT_TESTS = {
                                ("test_pipeline_multiref", "test_visualcloze_pipeline")],
     "QwenImage21Transformer2DModel": [("test_pipeline_multiref", "test_qwenimage21_kv_cache")],
     "JoyImageEditPlusTransformer3DModel": [("test_pipeline_multiref", "test_joyimage_edit_plus")],
+    "Flux3Transformer2DModel": [("test_pipeline_multiref", "test_flux3_references")],
     "BriaFiboTransformer2DModel": [("test_pipeline_multiref", "test_bria_fibo_edit_ids")],
     "OmniGenTransformer2DModel": [("test_diffusers_binding", "test_matches_reference_on_captured_calls")],
 }

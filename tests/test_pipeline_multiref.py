@@ -299,3 +299,37 @@ def test_joyimage_edit_plus():
     full = TokenLayout(ref=[(16, 40), (40, 48)], gen=[(0, 16)], image_shapes=[(4, 6), (2, 4)])
     short = TokenLayout(ref=[(16, 32)], gen=[(0, 16)], image_shapes=[(4, 4)])  # patches 32..48 are padding
     verify(run, model, vars(mod), {(n_img + n_txt, n_img + n_txt): [full, short, full, short]}, {"rebalanced": 1})
+
+
+# ---- FLUX.3 (references on the L id axis) --------------------------------------------------------------
+
+def test_flux3_references():
+    """Ids from the FLUX.3 modular pipeline's own helpers: the image on l = 0, reference k on
+    l = -(1 + k); text ids advance along l. Per-mode blocks attend within one kind of token."""
+    from diffusers.models.transformers import transformer_flux3 as mod
+    if not hasattr(mod, "Flux3Transformer2DModel"):
+        pytest.skip("this diffusers has no FLUX.3")
+    before = pytest.importorskip("diffusers.modular_pipelines.flux3.before_denoise")
+
+    torch.manual_seed(0)
+    model = mod.Flux3Transformer2DModel(in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=1,
+                                        attention_head_dim=HEAD_DIM, num_attention_heads=1, joint_attention_dim=32,
+                                        timestep_channels=32).eval()
+    n_txt = 5
+    txt_ids = before.Flux3TextRoPEInputsStep._prepare_text_ids(torch.zeros(1, n_txt, 1))
+    img_ids = before._prepare_image_ids(4, 4, 1.0)
+    cond_ids = torch.cat([before._prepare_image_ids(h, w, 1.0, l_coord=-(1 + k))
+                          for k, (h, w) in enumerate([(4, 6), (2, 4)])])
+    kwargs = dict(hidden_states=torch.randn(2, 16, 8), encoder_hidden_states=torch.randn(2, n_txt, 32),
+                  timestep=torch.tensor([0.5, 0.5]), img_ids=img_ids, txt_ids=txt_ids,
+                  image_cond_hidden_states=torch.randn(2, 32, 8), image_cond_ids=cond_ids, return_dict=False)
+
+    def run():
+        with torch.no_grad():
+            return model(**kwargs)[0]
+
+    layout = TokenLayout(ref=[(21, 45), (45, 53)], gen=[(5, 21)], image_shapes=[(4, 6), (2, 4)])
+    verify(run, model, vars(mod), {(53, 53): [layout] * 2},
+           {"rebalanced": 1, "passed": {"per-mode block of the reference tokens (no generated queries)": 1,
+                                        "per-mode block of the image tokens (no reference keys)": 1,
+                                        "per-mode block of the text tokens": 1}})

@@ -196,6 +196,34 @@ def joyimage_edit_plus(model, kw: dict, memo: dict):
     return joint(layouts, n_img + n_txt)
 
 
+def _flux3_refs(cond_ids: torch.Tensor, offset: int):
+    ids = cond_ids[0] if cond_ids.dim() == 3 else cond_ids
+    rows = ids.detach().to("cpu", torch.float64).tolist()
+    refs, grids = [], []
+    for s, e, _ in _runs([r[3] for r in rows]):  # reference k has l = -(1 + k)
+        refs.append((offset + s, offset + e))
+        grids.append(_grid([(r[1], r[2]) for r in rows], s, e))
+    return tuple(refs), (tuple(grids) if all(g is not None for g in grids) else None)
+
+
+def flux3(model, kw: dict, memo: dict):
+    """Layouts of a FLUX.3 forward: per-mode blocks attend within the text, the image or the
+    references alone (nothing to rebalance); the joint blocks attend over ``[text, image,
+    references]``, each reference image one run of ``image_cond_ids``' L value."""
+    hs, ehs, cond, cond_ids = (kw.get(k) for k in ("hidden_states", "encoder_hidden_states",
+                                                   "image_cond_hidden_states", "image_cond_ids"))
+    if hs is None or ehs is None or cond is None or cond_ids is None:
+        return None
+    n_txt, n_img, n_cond = int(ehs.shape[1]), int(hs.shape[1]), int(cond.shape[1])
+    refs, grids = _cached(memo, "flux3", cond_ids, (n_txt + n_img,), lambda: _flux3_refs(cond_ids, n_txt + n_img))
+    layout = TokenLayout(ref=refs, gen=[(n_txt, n_txt + n_img)], image_shapes=grids)
+    seq = n_txt + n_img + n_cond
+    passes = (((n_cond, n_cond), "per-mode block of the reference tokens (no generated queries)"),
+              ((n_img, n_img), "per-mode block of the image tokens (no reference keys)"),
+              ((n_txt, n_txt), "per-mode block of the text tokens"))
+    return joint((layout,) * int(hs.shape[0]), seq, passes)
+
+
 def _runs(values: list) -> list[tuple[int, int, object]]:
     """Maximal runs of equal consecutive values: ``(start, end, value)``."""
     runs, start = [], 0
@@ -387,6 +415,7 @@ def _families():
         ("transformer_qwenimage21", "QwenImage21Transformer2DModel", Family("qwenimage21", qwenimage21)),
         ("transformer_joyimage_edit_plus", "JoyImageEditPlusTransformer3DModel",
          Family("joyimage_edit_plus", joyimage_edit_plus)),
+        ("transformer_flux3", "Flux3Transformer2DModel", Family("flux3", flux3)),
         ("transformer_flux2", "Flux2Transformer2DModel", Family("flux2", flux_ids, flux2_after)),
         ("transformer_flux", "FluxTransformer2DModel", Family("flux", flux_ids)),
         ("transformer_bria_fibo", "BriaFiboTransformer2DModel", Family("bria_fibo", flux_ids)),
@@ -430,8 +459,6 @@ NOT_SUPPORTED: dict[str, tuple[str, str]] = {
                                  "not written yet"),
     "BriaFibo2Transformer2DModel": (NOT_YET, "context images after the target, gist tokens first or last; rule not "
                                     "written yet"),
-    "Flux3Transformer2DModel": (NOT_YET, "references (image_cond_hidden_states) told apart on the L id axis; rule "
-                                "not written yet"),
     "WanVACETransformer3DModel": (NOT_YET, "WanVACEPipeline prepends reference_images as latent frames but does not "
                                   "pass their count to the transformer, so the layout cannot be derived from its "
                                   "arguments; use layout_fn with the number of reference frames"),
