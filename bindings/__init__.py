@@ -2,7 +2,9 @@
 
 - diffusers pipelines and transformer models: `dar.bindings.diffusers`.
 - transformers models using ``attn_implementation="dar"``: `dar.bindings.transformers`.
-Both import their library lazily, so ``import dar`` never pulls diffusers or transformers in.
+- BAGEL's ``Bagel`` model: `dar.bindings.bagel`. OmniGen2's transformer and pipeline go through the
+  diffusers binding (its layout rule is `dar.bindings.omnigen2`). Neither package is imported.
+Each imports its library lazily, so ``import dar`` never pulls diffusers or transformers in.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import sys
 
 
 def _binding_for(target):
+    from . import bagel  # BAGEL's model is a transformers PreTrainedModel: recognised by class first
+
+    if bagel.is_bagel(target):
+        return bagel
     # A transformers model is recognised without importing transformers when it isn't loaded.
     tf = sys.modules.get("transformers")
     inner = getattr(target, "_orig_mod", target)  # a torch.compile'd model routes like the model inside

@@ -213,6 +213,39 @@ class Recorder:
         self._rebalanced += 1
         if not (self._keep_step(step) and self._keep_layer(layer)):
             return
+        call, mass, rhat, after, w = self._statistics(q, k, layout, config, attn_mask, scale, is_causal, weights)
+        rows = [(b, lay, len(call.plan.samples[b]), mass[b], after[b], rhat[b], w[b]) for b, lay in enumerate(call.layouts)]
+        self._append(step, layer, layer_name, timestep, config, q.shape[1], rows)
+
+    @torch.compiler.disable
+    def observe_packed(self, *, layer: int, layer_name: str, step: int, timestep: float | None, q: torch.Tensor,
+                       k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, layouts,
+                       config: DARConfig, scale: float, weights: torch.Tensor | None, causal: bool = False) -> None:
+        """Record one rebalanced packed (``flash_attn_varlen_func``) call: ``q (total_q, Hq, D)``,
+        ``k (total_k, Hk, D)``, one layout per sequence, ``weights (total_k,)`` or None. Sequence ``n``
+        is ``batch_row`` n of the call; ``causal`` is flash-attn's bottom-right rule."""
+        from dar.varlen.reference import bottom_right_causal
+
+        step, layer = int(step), int(layer)
+        self._rebalanced += 1
+        if not (self._keep_step(step) and self._keep_layer(layer)):
+            return
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        rows = []
+        for n, lay in enumerate(layouts):
+            q0, q1, k0, k1 = cq[n], cq[n + 1], ck[n], ck[n + 1]
+            if q1 == q0 or k1 == k0:
+                continue
+            qn, kn = q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None]
+            mask = bottom_right_causal(q1 - q0, k1 - k0, q.device) if causal else None
+            wn = weights[k0:k1][None] if weights is not None else None
+            call, mass, rhat, after, w = self._statistics(qn, kn, lay, config, mask, scale, False, wn)
+            rows.append((n, lay, len(call.plan.samples[0]), mass[0], after[0], rhat[0], w[0]))
+        self._append(step, layer, layer_name, timestep, config, q.shape[1], rows)
+
+    @staticmethod
+    def _statistics(q, k, layout, config, attn_mask, scale, is_causal, weights):
+        """The call and its per-key mass before / after, r̂ and w, on the CPU."""
         with torch.no_grad():
             call = make_call(q, k, None, layout, config, attn_mask, scale, bool(is_causal))
             stats = key_statistics(call)
@@ -220,15 +253,15 @@ class Recorder:
             if tuple(w.shape) != (q.shape[0], k.shape[2]):
                 raise ValueError(f"weights must have shape (B, Lk) = {(q.shape[0], k.shape[2])}, got {tuple(w.shape)}")
             after = weighted_sampled_mass(call, w)
-            mass, rhat = stats.mass.cpu(), stats.rhat.cpu()
-            after, w = after.cpu(), w.cpu()
+        return call, stats.mass.cpu(), stats.rhat.cpu(), after.cpu(), w.cpu()
+
+    def _append(self, step, layer, layer_name, timestep, config, hq, rows) -> None:
+        """One `RecordEntry` per row ``(batch_row, layout, samples, mass, after, rhat, w)`` of one call."""
         key = (step, layer)
         call_idx = self._calls.get(key, 0)
         self._calls[key] = call_idx + 1
-        rows = self._entries.setdefault(key, [])
-        hq = q.shape[1]
-        for b, lay in enumerate(call.layouts):
-            n = len(call.plan.samples[b])
+        entries = self._entries.setdefault(key, [])
+        for b, lay, n, mass, after, rhat, w in rows:
             if n == 0 or not lay.ref:
                 continue  # no sampled query or no reference image: nothing to show for this row
             norm = 1.0 / (n * hq)
@@ -237,14 +270,14 @@ class Recorder:
             for (s, e), hw in zip(lay.ref, shapes):
                 refs.append(RefImageStats(
                     shape=hw,
-                    mass_before=(mass[b, s:e] * norm).reshape(hw).clone(),
-                    mass_after=(after[b, s:e] * norm).reshape(hw).clone(),
-                    rhat=rhat[b, s:e].reshape(hw).clone(),
-                    weight=w[b, s:e].reshape(hw).clone(),
+                    mass_before=(mass[s:e] * norm).reshape(hw).clone(),
+                    mass_after=(after[s:e] * norm).reshape(hw).clone(),
+                    rhat=rhat[s:e].reshape(hw).clone(),
+                    weight=w[s:e].reshape(hw).clone(),
                 ))
-            rows.append(RecordEntry(
+            entries.append(RecordEntry(
                 step=step, layer=layer, layer_name=str(layer_name),
-                timestep=None if timestep is None else float(timestep), row=len(rows), call=call_idx,
+                timestep=None if timestep is None else float(timestep), row=len(entries), call=call_idx,
                 batch_row=b, gamma=float(config.gamma if config is not None else DARConfig().gamma),
                 num_samples=n, refs=tuple(refs), shapes_guessed=guessed,
             ))

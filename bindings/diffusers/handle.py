@@ -305,7 +305,7 @@ class DARHandle:
         self.clock.reset()
 
     def disable(self) -> None:
-        from . import disable
+        from .. import disable  # the routing dispatcher: this handle may belong to another binding (BAGEL)
 
         target = self.target
         if target is not None:
@@ -323,24 +323,35 @@ class DARHandle:
         return f"DARHandle(target={type(self.target).__name__}, models={names}, config={self.config}, enabled={self.enabled})"
 
 
+def check_options(config, backend, recorder, backends=BACKENDS) -> DARConfig:
+    """Validate `enable`'s ``config``, ``backend`` and ``recorder``; the config (default ``DARConfig()``)."""
+    if config is None:
+        config = DARConfig()
+    if not isinstance(config, DARConfig):
+        raise TypeError(f"config must be a dar.DARConfig or None, got {type(config).__name__}")
+    if not isinstance(backend, str) or backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    if recorder is not None and not callable(getattr(recorder, "observe", None)):
+        raise TypeError(f"recorder must have an observe(...) method (e.g. a dar.Recorder), got {type(recorder).__name__}")
+    return config
+
+
+def user_layout_fn(layout_fn):
+    """A user's ``layout_fn`` in the internal ``(model, call_kwargs, memo)`` form, after checking it is callable."""
+    if not callable(layout_fn):
+        raise TypeError(f"layout_fn must be a callable (module, call_kwargs) -> TokenLayout | list | None, "
+                        f"got {type(layout_fn).__name__}")
+    return _user_layout_fn(layout_fn)
+
+
 def make_settings(model, config, backend, layout_fn, steps, recorder) -> Settings:
     """Validate `enable`'s arguments for ``model`` (raising before anything is installed)."""
     if not any(getattr(m, "processor", None) is not None for m in model.modules()):
         raise TypeError(f"dar.enable: {type(model).__name__} has no diffusers attention modules (modules with a "
                         f"`processor`); DAR can only be enabled on diffusers transformers")
-    if config is None:
-        config = DARConfig()
-    if not isinstance(config, DARConfig):
-        raise TypeError(f"config must be a dar.DARConfig or None, got {type(config).__name__}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if recorder is not None and not callable(getattr(recorder, "observe", None)):
-        raise TypeError(f"recorder must have an observe(...) method (e.g. a dar.Recorder), got {type(recorder).__name__}")
+    config = check_options(config, backend, recorder)
     if layout_fn is not None:
-        if not callable(layout_fn):
-            raise TypeError(f"layout_fn must be a callable (module, call_kwargs) -> TokenLayout | list | None, "
-                            f"got {type(layout_fn).__name__}")
-        fn, family, after = _user_layout_fn(layout_fn), "layout_fn", None
+        fn, family, after = user_layout_fn(layout_fn), "layout_fn", None
     else:
         fam = layouts.family_of(model)
         if fam is None:

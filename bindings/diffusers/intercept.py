@@ -3,7 +3,9 @@
 diffusers processors call ``dispatch_attention_fn(query, key, value, ...)`` with ``(B, L, H, D)``
 tensors, looked up in their own module's namespace at call time (QwenImage, FLUX.2, FLUX.1).
 OmniGen's processor calls ``F.scaled_dot_product_attention`` on ``(B, H, L, D)`` tensors through
-the module-level name ``F``. A *site* is such a (namespace, name) pair. Enabling a model replaces
+the module-level name ``F``. OmniGen2's flash processor and BAGEL's language model call
+``flash_attn_varlen_func`` on packed ``(total, H, D)`` tensors, imported by name into their module
+(`make_varlen_interceptor`). A *site* is such a (namespace, name) pair. Enabling a model replaces
 the name by an interceptor for as long as at least one enabled model uses it; the last `release`
 puts the original object back, so identity checks hold after `disable`.
 
@@ -25,6 +27,7 @@ import torch
 
 from dar.api import dar_attention
 from dar.layout import TokenLayout
+from dar.varlen import VARLEN_BACKENDS, dar_attention_varlen
 
 from . import context
 
@@ -32,6 +35,7 @@ logger = logging.getLogger("dar.bindings.diffusers")
 
 DISPATCH = "dispatch"  # diffusers dispatch_attention_fn: (B, L, H, D) tensors
 SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention reached via a module-level `F`
+VARLEN = "varlen"  # flash_attn_varlen_func imported by name: packed (total, H, D) tensors
 
 _DISPATCH_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
                    "attention_kwargs", "backend", "parallel_config")
@@ -40,6 +44,13 @@ _DISPATCH_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "
 _DISPATCH_POSITIONAL = 9  # backend / parallel_config are keyword-only
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+# flash_attn_varlen_func (flash-attn 2.x): the arguments DAR takes, then those it must see at their defaults.
+_VARLEN_NAMES = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
+                 "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
+                 "return_attn_probs", "block_table")
+_VARLEN_DEFAULTS = {"dropout_p": 0.0, "softmax_scale": None, "causal": False, "window_size": (-1, -1),
+                    "softcap": 0.0, "alibi_slopes": None, "deterministic": False, "return_attn_probs": False,
+                    "block_table": None}
 
 
 def _bind(names, positional: int, defaults: dict, args: tuple, kwargs: dict):
@@ -53,7 +64,7 @@ def _bind(names, positional: int, defaults: dict, args: tuple, kwargs: dict):
         if name not in names:
             return None
         bound[name] = value
-    if "query" not in bound or "key" not in bound or "value" not in bound:
+    if any(name not in bound for name in names[:3]):  # query, key, value (q, k, v)
         return None
     return bound
 
@@ -200,6 +211,100 @@ def make_sdpa_interceptor(original):
     return fn
 
 
+def _varlen_unsupported(a) -> str | None:
+    """Why a ``flash_attn_varlen_func`` call must run unchanged (an option DAR does not have), or None."""
+    if a["dropout_p"] != 0.0:
+        return "attention with dropout_p > 0 (DAR has no dropout)"
+    if tuple(a["window_size"] or (-1, -1)) != (-1, -1):
+        return "sliding-window attention (window_size)"
+    if a["softcap"] not in (0, 0.0, None):
+        return "attention with a softcap"
+    if a["alibi_slopes"] is not None:
+        return "attention with ALiBi slopes"
+    if a["return_attn_probs"]:
+        return "a call asking for the attention probabilities"
+    if a["block_table"] is not None:
+        return "paged attention (block_table)"
+    for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"):
+        if not isinstance(a[name], torch.Tensor):
+            return f"{name} that is not a tensor"
+    if a["q"].dim() != 3 or a["k"].dim() != 3:
+        return "q / k that are not packed (total, H, D) tensors"
+    return None
+
+
+def _rebalance_varlen(active, frame, a):
+    """DAR for one intercepted ``flash_attn_varlen_func`` call; None means "pass this call through"."""
+    state = active.state
+    settings = state.settings
+    why = _varlen_unsupported(a)
+    if why is not None:
+        passed(active, frame, why, warn=f"varlen-{why}")
+        return None
+    max_q, max_k = int(a["max_seqlen_q"]), int(a["max_seqlen_k"])
+    layouts = _layouts_for(active, frame, max_q, max_k)
+    if layouts is None:
+        return None
+    n = a["cu_seqlens_q"].shape[0] - 1
+    if isinstance(layouts, TokenLayout):
+        layouts = (layouts,) * n
+    if len(layouts) != n:
+        passed(active, frame, f"a packed call of {n} sequences where the layout has {len(layouts)}",
+               warn=f"varlen-n-{n}")
+        return None
+    if settings.config.gamma == 0:
+        return None  # gamma = 0 is plain attention: the original kernel, bit for bit
+    if settings.backend not in VARLEN_BACKENDS:
+        raise ValueError(f"dar.enable(backend={settings.backend!r}): {state.model_name} calls flash_attn_varlen_func "
+                         f"and the packed path supports backend in {VARLEN_BACKENDS}")
+    scale = a["softmax_scale"]
+    scale = float(scale) if scale is not None else a["q"].shape[-1] ** -0.5
+    args = (a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], max_q, max_k, layouts, settings.config,
+            scale, bool(a["causal"]))
+    if settings.recorder is None:
+        return dar_attention_varlen(*args, backend=settings.backend)
+    out, w = dar_attention_varlen(*args, backend=settings.backend, return_weights=True)
+    now = state.now
+    observe = getattr(settings.recorder, "observe_packed", None)
+    if observe is None:
+        raise TypeError(f"recorder {type(settings.recorder).__name__} has no observe_packed(...) for packed "
+                        f"(flash_attn_varlen_func) calls; use a dar.Recorder")
+    observe(layer=frame.index, layer_name=frame.name, step=now.step, timestep=now.timestep, q=a["q"], k=a["k"],
+            cu_seqlens_q=a["cu_seqlens_q"], cu_seqlens_k=a["cu_seqlens_k"], layouts=layouts,
+            config=settings.config, scale=scale, weights=w, causal=bool(a["causal"]))
+    return out
+
+
+def make_varlen_interceptor(original):
+    """A stand-in for ``flash_attn_varlen_func`` that rebalances calls of enabled models.
+
+    Packed ``(total, H, D)`` tensors in and out; sequence ``n`` of the call is batch row ``n`` of the
+    forward's layouts. Every other call goes to ``original`` with its arguments untouched.
+    """
+
+    def interceptor(*args, **kwargs):
+        hit = context.current()
+        if hit is None:
+            return original(*args, **kwargs)
+        active, frame = hit
+        if not active.rebalanced:
+            passed(active, frame, active.reason)
+            return original(*args, **kwargs)
+        if not frame.selected:
+            passed(active, frame, "layer not selected")
+            return original(*args, **kwargs)
+        a = _bind(_VARLEN_NAMES, len(_VARLEN_NAMES), _VARLEN_DEFAULTS, args, kwargs)
+        if a is None or any(name not in a for name in _VARLEN_NAMES[:7]):
+            passed(active, frame, "arguments that do not match flash_attn_varlen_func's signature", warn="bind")
+            return original(*args, **kwargs)
+        out = _rebalance_varlen(active, frame, a)
+        return original(*args, **kwargs) if out is None else out
+
+    interceptor._dar_original = original
+    interceptor.__name__ = interceptor.__qualname__ = "dar_flash_attn_varlen_func"
+    return interceptor
+
+
 def _functional_proxy(functional: types.ModuleType) -> types.ModuleType:
     """A module object like ``torch.nn.functional`` whose SDPA is intercepted.
 
@@ -244,6 +349,8 @@ def find_site(processor) -> tuple[dict, str, str] | None:
     has_dispatch = callable(namespace.get("dispatch_attention_fn"))
     if has_dispatch and "dispatch_attention_fn" in names:
         return namespace, "dispatch_attention_fn", DISPATCH
+    if "flash_attn_varlen_func" in names and callable(namespace.get("flash_attn_varlen_func")):
+        return namespace, "flash_attn_varlen_func", VARLEN
     f = namespace.get("F")
     if "scaled_dot_product_attention" in names and (
         f is torch.nn.functional or getattr(f, "_dar_original", None) is torch.nn.functional
@@ -264,6 +371,8 @@ def acquire(namespace: dict, name: str, kind: str) -> Site:
             original = namespace[name]
             if kind == DISPATCH:
                 replacement = make_dispatch_interceptor(original)
+            elif kind == VARLEN:
+                replacement = make_varlen_interceptor(original)
             else:
                 replacement = _functional_proxy(original)
             site = Site(namespace, name, kind, original, replacement)

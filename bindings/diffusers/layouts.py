@@ -438,6 +438,10 @@ SUPPORTED = tuple(name for _, name, _ in _families())
 
 def family_of(model) -> Family | None:
     """The `Family` of a supported diffusers transformer, else None."""
+    from .. import omnigen2  # OmniGen2 lives outside diffusers: recognised by class name, nothing imported
+
+    if omnigen2.is_transformer(model):
+        return Family("omnigen2", omnigen2.layouts)
     for module, name, fam in _families():
         cls = _resolve(module, name)
         if cls is not None and isinstance(model, cls):
