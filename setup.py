@@ -20,12 +20,19 @@ def subpackages(root: str, dotted: str) -> dict[str, str]:
 package_dir = {"dar": "dar", **subpackages("kernels", "dar.kernels"), **subpackages("bindings", "dar.bindings")}
 packages = ["dar", *[f"dar.{p}" for p in find_packages(where="dar")], *[p for p in package_dir if p != "dar"]]
 
+# Version bounds are claims, and CI checks each one (.ci/run, compatibility stage in .ci/compat.py): every lower
+# bound is a release CI installs and tests, alongside the exact versions of .ci/constraints.txt and the newest
+# release. An upper bound would exclude a release that breaks us; none does today.
+# - torch 2.5: BAGEL pins 2.5.1 and OmniGen2 2.6.0; installing dar there must not upgrade torch. CI runs the core,
+#   varlen and model bindings on 2.5.1 (Python 3.10), and everything on 2.13.0 and 2.14.1.
+# - triton: whatever torch brings. The triton backend itself needs triton >= 3.7 (dar.backends says why when older).
+# - diffusers 0.38: 0.36 and 0.37 lay out QwenImage text differently (txt_seq_lens) and fail the binding tests.
 extras = {
-    "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"],
-    "diffusers": ["diffusers>=0.36", "transformers>=5.0", "accelerate", "pillow", "matplotlib"],
+    "test": ["pytest", "hypothesis", "pytest-benchmark"],
+    "diffusers": ["diffusers>=0.38", "transformers>=5.0", "accelerate", "pillow", "matplotlib"],
     "transformers": ["transformers>=5.0"],
     "eval": ["pyyaml", "tqdm", "matplotlib", "scipy", "openai>=1.0", "pillow"],
-    "bench": ["pytest-benchmark>=4", "matplotlib", "diffusers>=0.36", "transformers>=5.0"],
+    "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.38", "transformers>=5.0"],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 
@@ -38,7 +45,7 @@ setup(
     python_requires=">=3.10",
     packages=sorted(set(packages)),
     package_dir=package_dir,
-    install_requires=["torch>=2.5", "numpy", "einops", "triton>=3.0; platform_system == 'Linux'"],
+    install_requires=["torch>=2.5", "numpy", "einops", "triton>=3.1; platform_system == 'Linux'"],
     extras_require=extras,
     entry_points={"console_scripts": ["dar=dar.cli:main"]},
     license="Apache-2.0",

@@ -18,6 +18,7 @@ PyTorch: correct, but only meant for testing.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import torch
@@ -30,6 +31,12 @@ try:  # FlexAttention appeared in torch 2.5; the registry turns ImportError into
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError as exc:  # pragma: no cover - depends on the installed torch
     raise ImportError(f"the flex backend needs torch.nn.attention.flex_attention (torch >= 2.5): {exc}") from exc
+
+if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
+    # torch 2.5's BlockMask covers whole blocks only, so a block mask could not express Lq, Lk that are not
+    # multiples of 128; the backend is unavailable there (and says so) rather than wrong.
+    raise ImportError(f"the flex backend needs a FlexAttention whose BlockMask.from_kv_blocks takes seq_lengths, "
+                      f"which torch {torch.__version__} lacks (torch 2.13 and 2.14 are tested)")
 
 BLOCK = 128  # FlexAttention's default sparse block size.
 

@@ -1,0 +1,257 @@
+"""CI's compatibility stage: the tests that depend on a library, rerun against other releases of it.
+
+The main run (.ci/run) installs the exact versions of .ci/constraints.txt. This stage then checks the version
+ranges setup.py declares, at their ends:
+
+- in the main venv, one library at a time: the oldest release setup.py declares and the newest one on the
+  package index (looked up now) of transformers and diffusers, BAGEL's and OmniGen2's transformers pins for the
+  model bindings, and the oldest declared openai for the judges; each row reinstalls the pinned set afterwards;
+- in venvs of their own: torch 2.13.0 (the oldest torch the full kernel suite runs on here, with the triton it
+  pins) and torch 2.5.1 on Python 3.10 (the oldest declared torch; BAGEL's pin) for the core, varlen and model
+  bindings.
+
+A failing row fails CI unless setup.py's range excludes that version (the newest release may be excluded by an
+upper bound written there with its reason). Prints a table of rows x result at the end.
+
+    python .ci/compat.py [--only NAME ...] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
+DIST = "dar-attention"
+
+TRANSFORMERS_TESTS = ["tests/test_transformers_*.py", "tests/test_diffusers_*.py", "tests/test_pipeline_*.py",
+                      "tests/test_compile*.py"]
+DIFFUSERS_TESTS = ["tests/test_diffusers_*.py", "tests/test_pipeline_*.py", "tests/test_parallel_diffusers*.py",
+                   "tests/test_compile*.py"]
+MODEL_TESTS = ["tests/test_models_*.py", "tests/test_varlen*.py"]
+JUDGE_TESTS = ["tests/eval/test_eval_judges.py", "tests/eval/test_eval_secrets.py"]
+# torch's own rows: everything that runs torch (the evaluation toolkit is torch-free and needs no rerun).
+TORCH_TESTS = ["tests/test_*.py"]
+# The oldest torch cannot run the kernels (its triton is too old): the core, varlen and model bindings.
+OLD_TORCH_TESTS = ["tests/test_semantics.py", "tests/test_validation.py", "tests/test_sampling_and_plan.py",
+                   "tests/test_compile.py", "tests/test_backend_availability.py",
+                   *MODEL_TESTS]
+
+
+@dataclass
+class Row:
+    name: str
+    package: str
+    version: str  # "oldest", "newest" or an exact release
+    tests: list[str]
+    why: str
+    venv: dict | None = None  # for torch rows: python, pip requirements
+    result: str = "not run"
+    detail: str = ""
+    seconds: float = 0.0
+    resolved: str = ""
+    fatal: bool = True
+    counts: dict = field(default_factory=dict)
+
+
+ROWS = [
+    Row("transformers-oldest", "transformers", "oldest", TRANSFORMERS_TESTS, "oldest release setup.py declares"),
+    Row("transformers-newest", "transformers", "newest", TRANSFORMERS_TESTS, "newest release on the index"),
+    Row("diffusers-oldest", "diffusers", "oldest", DIFFUSERS_TESTS, "oldest release setup.py declares"),
+    Row("diffusers-newest", "diffusers", "newest", DIFFUSERS_TESTS, "newest release on the index"),
+    Row("transformers-4.49.0", "transformers", "4.49.0", MODEL_TESTS, "BAGEL's pinned environment"),
+    Row("transformers-4.51.3", "transformers", "4.51.3", MODEL_TESTS, "OmniGen2's pinned environment"),
+    Row("openai-oldest", "openai", "oldest", JUDGE_TESTS, "oldest release setup.py declares"),
+    Row("torch-2.13.0", "torch", "2.13.0", TORCH_TESTS, "CPU build on this disk, with the triton it pins",
+        venv=dict(python=sys.executable, first=["torch==2.13.0", "triton==3.7.1"], extras="test,diffusers,transformers",
+                  constrain=True)),
+    Row("torch-2.5.1", "torch", "2.5.1", OLD_TORCH_TESTS, "oldest declared torch (BAGEL's pin), Python 3.10",
+        venv=dict(python="python3.10", first=["torch==2.5.1"], extras=None,
+                  plain=["einops", "pytest", "hypothesis", "pytest-benchmark", "transformers==4.49.0"],
+                  constrain=False)),
+]
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, **kw)
+
+
+def pip(python: str, *args: str) -> None:
+    res = sh([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
+             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if "is ignored: it is neither a file nor a directory" not in ln]
+    if lines:
+        print("\n".join(lines[-20:]))
+    if res.returncode:
+        raise RuntimeError(f"pip install {' '.join(args)} failed")
+
+
+def declared(package: str) -> Requirement | None:
+    """The requirement on ``package`` that setup.py declares (install_requires or an extra)."""
+    for text in importlib.metadata.requires(DIST) or ():
+        req = Requirement(text)
+        if req.name.lower() == package.lower() and req.specifier:
+            return req
+    return None
+
+
+def oldest(package: str) -> str:
+    req = declared(package)
+    lows = [s.version for s in (req.specifier if req else ()) if s.operator in (">=", "==", "~=")]
+    if not lows:
+        raise RuntimeError(f"setup.py declares no lower bound for {package}")
+    return str(min(Version(v) for v in lows))
+
+
+def newest(package: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package], capture_output=True,
+                         text=True).stdout
+    m = re.search(rf"^{re.escape(package)} \(([^)]+)\)", out, re.M | re.I)
+    if not m:
+        raise RuntimeError(f"could not look up the newest {package} release: {out.strip()[:300]}")
+    return m.group(1)
+
+
+def allowed(package: str, version: str) -> bool:
+    req = declared(package)
+    return req is None or req.specifier.contains(version, prereleases=True)
+
+
+def expand(patterns: list[str]) -> list[str]:
+    files = sorted({f for p in patterns for f in glob.glob(str(ROOT / p))})
+    return [os.path.relpath(f, ROOT) for f in files]
+
+
+def run_tests(python: str, files: list[str], row: Row) -> bool:
+    env = dict(os.environ, TRITON_INTERPRET="1", HYPOTHESIS_PROFILE="ci", MPLBACKEND="Agg")
+    res = sh([python, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-o", "addopts="], cwd=ROOT, env=env,
+             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = res.stdout.strip().splitlines()
+    summary = tail[-1] if tail else ""
+    for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary):
+        row.counts[what] = int(n)
+    row.detail = summary.strip("= ")
+    if res.returncode:
+        print("\n".join(tail[-60:]))
+    return res.returncode == 0 and row.counts.get("passed", 0) > 0
+
+
+def check_import(python: str, package: str, version: str) -> None:
+    mod = {"pytorch": "torch"}.get(package, package)
+    got = subprocess.run([python, "-c", f"import {mod}; print({mod}.__version__)"], capture_output=True, text=True)
+    found = got.stdout.strip().split("+")[0]
+    if got.returncode or found != version:
+        raise RuntimeError(f"{package} {version} does not import as installed: {got.stderr.strip()[-500:] or found}")
+
+
+def library_row(row: Row) -> None:
+    version = {"oldest": oldest, "newest": newest}.get(row.version, lambda p: row.version)(row.package)
+    row.resolved = version
+    row.fatal = allowed(row.package, version) or row.version not in ("oldest", "newest")
+    files = expand(row.tests)
+    if not files:
+        raise RuntimeError(f"no test file matches {row.tests}")
+    try:
+        pip(sys.executable, f"{row.package}=={version}", "-c", str(_torch_pins()))
+        check_import(sys.executable, row.package, version)
+        ok = run_tests(sys.executable, files, row)
+    finally:  # back to the pinned set for the next row
+        pip(sys.executable, "-r", str(CONSTRAINTS))
+    row.result = "passed" if ok else "FAILED"
+
+
+_PINS: Path | None = None
+
+
+def _torch_pins() -> Path:
+    """A constraints file that holds torch, torchvision and triton where the main run put them."""
+    global _PINS
+    if _PINS is None:
+        keep = [ln for ln in CONSTRAINTS.read_text().splitlines()
+                if re.match(r"(torch|torchvision|triton|nvidia-[\w-]+)==", ln)]
+        _PINS = Path(tempfile.mkdtemp()) / "torch-pins.txt"
+        _PINS.write_text("\n".join(keep) + "\n")
+    return _PINS
+
+
+def torch_row(row: Row) -> None:
+    spec = row.venv
+    row.resolved = row.version
+    python = shutil.which(spec["python"]) or spec["python"]
+    if not os.path.exists(python):
+        raise RuntimeError(f"{spec['python']} is not on this machine")
+    venv = Path(tempfile.mkdtemp()) / "venv"
+    sh([python, "-m", "venv", str(venv)], check=True)
+    vpy = str(venv / "bin" / "python")
+    pip(vpy, *spec["first"])
+    if spec["extras"]:
+        # The pinned set, less what this torch brings itself (torch, torchvision, triton and CUDA libraries).
+        others = [ln for ln in CONSTRAINTS.read_text().splitlines()
+                  if ln and not ln.startswith("#") and not re.match(r"(torch|torchvision|triton|nvidia-[\w-]+)==", ln)]
+        pins = venv / "pins.txt"
+        pins.write_text("\n".join(others + [f"torch=={row.version}"] + [r for r in spec["first"] if "==" in r]) + "\n")
+        pip(vpy, "-c", str(pins), "-e", f"{ROOT}[{spec['extras']}]")
+    else:
+        pip(vpy, *spec["plain"])
+        pip(vpy, "--no-deps", "-e", str(ROOT))
+    check_import(vpy, "torch", row.version)
+    files = expand(row.tests)
+    ok = run_tests(vpy, files, row)
+    row.result = "passed" if ok else "FAILED"
+    shutil.rmtree(venv.parent, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these rows (names from --list)")
+    ap.add_argument("--list", action="store_true", help="list the rows and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for row in ROWS:
+            print(f"{row.name:<22} {row.why}")
+        return 0
+    rows = [r for r in ROWS if args.only is None or r.name in args.only]
+    unknown = set(args.only or ()) - {r.name for r in ROWS}
+    if unknown:
+        ap.error(f"unknown rows: {sorted(unknown)}")
+    for row in rows:
+        print(f"\n=== compatibility: {row.name} ({row.why})", flush=True)
+        start = time.monotonic()
+        try:
+            (torch_row if row.venv else library_row)(row)
+        except Exception as exc:  # a row that cannot even install counts as failed, with the reason
+            row.result, row.detail = "FAILED", f"{type(exc).__name__}: {exc}"
+        row.seconds = time.monotonic() - start
+    print("\nCompatibility stage (tests rerun against other releases):\n")
+    print(f"| {'row':<22} | {'package':<12} | {'version':<10} | {'result':<9} | {'time':>6} | tests |")
+    print(f"|{'-' * 24}|{'-' * 14}|{'-' * 12}|{'-' * 11}|{'-' * 8}|-------|")
+    failed = []
+    for r in rows:
+        result = r.result if r.fatal else f"{r.result} (excluded by setup.py)"
+        print(f"| {r.name:<22} | {r.package:<12} | {r.resolved:<10} | {result:<9} | {r.seconds:5.0f}s | {r.detail} |")
+        if r.result != "passed" and r.fatal:
+            failed.append(r.name)
+    if failed:
+        print(f"\ncompatibility stage FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
