@@ -13,8 +13,10 @@ import contextlib
 import importlib
 import sys
 
+from dar.extras import require
 
-def _binding_for(target):
+
+def _binding_for(target, verb: str):
     from . import bagel  # BAGEL's model is a transformers PreTrainedModel: recognised by class first
 
     if bagel.is_bagel(target):
@@ -24,17 +26,20 @@ def _binding_for(target):
     inner = getattr(target, "_orig_mod", target)  # a torch.compile'd model routes like the model inside
     if tf is not None and isinstance(inner, tf.PreTrainedModel):
         return importlib.import_module("dar.bindings.transformers")
+    # Everything else is the diffusers binding's: without diffusers nothing could have been enabled through it,
+    # so both enable and disable say what to install rather than fail later or silently do nothing.
+    require("diffusers", "diffusers", f"dar.{verb} on {type(target).__name__}")
     return importlib.import_module("dar.bindings.diffusers")
 
 
 def enable(target, config=None, **kwargs):
     """Turn DAR on for a diffusers pipeline / transformer, or a transformers model (see each binding)."""
-    return _binding_for(target).enable(target, config, **kwargs)
+    return _binding_for(target, "enable").enable(target, config, **kwargs)
 
 
 def disable(target) -> None:
     """Restore ``target``'s original behaviour exactly."""
-    _binding_for(target).disable(target)
+    _binding_for(target, "disable").disable(target)
 
 
 @contextlib.contextmanager

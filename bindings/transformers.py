@@ -39,6 +39,7 @@ import torch
 from dar.api import dar_attention
 from dar.backends import BACKENDS
 from dar.config import DARConfig
+from dar.extras import require
 from dar.layout import TokenLayout
 
 ATTN_NAME = "dar"
@@ -56,6 +57,7 @@ def register() -> None:
     The mask interface entry is transformers' ``sdpa_mask``, so models hand the "dar" function exactly the
     4-D boolean mask (or ``None`` + ``is_causal``) they hand the "sdpa" function.
     """
+    require("transformers", "transformers", "dar.bindings.transformers.register()")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

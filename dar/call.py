@@ -68,6 +68,17 @@ def resolve_scale(name: str, scale, d: int) -> float:
     return scale
 
 
+def _transpose_hint(exc: ValueError, layout, q: torch.Tensor, k: torch.Tensor) -> ValueError:
+    """The layout error, plus a hint when the layout would fit q and k read as (B, L, H, D) (the layout
+    diffusers and flash-attn use), the commonest way to get here."""
+    try:
+        resolve_layouts(layout, q.shape[0], q.shape[1], k.shape[1])
+    except (ValueError, TypeError):
+        return exc
+    return ValueError(f"{exc}. The layout fits dim 1 of q and k instead: did you pass (B, L, H, D) tensors? "
+                      f"dar_attention takes SDPA's (B, H, L, D): transpose(1, 2) first")
+
+
 def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, lengths: tuple[int, int] | None = None) -> DARCall:
     """Validate the public arguments (raising ValueError/TypeError that name them) and plan the batch.
 
@@ -95,6 +106,9 @@ def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, lengths: tuple[
     mask = make_mask_spec(attn_mask, is_causal, q, lk)
     if lengths is not None:
         lq, lk = lengths
-    layouts = resolve_layouts(layout, b, lq, lk)
+    try:
+        layouts = resolve_layouts(layout, b, lq, lk)
+    except ValueError as exc:
+        raise _transpose_hint(exc, layout, q, k) from None
     plan = make_plan(layouts, lq, lk, cfg)
     return DARCall(q, k, v, layouts, cfg, mask, scale, plan)

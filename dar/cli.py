@@ -8,6 +8,8 @@ import importlib.metadata
 import platform
 import sys
 
+from .extras import MissingExtra
+
 
 def _version(dist: str) -> str:
     try:
@@ -58,19 +60,38 @@ def _backend_status(torch, get_backend, triton_available):
 
 _COMMANDS = {"info": (None, info), "demo": ("dar.demo", "main"), "bench": ("dar.bench", "main")}
 
+USAGE = """usage: dar [--version] {info,demo,bench} [options]
+  info   versions, device and available backends
+  demo   DAR off/on through a small Qwen-Image-Edit-style transformer, with heatmaps
+  bench  benchmarks: `dar bench kernels` (against SDPA, FlexAttention, eager),
+         `dar bench e2e` (one denoising step of a real-size model), `dar bench static` (compiled code,
+         no GPU); --quick for a CPU smoke run
+`dar COMMAND --help` describes each command's options."""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
-        print("usage: dar {info,demo,bench} [options]\n"
-              "  info   versions, device and available backends\n"
-              "  demo   DAR off/on through a small Qwen-Image-Edit-style transformer, with heatmaps\n"
-              "  bench  benchmarks: `dar bench kernels` (against SDPA, FlexAttention, eager),\n"
-              "         `dar bench e2e` (one denoising step of a real-size model); --quick for a CPU smoke run")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if argv[:1] in (["-V"], ["--version"]):
+        import dar
+
+        print(f"dar-attention {dar.__version__}")
+        return 0
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] not in _COMMANDS:
+        print(f"dar: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
     module, fn = _COMMANDS[argv[0]]
-    func = fn if module is None else getattr(importlib.import_module(module), fn)
-    return int(func(argv[1:]) or 0)
+    try:
+        func = fn if module is None else getattr(importlib.import_module(module), fn)
+        return int(func(argv[1:]) or 0)
+    except MissingExtra as exc:  # one line that names the extra, not a traceback
+        print(f"dar {argv[0]}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,22 @@ THRESHOLDS = ("minmax", "quantile")
 MODES = ("key_scale", "prob_scale")
 QUERIES = ("generation", "all")
 
+# One line per field, for command-line help (the DARConfig docstring and docs/semantics.md say more).
+FIELD_HELP = {
+    "num_samples": "generated-image queries scored per batch row",
+    "gamma": "strength: boosted keys get weight 1+gamma, damped keys 1-gamma; in [0, 1)",
+    "tau_high": "boost keys whose normalised score is >= this (a quantile under thresholds=quantile)",
+    "tau_low": "damp keys whose normalised score is <= this (a quantile under thresholds=quantile)",
+    "sampling": "how the scored queries are picked",
+    "seed": "seed of the 'random' sampler",
+    "normalize": "one min-max over all reference keys (joint) or one per reference image",
+    "thresholds": "minmax: the taus are thresholds on the normalised score; quantile: quantiles of it",
+    "mode": "key_scale multiplies the logits by w (the published formula); prob_scale adds ln w",
+    "queries": "which query rows are rebalanced: the generated image's, or all",
+}
+CHOICES = {"sampling": SAMPLING, "normalize": NORMALIZE, "thresholds": THRESHOLDS, "mode": MODES,
+           "queries": QUERIES}
+
 
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in allowed:

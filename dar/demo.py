@@ -42,7 +42,7 @@ class DemoInputs:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import MODES, NORMALIZE, QUERIES, SAMPLING, THRESHOLDS
+    from .config import CHOICES, FIELD_HELP, DARConfig
 
     p = argparse.ArgumentParser(
         prog="dar demo", allow_abbrev=False,
@@ -61,17 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, images, latents and text (default 0)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "flex", "reference"),
                    help="backend for DAR on (default auto); checked against backend='reference'")
-    g = p.add_argument_group("DARConfig")
-    g.add_argument("--gamma", type=float, default=0.15)
-    g.add_argument("--tau-high", type=float, default=0.7)
-    g.add_argument("--tau-low", type=float, default=0.3)
-    g.add_argument("--num-samples", type=int, default=64)
-    g.add_argument("--sampling", default="random", choices=SAMPLING)
-    g.add_argument("--sample-seed", type=int, default=0, help="DARConfig.seed (query sampling)")
-    g.add_argument("--normalize", default="joint", choices=NORMALIZE)
-    g.add_argument("--thresholds", default="minmax", choices=THRESHOLDS)
-    g.add_argument("--mode", default="key_scale", choices=MODES)
-    g.add_argument("--queries", default="generation", choices=QUERIES)
+    g = p.add_argument_group("DARConfig", "the knobs of dar.DARConfig (docs/semantics.md)")
+    for field in dataclasses.fields(DARConfig):
+        # --seed is the demo's own (weights, images); the sampler's seed is --sample-seed.
+        flag = "--sample-seed" if field.name == "seed" else "--" + field.name.replace("_", "-")
+        choices = CHOICES.get(field.name)
+        g.add_argument(flag, dest=field.name, default=field.default, choices=choices,
+                       type=None if choices else type(field.default),
+                       help=f"{FIELD_HELP[field.name]} (default: %(default)s)")
     p.add_argument("--plot-layers", default=None,
                    help="comma-separated layer indices averaged in the heatmaps, or 'all' (default: the layer "
                         "where DAR moves the most attention between the reference images)")
@@ -183,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import dar
+    from .extras import require
+
+    require("diffusers", "diffusers", "dar demo")  # the demo's model is a diffusers transformer
+    require("matplotlib", "diffusers", "dar demo")  # for the heatmaps
     from .tiny import build_tiny_transformer, synthetic_reference_images
 
     if args.device == "auto":
@@ -200,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         raise SystemExit(f"dar demo: --steps must be >= 1, got {args.steps}")
     try:
-        cfg = dar.DARConfig(num_samples=args.num_samples, gamma=args.gamma, tau_high=args.tau_high,
-                            tau_low=args.tau_low, sampling=args.sampling, seed=args.sample_seed,
-                            normalize=args.normalize, thresholds=args.thresholds, mode=args.mode,
-                            queries=args.queries)
+        cfg = dar.DARConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(dar.DARConfig)})
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"dar demo: {exc}") from None
     try:

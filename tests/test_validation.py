@@ -162,3 +162,18 @@ def test_auto_on_cpu_uses_torch_and_is_silent(recwarn):
     ref = _call(backend="torch")
     assert torch.equal(out, ref)
     assert not [w for w in recwarn if "dar" in str(w.message)]
+
+
+def test_blhd_tensors_get_a_transpose_hint():
+    """(B, L, H, D) tensors (diffusers' and flash-attn's layout) passed as they are: the layout error says to
+    transpose, because the layout fits dim 1; a layout that fits neither reading gets no hint."""
+    q = torch.randn(1, 300, 4, 16)
+    lay = dar.TokenLayout(ref=[(84, 148)], gen=[(148, 300)])
+    with pytest.raises(ValueError, match=r"exceeds the number of keys Lk=4.*did you pass \(B, L, H, D\) tensors\? "
+                                         r".*transpose\(1, 2\) first"):
+        dar.dar_attention(q, q, q, lay)
+    with pytest.raises(ValueError) as err:
+        dar.dar_attention(q, q, q, dar.TokenLayout(ref=[(84, 148)], gen=[(148, 400)]))
+    assert "transpose" not in str(err.value)
+    out = dar.dar_attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), lay)  # and then it runs
+    assert out.shape == (1, 4, 300, 16)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 from pathlib import Path
+
+from ..extras import install_hint, require
 
 __all__ = ["main"]
 
@@ -59,7 +62,7 @@ def _device(args):
 def _static(argv: list[str]) -> int:
     """``dar bench static``: benchmarks/static_report.py of the checkout dar runs from (or the current
     folder's); it compiles the kernels for GPUs that need not be present and reads their SASS."""
-    import importlib.util
+    import importlib
 
     import dar
 
@@ -88,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _print_list(shapes, impls, e2e)
         return 0
+    if args.what == "e2e":  # the models are diffusers transformers
+        require("diffusers", "bench", "dar bench e2e")
+    plot = not args.no_plot and args.what == "kernels"
+    if plot and not _importable("matplotlib"):
+        print(f"dar bench: matplotlib is not installed, so no plot is drawn ({install_hint('bench')}, or pass "
+              f"--no-plot to silence this)", file=sys.stderr)
+        plot = False
     device = _device(args)
     cfg = dar.DARConfig(mode=args.mode)
     mode = "quick" if args.quick else "full"
@@ -124,10 +134,36 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"dar bench: {exc}", file=sys.stderr)
             return 2
-    paths = report.write_all(result, args.out, plot=not args.no_plot)
+    paths = report.write_all(result, args.out, plot=plot)
     for path in paths.values():
         print(f"wrote {path}")
+    failed = _failed_runs(result)
+    if failed:  # the report says what went wrong; the exit status says that something did
+        print(f"dar bench: {len(failed)} run(s) failed: {'; '.join(failed[:5])}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _failed_runs(result: dict) -> list[str]:
+    """Runs that errored or failed their correctness check. "unavailable" (cuDNN on a CPU) and "oom" (a model
+    larger than the device) are limits of the machine, reported but not failures of the run."""
+    failed = [f"{r.get('impl')} on {r.get('shape')}: {r.get('reason', '')}"[:200]
+              for r in result.get("results", ())
+              if r.get("status") == "error" or str(r.get("reason", "")).startswith("failed the correctness check")]
+    for model in result.get("models", ()):
+        if model.get("status", "ok") == "error":
+            failed.append(f"{model.get('model')}: {model.get('reason', model.get('status'))}"[:200])
+        failed += [f"{model.get('model')} {r.get('backend')}: {r.get('reason', '')}"[:200]
+                   for r in model.get("runs", ()) if r.get("status") == "error"]
+    return failed
 
 
 @contextlib.contextmanager
