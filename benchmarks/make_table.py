@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--results", type=Path, default=HERE / "results", help="folder of result JSONs")
     p.add_argument("--readme", type=Path, help="rewrite the perf-table region of this file in place")
     p.add_argument("--check", action="store_true", help="with --readme: only check the region is up to date")

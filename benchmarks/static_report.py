@@ -292,7 +292,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="static_report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="static_report", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--arch", type=int, action="append", help="compute capability x10 (repeatable; default: "
                    "90 and every newer one the installed Triton compiles)")
     p.add_argument("--variant", action="append", help="variant name or shell pattern (repeatable; default all)")

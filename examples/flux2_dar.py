@@ -17,7 +17,7 @@ from dar_ab import add_dar_options, place, run_off_on
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--images", nargs="+", required=True, help="reference image paths (up to 10)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", default="black-forest-labs/FLUX.2-dev", help="hub id or local folder")

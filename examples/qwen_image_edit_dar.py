@@ -16,7 +16,7 @@ from dar_ab import add_dar_options, place, run_off_on
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--images", nargs="+", required=True, help="reference image paths (Picture 1, 2, ...)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=" ", help="enables true CFG with --true-cfg-scale > 1")

@@ -23,7 +23,7 @@ IMAGE = 7  # the tiny model's image placeholder token
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=None, help="hub id or local folder of a causal LM (default: tiny random Llama)")
     p.add_argument("--prompt", default=None, help="prompt for --model; must contain image placeholder tokens")
     p.add_argument("--image-token-id", type=int, nargs="+", default=[IMAGE], help="image placeholder token id(s)")

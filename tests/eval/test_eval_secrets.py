@@ -30,9 +30,8 @@ def _parsers_without_allow_abbrev_false(path: Path) -> list[str]:
     return bad
 
 
-def test_every_parser_in_the_package_and_eval_examples_refuses_abbreviations():
-    files = sorted((REPO / "dar").rglob("*.py")) + sorted((REPO / "examples").glob("*eval*.py"))
-    files.append(REPO / "examples" / "generate_benchmark.py")
+def test_every_parser_in_the_package_examples_and_benchmarks_refuses_abbreviations():
+    files = [p for folder in ("dar", "bindings", "kernels", "examples", "benchmarks") for p in sorted((REPO / folder).rglob("*.py"))]
     bad = [where for path in files for where in _parsers_without_allow_abbrev_false(path)]
     assert bad == []
 
