@@ -59,15 +59,26 @@ def sampled_attention_mass(call: DARCall) -> torch.Tensor:
         qc = qs[:, h0 * g:h1 * g].to(acc).reshape(b, h1 - h0, g * m, d)
         logits = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(call.scale)
         logits = logits.reshape(b, (h1 - h0) * g, m, lk)
+        # Non-finite inputs (docs/semantics.md): a (head, sampled row) with a non-finite logit on an
+        # allowed key contributes no mass; logits of keys that are not allowed (-inf bias) are ignored.
+        keep = torch.isfinite(logits)
         if bias is not None:
-            logits = logits + (bias if bias.shape[1] == 1 else bias[:, h0 * g:h1 * g]).to(acc)
+            bias_c = (bias if bias.shape[1] == 1 else bias[:, h0 * g:h1 * g]).to(acc)
+            allowed = bias_c != float("-inf")
+            logits = logits + bias_c
+            keep = torch.isfinite(logits)
+            clean = (keep | ~allowed).all(dim=-1, keepdim=True)
+            keep = keep & allowed
+        else:
+            clean = keep.all(dim=-1, keepdim=True)
+        logits = torch.where(keep, logits, torch.full_like(logits, float("-inf")))
         # A row with no allowed key has all -inf logits; give it zero mass instead of NaN.
         row_max = logits.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p = torch.exp(logits - row_max)
         denom = p.sum(dim=-1, keepdim=True)
         p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-        mass += (p * valid[:, None, :, None]).sum(dim=(1, 2))
+        mass += (p * (clean & valid[:, None, :, None])).sum(dim=(1, 2))
     return mass.float()
 
 

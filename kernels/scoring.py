@@ -96,8 +96,10 @@ def _load_keys(K_head, start_n, Lk, stride_kl, stride_kd,
 def _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
                     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) logits of the sampled rows against the key tile at ``start_n``, in log2 units;
-    -inf where a key is not allowed (out of range, masked by the key bias, or after the query if causal)."""
+    """``(s, bad)``: (BLOCK_M, BLOCK_N) logits of the sampled rows against the key tile at ``start_n``, in
+    log2 units, -inf where a key is not allowed (out of range, masked by a -inf key bias, or after the
+    query if causal) or the logit is not finite; and (BLOCK_M,) whether a row has a non-finite logit on
+    an allowed key (such a row contributes no mass: docs/semantics.md, non-finite inputs)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bit patterns (triton #11584)
         q = q.to(tl.float32)
@@ -107,10 +109,13 @@ def _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
     allowed = valid[:, None] & (offs_n[None, :] < Lk)
     if HAS_BIAS:
         bias = tl.load(KeyBias_b + offs_n, mask=offs_n < Lk, other=0.0)
+        allowed = allowed & (bias != float("-inf"))[None, :]
         s = s + bias[None, :] * 1.4426950408889634
     if IS_CAUSAL:  # SDPA's top-left rule: query i sees keys j <= i
         allowed = allowed & (offs_n[None, :] <= qi[:, None])
-    return tl.where(allowed, s, float("-inf"))
+    finite = tl.abs(s) < float("inf")  # False for NaN and +-inf
+    bad = tl.max((allowed & ~finite).to(tl.int32), 1) > 0
+    return tl.where(allowed & finite, s, float("-inf")), bad
 
 
 @triton.jit
@@ -160,10 +165,12 @@ def _row_lse_kernel(Q, K, Samples, KeyBias, LsePart,
         end = tl.minimum(end, tl.max(qi, 0) + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    bad_i = tl.zeros([BLOCK_M], tl.int1)
     for start_n in range(begin, end, BLOCK_N):
         kt = _load_keys(K_head, start_n, Lk, stride_kl, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D)
-        s = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
-                            BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
+        s, bad = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
+                                 BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
+        bad_i = bad_i | bad
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; shift by 0 there so that
         # exp2(-inf - -inf) = NaN never appears (its terms are exp2(-inf) = 0).
@@ -171,6 +178,7 @@ def _row_lse_kernel(Q, K, Samples, KeyBias, LsePart,
         l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), 1)
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    lse = tl.where(bad_i, float("nan"), lse)  # NaN marks a dropped row for _combine_splits
     rows = start_r + tl.arange(0, BLOCK_M)
     # LsePart is (B, Hq, M, SPLITS) contiguous: KV head hk's packed rows are one contiguous run.
     row_base = (b.to(tl.int64) * H_KV + hk) * (GROUP * M)
@@ -218,8 +226,8 @@ def _key_mass_kernel(Q, K, Samples, KeyBias, Lse, RefRanges, RefGroups, Mass,
             lse = tl.load(lse_head + rows, mask=valid, other=float("inf"))
             # A row with no allowed key (lse = -inf) has zero mass: +inf makes every exp2 vanish.
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            s = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
-                                BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
+            s, _ = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
+                                   BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
             mass += tl.sum(tl.exp2(s - lse[:, None]), 0)
     tl.store(Mass + b.to(tl.int64) * Lk + offs_n, tl.where(in_ref, mass, 0.0), mask=offs_n < Lk)
 
@@ -391,12 +399,14 @@ def _key_splits(lk: int, programs: int, device: torch.device) -> int:
 
 
 def _combine_splits(lse_part: torch.Tensor) -> torch.Tensor:
-    """(B, Hq, M, S) partial log2-sum-exp2 -> (B, Hq, M): ``log2 Σ_s 2^part_s``, -inf if every part is."""
-    if lse_part.shape[-1] == 1:
-        return lse_part[..., 0].contiguous()
+    """(B, Hq, M, S) partial log2-sum-exp2 -> (B, Hq, M): ``log2 Σ_s 2^part_s``, -inf if every part is
+    -inf or any part is NaN (a row dropped for a non-finite logit: no mass either way)."""
+    dropped = torch.isnan(lse_part).any(dim=-1)
+    lse_part = torch.where(torch.isnan(lse_part), torch.full_like(lse_part, float("-inf")), lse_part)
     top = lse_part.amax(dim=-1, keepdim=True)
     top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # all-masked rows: no inf - inf
-    return (top + torch.log2(torch.exp2(lse_part - top).sum(dim=-1, keepdim=True)))[..., 0].contiguous()
+    lse = (top + torch.log2(torch.exp2(lse_part - top).sum(dim=-1, keepdim=True)))[..., 0]
+    return torch.where(dropped, torch.full_like(lse, float("-inf")), lse).contiguous()
 
 
 def _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale) -> torch.Tensor:

@@ -39,11 +39,31 @@ def _bias(mask, is_causal, b, hq, lq, lk) -> np.ndarray:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    mx = np.max(x, axis=-1, keepdims=True)
-    mx = np.where(np.isfinite(mx), mx, 0.0)
-    e = np.exp(x - mx)
-    s = e.sum(axis=-1, keepdims=True)
-    return np.where(s > 0, e / np.where(s > 0, s, 1.0), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows: their output is not compared
+        mx = np.max(x, axis=-1, keepdims=True)
+        mx = np.where(np.isfinite(mx), mx, 0.0)
+        e = np.exp(x - mx)
+        s = e.sum(axis=-1, keepdims=True)
+        return np.where(s > 0, e / np.where(s > 0, s, 1.0), 0.0)
+
+
+def pinned(q, k, v, attn_mask=None, is_causal=False) -> np.ndarray:
+    """(B, Hq, Lq, Dv) bool: output entries the semantics pins for non-finite inputs ("Non-finite
+    inputs", step 7): q[b, h, i], all of k[b, hk], v[b, hk, :, c] and row i's mask entries finite
+    (a mask entry may be -inf)."""
+    qn, kn, vn = (t.detach().double().cpu().numpy() for t in (q, k, v))
+    bsz, hq, lq, _ = qn.shape
+    hk, lk = kn.shape[1], kn.shape[2]
+    g = hq // hk
+    q_ok = np.isfinite(qn).all(axis=-1)  # (B, Hq, Lq)
+    k_ok = np.repeat(np.isfinite(kn).all(axis=(-1, -2)), g, axis=1)  # (B, Hq)
+    v_ok = np.repeat(np.isfinite(vn).all(axis=-2), g, axis=1)  # (B, Hq, Dv)
+    out = q_ok[..., None] & k_ok[:, :, None, None] & v_ok[:, :, None, :]
+    for b in range(bsz):
+        bias = _bias(attn_mask, is_causal, b, hq, lq, lk)
+        row_ok = (np.isfinite(bias) | (bias == -np.inf)).all(axis=-1)  # (Hq, Lq)
+        out[b] &= row_ok[..., None]
+    return out
 
 
 def dar_float64(q, k, v, layouts, cfg, attn_mask=None, scale=None, is_causal=False):
@@ -68,16 +88,21 @@ def dar_float64(q, k, v, layouts, cfg, attn_mask=None, scale=None, is_causal=Fal
     for b in range(bsz):
         lay = layouts[b]
         kr = np.repeat(kn[b], g, axis=0)  # (Hq, Lk, D)
-        scores = scale * np.einsum("hid,hjd->hij", qn[b], kr)
-        bias = _bias(attn_mask, is_causal, b, hq, lq, lk)
-        logits = scores + bias
-        key_ok = np.isfinite(bias).reshape(-1, lk).any(axis=0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            scores = scale * np.einsum("hid,hjd->hij", qn[b], kr)
+            bias = _bias(attn_mask, is_causal, b, hq, lq, lk)
+            logits = scores + bias
+        pair_ok = bias != -np.inf  # a -inf bias forbids the pair; NaN and +inf allow it
+        key_ok = pair_ok.reshape(-1, lk).any(axis=0)
         P = [i for s, e in sorted(lay.gen) for i in range(s, e)]
         R = [j for s, e in lay.ref for j in range(s, e) if key_ok[j]]
         w = np.ones(lk)
         if P and R and cfg.gamma > 0:
             S = [P[p] for p in sample(len(P), cfg.num_samples, cfg.sampling, cfg.seed)]
-            r = _softmax(logits[:, S, :]).sum(axis=(0, 1))
+            ls, ok = logits[:, S, :], pair_ok[:, S, :]
+            # A (head, sampled row) with a non-finite logit on an allowed key contributes nothing.
+            clean = (np.isfinite(ls) | ~ok).all(axis=-1, keepdims=True)
+            r = np.where(clean, _softmax(np.where(ok, ls, -np.inf)), 0.0).sum(axis=(0, 1))
             if cfg.normalize == "joint":
                 groups = [R]
             else:
@@ -108,13 +133,13 @@ def dar_float64(q, k, v, layouts, cfg, attn_mask=None, scale=None, is_causal=Fal
             continue
         rows = set(range(lq)) if cfg.queries == "all" else set(P)
         sel = np.array([i in rows for i in range(lq)])[None, :, None]
-        if cfg.mode == "key_scale":
-            reb = scores * w[None, None, :] + bias
-        else:
-            with np.errstate(divide="ignore"):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            if cfg.mode == "key_scale":
+                reb = scores * w[None, None, :] + bias
+            else:
                 reb = logits + np.log(w)[None, None, :]
-        p = _softmax(np.where(sel, reb, logits))
-        out[b] = p @ np.repeat(vn[b], g, axis=0)
+            p = _softmax(np.where(pair_ok, np.where(sel, reb, logits), -np.inf))
+            out[b] = p @ np.repeat(vn[b], g, axis=0)
     return out, W, RH, TH
 
 

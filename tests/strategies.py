@@ -82,7 +82,32 @@ def cases(draw, dtypes=(torch.float32, torch.float64), max_len: int = 20, head_d
     elif kind == "float":
         mask = torch.where(torch.rand(1, hq, lq, lk, generator=g) > 0.2, torch.randn(1, hq, lq, lk, generator=g),
                            torch.tensor(float("-inf"))).to(dtype)
+    elif kind == "float_key":  # a key-only additive bias (B, 1, 1, Lk), as flex and triton take
+        mask = torch.where(torch.rand(b, 1, 1, lk, generator=g) > 0.2, torch.randn(b, 1, 1, lk, generator=g),
+                           torch.tensor(float("-inf"))).to(dtype)
     elif kind == "causal":
         causal = True
     scale = draw(st.sampled_from([None, 0.3]))
     return Case(q, k, v, layouts, cfg, mask, causal, scale)
+
+
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+@st.composite
+def nonfinite_cases(draw, **kwargs):
+    """`cases` with, half of the time, one to three NaN / +-inf values put into q, k, v or a float mask
+    (docs/semantics.md, "Non-finite inputs")."""
+    case = draw(cases(**kwargs))
+    if draw(st.booleans()):
+        return case
+    targets = ["q", "k", "v"] + (["attn_mask"] if case.attn_mask is not None and case.attn_mask.is_floating_point()
+                                 else [])
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(targets))
+        t = getattr(case, name).clone()
+        flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+        value = draw(st.sampled_from(NONFINITE[:2] if name == "attn_mask" else NONFINITE))
+        flat[draw(st.integers(0, flat.numel() - 1))] = value
+        setattr(case, name, flat.view(t.shape))
+    return case

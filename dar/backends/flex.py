@@ -122,7 +122,8 @@ def _score_mod(call: DARCall, weights: torch.Tensor | None):
     bias = None
     if mask.mask is not None and mask.mask.dtype != torch.bool:
         kb = mask.key_bias()  # (B, Lk) float32, -inf where masked (the block mask drops those)
-        bias = torch.where(torch.isfinite(kb), kb, torch.zeros_like(kb))
+        # Only -inf is the block mask's business; NaN and +inf biases reach the scores (docs/semantics.md).
+        bias = torch.where(kb == float("-inf"), torch.zeros_like(kb), kb)
     if weights is None:
         if bias is None:
             return None

@@ -48,10 +48,16 @@ def _logits(call: DARCall, b: int) -> torch.Tensor:
     return _scores(call, b) + _logit_bias(call, b)
 
 
-def _softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim; a row with no allowed key (all -inf) is all zeros."""
+def _softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim in IEEE arithmetic (a NaN or +inf logit gives a NaN row, as SDPA's math
+    kernel does); a row with no allowed key is all zeros."""
     p = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(p, nan=0.0)
+    return torch.where(allowed.any(dim=-1, keepdim=True), p, torch.zeros_like(p))
+
+
+def _allowed(bias: torch.Tensor) -> torch.Tensor:
+    """Allowed (query, key) pairs: every bias but -inf (NaN and +inf biases allow the key)."""
+    return bias != -math.inf
 
 
 def _row_weights(call: DARCall, b: int) -> torch.Tensor:
@@ -62,14 +68,19 @@ def _row_weights(call: DARCall, b: int) -> torch.Tensor:
     if cfg.gamma == 0:
         return w
     # Step 1: R = reference keys some query row may attend to.
-    allowed = torch.isfinite(_logit_bias(call, b)).any(dim=0).any(dim=0)  # (Lk,)
+    pair_ok = _allowed(_logit_bias(call, b))
+    allowed = pair_ok.any(dim=0).any(dim=0)  # (Lk,)
     # Step 2: the sampled queries.
     samples = sampled_queries(lay.gen, cfg.num_samples, cfg.sampling, cfg.seed)
     if not samples or not lay.ref:
         return w
-    # Steps 3-4: attention of the sampled queries, summed over heads and samples.
-    p = _softmax(_logits(call, b)[:, list(samples), :])  # (Hq, m, Lk)
-    r = p.sum(dim=(0, 1)).float()
+    # Steps 3-4: attention of the sampled queries, summed over heads and samples. A (head, row) with a
+    # non-finite logit on an allowed key contributes nothing; logits of other keys are ignored.
+    rows = list(samples)
+    logits, ok = _logits(call, b)[:, rows, :], pair_ok[:, rows, :]  # (Hq, m, Lk)
+    clean = (torch.isfinite(logits) | ~ok).all(dim=-1, keepdim=True)
+    p = _softmax(logits.masked_fill(~ok, -math.inf), ok)
+    r = torch.where(clean, p, torch.zeros_like(p)).sum(dim=(0, 1)).float()
     # Step 5: groups.
     if cfg.normalize == "joint":
         groups = [[i for s, e in lay.ref for i in range(s, e)]]
@@ -120,7 +131,8 @@ class ReferenceBackend(Backend):
                 else:
                     rebalanced = logits + torch.log(w)  # probabilities scaled by w, renormalised
                 logits = torch.where(rows[None, :, None], rebalanced, logits)
-            p = _softmax(logits)
+            ok = _allowed(bias)
+            p = _softmax(logits.masked_fill(~ok, -math.inf), ok)  # over the allowed keys only
             v = call.v[b].to(dt).repeat_interleave(call.groups_per_kv, dim=0)
             outs.append(p @ v)
         return torch.stack(outs).to(call.q.dtype)

@@ -1,0 +1,75 @@
+"""Every backend against the independent float64 oracle (tests/oracle.py) over hypothesis cases, half
+of them with NaN / +-inf inputs (docs/semantics.md, "Non-finite inputs"). About 1,000 cases in all
+under the CI profile, weighted by cost: the triton interpreter and FlexAttention's eager path are the
+slow ones, so they get fewer, and smaller, cases.
+
+Weights are compared exactly (float32 ``1 +- gamma``) on keys whose float64 r̂ is not within rounding
+of a threshold; outputs on the entries the semantics pins, when every weight is stable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+import dar
+from dar.backends import get_backend
+from oracle import dar_float64, pinned, stable_keys
+from strategies import nonfinite_cases
+from tolerances import THRESHOLD_MARGIN, assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN arithmetic is the point here
+
+KEY_ONLY = ("none", "key_padding", "float_key", "causal")
+ALL_MASKS = KEY_ONLY + ("bool", "float")
+
+
+def _check(case, backend):
+    try:
+        get_backend(backend)
+    except (ImportError, ValueError) as exc:  # pragma: no cover - depends on the install
+        pytest.skip(f"{backend}: {exc}")
+    out64, w64, rhat, th = dar_float64(case.q, case.k, case.v, case.layouts, case.cfg, **case.kwargs())
+    out, w = dar.dar_attention(case.q, case.k, case.v, case.layouts, case.cfg, backend=backend,
+                               return_weights=True, **case.kwargs())
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    stable = stable_keys(rhat, th, THRESHOLD_MARGIN[case.q.dtype])
+    np.testing.assert_array_equal(w.numpy()[stable], w64.astype(np.float32)[stable])
+    if not stable.all():
+        return  # a weight that may flip changes the output legitimately
+    keep = pinned(case.q, case.k, case.v, case.attn_mask, case.is_causal)
+    tol_dtype = case.q.dtype
+    if backend == "torch" and tol_dtype == torch.float64 and case.cfg.mode == "prob_scale":
+        # Known gap, issue 15 item 7 (torch part, owned by the torch backend's rewrite): it applies ln w
+        # in float32, ~1e-8 off. Compared at float32's tolerance until that lands; then delete this.
+        tol_dtype = torch.float32
+    assert_close(torch.where(torch.from_numpy(keep), out.double(), 0.0), np.where(keep, out64, 0.0),
+                 tol_dtype, what=f"{backend} pinned output")
+
+
+# Cases per backend: 400 + 400 + 100 + 100 = 1,000. Measured CPU time (one thread, this repo's CI
+# profile): reference ~5 s, torch ~3 s, flex ~20 s, triton interpreter ~30 s.
+@settings(max_examples=400)
+@given(case=nonfinite_cases(mask_kinds=ALL_MASKS))
+def test_reference_fuzz(case):
+    _check(case, "reference")
+
+
+@settings(max_examples=400)
+@given(case=nonfinite_cases(mask_kinds=ALL_MASKS))
+def test_torch_fuzz(case):
+    _check(case, "torch")
+
+
+@settings(max_examples=100)
+@given(case=nonfinite_cases(mask_kinds=KEY_ONLY, max_len=12, head_dims=(8,)))
+def test_flex_fuzz(case):
+    _check(case, "flex")
+
+
+@settings(max_examples=100)
+@given(case=nonfinite_cases(mask_kinds=KEY_ONLY, max_len=12, head_dims=(8,), dtypes=(torch.float32,)))
+def test_triton_fuzz(case):
+    _check(case, "triton")

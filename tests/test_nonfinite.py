@@ -1,0 +1,140 @@
+"""Non-finite inputs (docs/semantics.md, "Non-finite inputs"): every class of NaN / inf in q, k, v and
+a float mask, on every backend, against the float64 oracle (tests/oracle.py).
+
+Weights must equal the oracle's exactly (they never see a non-finite value); outputs must match it on
+the entries the semantics pins, and the clean batch row must still be rebalanced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dar
+from dar.backends import get_backend
+from oracle import dar_float64, pinned
+from tolerances import assert_close
+
+BACKENDS = ["reference", "torch", "flex", "triton"]
+# NaN/inf arithmetic inside the reference, numpy and Triton's interpreter warns; that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+NAN, INF = math.nan, math.inf
+LAY = dar.TokenLayout(ref=[(0, 12)], gen=[(12, 24)])
+# strided: S = P[1], P[4], P[7], P[10] = queries 13, 16, 19, 22
+CFG = dar.DARConfig(gamma=0.5, num_samples=4, sampling="strided")
+SAMPLED_ROW = 16
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, 24, 8, generator=g) * 2
+    k = torch.randn(2, 1, 24, 8, generator=g) * 2
+    v = torch.randn(2, 1, 24, 8, generator=g)
+    return q, k, v
+
+
+def _poison(q, k, v, where: str, value: float):
+    """Put ``value`` into batch row 0 at ``where``; batch row 1 stays clean. Returns the float key mask."""
+    mask = None
+    if where == "sampled_query":  # one element of one head's sampled row
+        q[0, 0, SAMPLED_ROW, 3] = value
+    elif where == "other_query":  # a query row that is not sampled
+        q[0, 1, 2, 0] = value
+    elif where == "reference_key":
+        k[0, 0, 5, 1] = value
+    elif where == "other_key":  # a key outside R
+        k[0, 0, 20, 2] = value
+    elif where == "value":
+        v[0, 0, 7, 4] = value
+    elif where == "key_mask":  # (B, 1, 1, Lk) additive bias: NaN/+inf at reference key 3, -inf at key 0
+        mask = torch.zeros(2, 1, 1, 24)
+        mask[0, 0, 0, 3] = value
+        mask[:, 0, 0, 0] = -INF
+    else:
+        raise AssertionError(where)
+    return mask
+
+
+def _backend_or_skip(name):
+    try:
+        get_backend(name)
+    except (ImportError, ValueError) as exc:  # pragma: no cover - depends on the install
+        pytest.skip(f"{name}: {exc}")
+
+
+_PLACES = [(w, x) for w in ("sampled_query", "other_query", "reference_key", "other_key", "value")
+           for x in (NAN, INF, -INF)] + [("key_mask", NAN), ("key_mask", INF)]
+# Both modes, alternating over the classes (the weights do not depend on the mode; CI time does).
+CLASSES = [(w, x, ("key_scale", "prob_scale")[i % 2]) for i, (w, x) in enumerate(_PLACES)]
+
+
+@pytest.mark.parametrize("where, value, mode", CLASSES, ids=[f"{w}={x}-{m}" for w, x, m in CLASSES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_input_class(backend, mode, where, value):
+    _backend_or_skip(backend)
+    q, k, v = _inputs()
+    mask = _poison(q, k, v, where, value)
+    cfg = CFG.replace(mode=mode)
+    out64, w64, _, _ = dar_float64(q, k, v, LAY, cfg, attn_mask=mask)
+    out, w = dar.dar_attention(q, k, v, LAY, cfg, attn_mask=mask, backend=backend, return_weights=True)
+    # Weights: always finite, exactly the oracle's (w is float32 by contract).
+    assert torch.isfinite(w).all()
+    np.testing.assert_array_equal(w.numpy(), w64.astype(np.float32))
+    assert (w[1] != 1).any(), "the clean batch row must still be rebalanced"
+    if where in ("sampled_query", "other_query", "value"):
+        assert (w[0] != 1).any(), "batch row 0 keeps its other sampled rows' mass"
+    else:  # a non-finite logit on a key every sampled row may attend: every row is dropped
+        assert (w[0] == 1).all()
+    # Outputs: equal to the oracle wherever the semantics pins them.
+    keep = torch.from_numpy(pinned(q, k, v, mask))
+    assert keep[1].all() and (keep[0].any() or where in ("reference_key", "other_key", "key_mask"))
+    out_pinned = torch.where(keep, out.double(), 0.0)
+    assert_close(out_pinned, np.where(keep.numpy(), out64, 0.0), torch.float32, what=f"{backend} pinned output")
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex", "triton"])
+def test_nan_logit_rows_output_nan_in_ieee_backends(backend):
+    # Not pinned by the semantics (the torch backend's SDPA on CPU returns 0 for a row whose logits are
+    # all NaN), but the reference evaluates the definition in IEEE arithmetic, and the flex and triton
+    # kernels do likewise: a NaN or +inf logit on an allowed key makes the row NaN, never 0 or a 0 bias.
+    _backend_or_skip(backend)
+    q, k, v = _inputs()
+    q[0, 1, SAMPLED_ROW, :] = NAN
+    out = dar.dar_attention(q, k, v, LAY, CFG, backend=backend)
+    assert out[0, 1, SAMPLED_ROW].isnan().all()
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[1]).all()
+    q, k, v = _inputs()
+    for value in (NAN, INF):
+        mask = torch.zeros(2, 1, 1, 24)
+        mask[0, 0, 0, 3] = value
+        out = dar.dar_attention(q, k, v, LAY, CFG, attn_mask=mask, backend=backend)
+        assert out[0].isnan().all() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("value", [NAN, INF])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_nonfinite_mask_entry_of_one_sampled_row(backend, value):
+    # A per-row float mask (reference and torch only): a NaN / +inf bias on one sampled row drops that
+    # row from the mass and nothing else; the key stays in R (only -inf forbids a key).
+    q, k, v = _inputs(seed=1)
+    mask = torch.zeros(2, 1, 24, 24)
+    mask[0, 0, SAMPLED_ROW, 4] = value
+    out64, w64, _, _ = dar_float64(q, k, v, LAY, CFG, attn_mask=mask)
+    out, w = dar.dar_attention(q, k, v, LAY, CFG, attn_mask=mask, backend=backend, return_weights=True)
+    np.testing.assert_array_equal(w.numpy(), w64.astype(np.float32))
+    assert (w[0] != 1).any() and w64[0, 4] != 1  # key 4 still scored by the other rows
+    keep = torch.from_numpy(pinned(q, k, v, mask))
+    assert not keep[0, :, SAMPLED_ROW].any() and keep[0, :, :SAMPLED_ROW].all()
+    assert_close(torch.where(keep, out.double(), 0.0), np.where(keep.numpy(), out64, 0.0), torch.float32)
+
+
+def test_every_sampled_row_dropped_leaves_weights_one():
+    q, k, v = _inputs()
+    q[0, :, 12:] = NAN  # every generated-image query of batch row 0
+    for backend in BACKENDS:
+        _backend_or_skip(backend)
+        w = dar.compute_key_weights(q, k, LAY, CFG, backend=backend)
+        assert (w[0] == 1).all() and (w[1] != 1).any(), backend
