@@ -28,6 +28,12 @@ def _triton():
     return impl
 
 
+def triton_unavailable() -> str | None:
+    """None when the triton varlen path can be imported here, else why not."""
+    impl = _triton()
+    return f"the triton varlen kernels cannot be loaded: {impl}" if isinstance(impl, ImportError) else None
+
+
 def _select(backend, call: VarlenCall):
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {VARLEN_BACKENDS}, got {type(backend).__name__}")
@@ -90,7 +96,9 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         causal: flash-attn's bottom-right causal rule per sequence: query ``i`` attends key ``j``
             iff ``j <= i + Lk_n - Lq_n`` (SDPA's top-left rule when ``Lq_n == Lk_n``).
         backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``"auto"`` (triton on CUDA when it
-            supports the inputs, else torch; never the reference).
+            supports the inputs, else torch; never the reference). ``"triton"`` runs the packed
+            attention kernel; its key weights come from the torch scoring until the packed scoring
+            kernel lands (`dar.varlen.triton`).
         return_weights: also return the key weights.
 
     Returns:
@@ -112,4 +120,4 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     return out
 
 
-__all__ = ["dar_attention_varlen", "compute_key_weights_varlen", "VARLEN_BACKENDS", "VarlenCall"]
+__all__ = ["dar_attention_varlen", "compute_key_weights_varlen", "VARLEN_BACKENDS", "VarlenCall", "triton_unavailable"]
