@@ -38,26 +38,35 @@ _CHUNK_ELEMENTS = 1 << 25
 
 def sampled_attention_mass(call: DARCall) -> torch.Tensor:
     """(B, Lk) float32: ``r_k = sum_i sum_h softmax(scale * q_i k^T + mask)_k`` over sampled rows i."""
-    q, k, plan = call.q, call.k, call.plan
+    q, plan = call.q, call.plan
     b, hq, _, d = q.shape
-    hk, lk = k.shape[1], k.shape[2]
-    g = call.groups_per_kv
     pt = plan.tensors(q.device)
     rows = pt.samples.long()  # (B, M), -1 = padding
     valid = rows >= 0
     rows = rows.clamp(min=0)
     m = rows.shape[1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qs = q.gather(2, rows[:, None, :, None].expand(b, hq, m, d))  # (B, Hq, M, D): only the sampled rows
     bias = call.mask.rows_bias(rows, hq)  # (B, 1 or Hq, M, Lk) or None
+    return mass_of_rows(qs, call.k, bias, valid, call.scale)
+
+
+def mass_of_rows(qs: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """(B, Lk) float32 attention mass of the query rows ``qs (B, Hq, M, D)`` over ``k (B, Hk, Lk, D)``,
+    summed over heads and the rows where ``valid (B, M)``; ``bias (B, 1 or Hq, M, Lk)`` is additive
+    (-inf = key not allowed) or None. Chunked over key heads; shared by the dense and packed paths."""
+    b, hq, m, d = qs.shape
+    hk, lk = k.shape[1], k.shape[2]
+    g = hq // hk
+    acc = torch.float64 if qs.dtype == torch.float64 else torch.float32
     per_head = b * (g * m + d) * lk
     step = max(1, min(hk, _CHUNK_ELEMENTS // max(per_head, 1)))
-    mass = torch.zeros(b, lk, dtype=acc, device=q.device)
+    mass = torch.zeros(b, lk, dtype=acc, device=qs.device)
     for h0 in range(0, hk, step):
         h1 = min(hk, h0 + step)
         # Query heads of one KV head share its keys: fold them into the matmul's row dimension.
         qc = qs[:, h0 * g:h1 * g].to(acc).reshape(b, h1 - h0, g * m, d)
-        logits = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(call.scale)
+        logits = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(scale)
         logits = logits.reshape(b, (h1 - h0) * g, m, lk)
         # Non-finite inputs (docs/semantics.md): a (head, sampled row) with a non-finite logit on an
         # allowed key contributes no mass; logits of keys that are not allowed (-inf bias) are ignored.

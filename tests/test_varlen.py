@@ -175,3 +175,21 @@ def test_torch_backend_has_gradients():
     out = _call(q=q, k=k, v=v, cfg=dar.DARConfig(gamma=0.5, num_samples=2), backend="torch")
     out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequences_are_isolated(backend):
+    # A non-finite key in sequence 0 changes nothing in sequence 1 (no leak through padding or statistics).
+    lens = [6, 5]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(11, 4, 8, generator=g), torch.randn(11, 2, 8, generator=g), torch.randn(11, 2, 8, generator=g)
+    k[2, 0, 3] = float("nan")
+    lays = [dar.TokenLayout(ref=[(0, 3)], gen=[(3, 6)]), dar.TokenLayout(ref=[(0, 2)], gen=[(2, 5)])]
+    cfg = dar.DARConfig(gamma=0.5, num_samples=3)
+    for causal in (False, True):
+        out, w = dar.dar_attention_varlen(q, k, v, cu(lens), cu(lens), 6, 6, lays, cfg, causal=causal,
+                                          backend=backend, return_weights=True)
+        alone, w1 = dar.dar_attention_varlen(q[6:], k[6:], v[6:], cu([5]), cu([5]), 5, 5, lays[1:], cfg,
+                                             causal=causal, backend=backend, return_weights=True)
+        assert torch.equal(w[6:], w1)
+        torch.testing.assert_close(out[6:], alone, rtol=1e-6, atol=1e-6)

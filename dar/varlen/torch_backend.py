@@ -78,41 +78,22 @@ class _Frame:
 
 
 def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
-    """(N, Lk) float32 attention mass of each sequence's sampled queries (steps 3-4), chunked over heads."""
+    """(N, Lk) float32 attention mass of each sequence's sampled queries (steps 3-4)."""
     q, k = call.q, call.k
-    hq, d = q.shape[1], q.shape[2]
-    hk = k.shape[1]
-    g = call.groups_per_kv
-    n, lk = fr.key_valid.shape
+    lk = fr.lk
     pt = call.plan.tensors(q.device)
     s = pt.samples.long()  # (N, M) query index within the sequence, -1 = padding
     valid = (s >= 0) & (s < fr.len_q[:, None])
     s = s.clamp(min=0)
-    m = s.shape[1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     rows = (fr.cu_q[:-1, None] + s).clamp_(0, max(q.shape[0] - 1, 0))
     qs = q[rows].permute(0, 2, 1, 3)  # (N, Hq, M, D)
     allowed = fr.key_valid[:, None, :]  # (N, 1 -> M, Lk)
     if call.causal:
         cols = torch.arange(lk, device=q.device)
         allowed = allowed & (cols[None, None, :] <= (s + fr.len_k[:, None] - fr.len_q[:, None])[..., None])
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     bias = torch.zeros(allowed.shape, dtype=acc, device=q.device).masked_fill_(~allowed, NEG_INF)[:, None]
-    keys = fr.keys(k)  # (N, Hk, Lk, D)
-    step = max(1, min(hk, scoring._CHUNK_ELEMENTS // max(n * (g * m + d) * lk, 1)))
-    mass = torch.zeros(n, lk, dtype=acc, device=q.device)
-    for h0 in range(0, hk, step):
-        h1 = min(hk, h0 + step)
-        # The query heads of one KV head share its keys: fold them into the matmul's rows.
-        qc = qs[:, h0 * g:h1 * g].to(acc).reshape(n, h1 - h0, g * m, d)
-        logits = torch.matmul(qc, keys[:, h0:h1].to(acc).transpose(-1, -2)).mul_(call.scale)
-        logits = logits.reshape(n, (h1 - h0) * g, m, lk) + bias
-        row_max = logits.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        p = torch.exp(logits - row_max)
-        denom = p.sum(dim=-1, keepdim=True)
-        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-        mass += (p * valid[:, None, :, None]).sum(dim=(1, 2))
-    return mass.float()
+    return scoring.mass_of_rows(qs, fr.keys(k), bias, valid, call.scale)
 
 
 def key_weights(call: VarlenCall) -> torch.Tensor:
