@@ -1,7 +1,8 @@
 """Dynamic Attention Rebalancing (DAR): sharper attention to the reference images that matter.
 
 Public API: `DARConfig`, `TokenLayout`, `dar_attention`, `compute_key_weights`, their packed
-(flash-attn varlen) forms `dar_attention_varlen`, `compute_key_weights_varlen`; model bindings
+(flash-attn varlen) forms `dar_attention_varlen`, `compute_key_weights_varlen`, `AttentionKernel`
+(a plain-attention kernel for ``dar_attention(..., attention_fn=)``); model bindings
 `enable`, `disable`, `rebalanced`, `Recorder`.
 
 Names load on first use, so ``import dar.eval`` (the torch-free evaluation toolkit) does not pay for
@@ -21,6 +22,7 @@ _EXPORTS = {
     "compute_key_weights": "dar.api",
     "dar_attention_varlen": "dar.varlen",
     "compute_key_weights_varlen": "dar.varlen",
+    "AttentionKernel": "dar.delegate",
     "BACKENDS": "dar.backends",
     "KeyStats": "dar.scoring",
     "enable": "dar.bindings",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import parallel
-from .backends import select_backend
+from . import delegate, parallel
+from .backends import select_backend, warn_once
 from .call import make_call
 from .config import DARConfig
 from .layout import TokenLayout
@@ -34,7 +34,7 @@ def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   layout: TokenLayout | list[TokenLayout], cfg: DARConfig | None = None,
                   attn_mask: torch.Tensor | None = None, scale: float | None = None, *,
                   is_causal: bool = False, backend: str = "auto", return_weights: bool = False,
-                  head_group=None, seq_group=None):
+                  head_group=None, seq_group=None, attention_fn=None):
     """Attention with Dynamic Attention Rebalancing, a drop-in for SDPA.
 
     Args:
@@ -47,8 +47,10 @@ def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             ``(B, Hq, Lq, Lk)``, as in SDPA.
         scale: softmax scale, default ``1 / sqrt(D)``.
         is_causal: SDPA's top-left causal mask; cannot be combined with ``attn_mask``.
-        backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``"auto"`` (triton on CUDA when it
-            supports the inputs, else torch; never the reference).
+        backend: ``"reference"``, ``"torch"``, ``"triton"``, ``"flex"``, ``"torch:<SDPA kernel>"``
+            (``flash``, ``cudnn``, ``efficient``, ``math``) or ``"auto"``: the ``DAR_BACKEND``
+            environment variable if set, else the fastest candidate, measured once per kind of call
+            (`dar.backends.tuner`; never the reference).
         return_weights: also return the key weights.
         head_group: a ``torch.distributed`` process group over which the heads are split: this rank
             holds a contiguous slice of the query heads with their KV heads, and every token (the
@@ -57,6 +59,12 @@ def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             ``r``-th equal shard of q, k and v, ``layout`` is in global positions and ``attn_mask``
             is a key-padding mask of this rank's keys ``(B or 1, 1, 1, Lk_local)``. Combines with
             ``head_group`` (Ulysses x ring). The result is the single-process one, up to rounding.
+        attention_fn: run the attention on this kernel instead of the backend's own: a callable
+            ``fn(q, k, v, attn_mask=None, scale=None, is_causal=False)`` with SDPA's layout and
+            meaning (GQA included), or a `dar.AttentionKernel` saying what the kernel cannot take
+            (no additive mask, head-dim alignment, ...). The backend then only computes the key
+            weights (``"auto"``: triton on CUDA when it supports the inputs, else torch). A call the
+            kernel cannot express runs on the backend instead, with a one-time warning saying why.
 
     Returns:
         ``(B, Hq, Lq, Dv)`` in q's dtype, or ``(out, w)`` with ``w`` of shape ``(B, Lk)`` float32
@@ -67,12 +75,23 @@ def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not isinstance(return_weights, bool):
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
     if head_group is not None or seq_group is not None:
+        if attention_fn is not None:
+            raise ValueError("attention_fn cannot be combined with head_group / seq_group (the split calls run on "
+                             "the backend's own attention)")
         return parallel.attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return_weights,
                                   head_group, seq_group)
     call = make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal)
-    impl = select_backend(backend, call)
+    kernel = None if attention_fn is None else delegate.as_kernel(attention_fn)
+    impl = select_backend(backend, call, weights_only=kernel is not None)
     w = impl.key_weights(call) if call.plan.active else None
-    out = impl.attention(call, w)
+    why = None if kernel is None else delegate.unsupported(call, kernel)
+    if kernel is not None and why is None:
+        out = delegate.attention(call, w, kernel)
+    else:
+        if why is not None:
+            warn_once(f"dar: attention_fn {kernel.name!r} cannot run this call ({why}); such calls use the "
+                      f"{impl.name} backend's attention instead")
+        out = impl.attention(call, w)
     if return_weights:
         if w is None:
             w = torch.ones(q.shape[0], k.shape[2], dtype=torch.float32, device=q.device)

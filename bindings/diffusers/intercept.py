@@ -29,7 +29,7 @@ from dar.api import dar_attention
 from dar.layout import TokenLayout
 from dar.varlen import VARLEN_BACKENDS, dar_attention_varlen
 
-from . import context
+from . import context, dispatch
 
 logger = logging.getLogger("dar.bindings.diffusers")
 
@@ -110,8 +110,11 @@ def _layouts_for(active, frame, lq: int, lk: int):
     return lays
 
 
-def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """DAR attention for one intercepted call, in SDPA layout; None means "pass this call through"."""
+def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, kernel=None):
+    """DAR attention for one intercepted call, in SDPA layout; None means "pass this call through".
+
+    ``kernel``: the user's diffusers attention backend as a `dar.AttentionKernel` (dispatch.py), or None.
+    """
     state = active.state
     settings = state.settings
     lq, lk = q.shape[2], k.shape[2]
@@ -131,11 +134,14 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
         # dispatch's native backend reads a 2-D mask as a (B, Lk) key-padding mask.
         attn_mask = attn_mask[:, None, None, :]
     recorder = settings.recorder
+    if settings.backend != "auto":
+        kernel = None  # an explicit DAR backend wins over the diffusers one
     if recorder is None:
         return dar_attention(q, k, v, layouts, settings.config, attn_mask, scale,
-                             is_causal=bool(is_causal), backend=settings.backend)
+                             is_causal=bool(is_causal), backend=settings.backend, attention_fn=kernel)
     out, w = dar_attention(q, k, v, layouts, settings.config, attn_mask, scale,
-                           is_causal=bool(is_causal), backend=settings.backend, return_weights=True)
+                           is_causal=bool(is_causal), backend=settings.backend, return_weights=True,
+                           attention_fn=kernel)
     now = state.now
     layout = layouts if isinstance(layouts, TokenLayout) else list(layouts)
     recorder.observe(layer=frame.index, layer_name=frame.name, step=now.step, timestep=now.timestep,
@@ -145,7 +151,7 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
     return out
 
 
-def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsupported=None):
+def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsupported=None, route=None):
     """A stand-in for an attention function that rebalances the calls of enabled models.
 
     Every call that is not rebalanced (no enabled model running, layer or step filtered out, no
@@ -153,6 +159,7 @@ def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsu
     takes and returns ``(B, L, H, D)`` (diffusers' dispatch) rather than SDPA's ``(B, H, L, D)``.
     ``unsupported(a, active, frame)``: True for bound arguments that must pass through (it accounts
     for the call with `passed`).
+    ``route(a)``: the kernel the rebalanced attention runs on (the user's diffusers backend), or None.
     """
 
     def interceptor(*args, **kwargs):
@@ -179,7 +186,7 @@ def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsu
         if blhd:  # (B, L, H, D) -> (B, H, L, D) views: no copy; DAR accepts any strides.
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = _rebalance(active, frame, q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"],
-                         a["enable_gqa"])
+                         a["enable_gqa"], kernel=None if route is None else route(a))
         if out is None:
             return original(*args, **kwargs)
         return out.transpose(1, 2) if blhd else out
@@ -198,8 +205,12 @@ def _parallel_or_backend_kwargs(a, active, frame) -> bool:
 
 def make_dispatch_interceptor(original):
     """A stand-in for ``dispatch_attention_fn`` that rebalances calls of enabled models."""
+    def route(a):
+        chosen = dispatch.chosen_backend(a["backend"])
+        return None if chosen is None else dispatch.kernel(original, chosen)
+
     fn = _make_interceptor(original, _DISPATCH_NAMES, _DISPATCH_POSITIONAL, _DISPATCH_DEFAULTS, blhd=True,
-                           unsupported=_parallel_or_backend_kwargs)
+                           unsupported=_parallel_or_backend_kwargs, route=route)
     fn.__name__ = fn.__qualname__ = "dar_dispatch_attention_fn"
     return fn
 

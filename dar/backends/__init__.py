@@ -1,17 +1,29 @@
-"""Backend registry and the ``"auto"`` choice."""
+"""Backend registry and the ``"auto"`` choice.
+
+``backend="auto"`` resolves, in order: the ``DAR_BACKEND`` environment variable when it is set,
+else the measured choice of `dar.backends.tuner` (``TUNER``). Explicit names never consult either.
+Besides `BACKENDS`, the torch backend restricted to one SDPA kernel is available as
+``"torch:flash"``, ``"torch:cudnn"``, ``"torch:efficient"`` and ``"torch:math"`` (`TORCH_KERNELS`).
+"""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import warnings
+
+# `torch` here would be shadowed by the submodule dar.backends.torch once it is imported.
+import torch as _torch
 
 from ..call import DARCall
 from .base import Backend
+from .tuner import Tuner
 
 logger = logging.getLogger("dar")
 
 BACKENDS = ("reference", "torch", "triton", "flex", "auto")
+ENV = "DAR_BACKEND"
 _MODULES = {"reference": ("reference", "ReferenceBackend"), "torch": ("torch", "TorchBackend"),
             "triton": ("triton", "TritonBackend"), "flex": ("flex", "FlexBackend")}
 _warned: set[str] = set()
@@ -29,10 +41,21 @@ def _load(name: str):
 _instances: dict[str, Backend | ImportError] = {name: _load(name) for name in _MODULES}
 
 
+def _torch_kernels() -> dict[str, Backend]:
+    from .torch import SDP_KERNELS, TorchBackend
+
+    return {f"torch:{k}": TorchBackend(k) for k in SDP_KERNELS}
+
+
+_instances.update(_torch_kernels())
+TORCH_KERNELS = tuple(n for n in _instances if n.startswith("torch:"))
+NAMES = (*BACKENDS, *TORCH_KERNELS)
+
+
 def get_backend(name: str) -> Backend:
     """The backend object named ``name`` (not "auto"); ImportError if it cannot load here."""
-    if name not in _MODULES:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name not in _instances:
+        raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
     backend = _instances[name]
     if isinstance(backend, ImportError):
         raise ImportError(f"the {name} backend cannot be loaded: {backend}") from backend
@@ -48,16 +71,9 @@ def triton_available() -> str | None:
     return None
 
 
-def select_backend(name, call: DARCall) -> Backend:
-    """Resolve ``backend=`` for a call; raise if a named backend cannot run it."""
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, one of {BACKENDS}, got {type(name).__name__}")
-    if name != "auto":
-        backend = get_backend(name)
-        reason = backend.unsupported(call)
-        if reason is not None:
-            raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
-        return backend
+def default_backend(call: DARCall) -> Backend:
+    """The documented default, used where nothing is measured: triton on CUDA when it supports the
+    call, else torch (with a one-time warning on CUDA saying why)."""
     if call.q.device.type == "cuda":
         why = triton_available()
         if why is None:
@@ -65,15 +81,47 @@ def select_backend(name, call: DARCall) -> Backend:
             why = backend.unsupported(call)
             if why is None:
                 return backend
-        _warn_once(f"dar: backend='auto' is using the torch backend on CUDA because {why}")
+        warn_once(f"dar: backend='auto' is using the torch backend on CUDA because {why}")
     return get_backend("torch")
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
+TUNER = Tuner(get_backend, default_backend)
+
+
+def select_backend(name, call: DARCall, weights_only: bool = False) -> Backend:
+    """Resolve ``backend=`` for a call; raise if a named backend cannot run it.
+
+    ``weights_only``: only the key weights are needed (the attention runs elsewhere), so "auto"
+    takes the default rule instead of timing attention implementations.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}, got {type(name).__name__}")
+    if name == "auto":
+        env = os.environ.get(ENV)
+        if env:
+            if env not in NAMES:
+                raise ValueError(f"the {ENV} environment variable must be one of {NAMES}, got {env!r}")
+            name = env
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.unsupported(call)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
+        return backend
+    if weights_only:
+        return default_backend(call)
+    return TUNER.choose(call)
+
+
+def warn_once(message: str) -> None:
+    """``warnings.warn`` + log, once per message (nothing inside torch.compile tracing)."""
+    if message not in _warned and not _torch.compiler.is_compiling():
         _warned.add(message)
         warnings.warn(message, stacklevel=4)
         logger.info(message)
 
 
-__all__ = ["BACKENDS", "Backend", "get_backend", "select_backend", "triton_available"]
+_warn_once = warn_once  # the older private name
+
+__all__ = ["BACKENDS", "NAMES", "TORCH_KERNELS", "TUNER", "Backend", "default_backend", "get_backend",
+           "select_backend", "triton_available", "warn_once"]
