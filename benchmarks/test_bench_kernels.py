@@ -1,7 +1,7 @@
 """The kernel benchmark cases under pytest-benchmark: ``pytest benchmarks/ --benchmark-only``.
 
-Same implementations and shapes as ``dar bench``. Every case first checks the implementation
-against the reference backend on a small case (so a fast wrong kernel fails here), then times it.
+Same implementations and shapes as ``dar bench``. Every case first checks the callable it times, at
+the timed shape (dar.bench.correctness: so a fast wrong kernel fails here), then times it.
 Without CUDA only tiny shapes run (the triton backend under TRITON_INTERPRET=1, one round); the
 real-size model shapes need a GPU and are skipped with that reason. An implementation that cannot
 run here is skipped with the harness's "unavailable" reason.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dar import DARConfig
-from dar.bench import correctness, shapes
+from dar.bench import correctness, kernels, shapes
 from dar.bench.impls import IMPLS, Unavailable, availability
 
 CUDA = torch.cuda.is_available()
@@ -29,26 +29,20 @@ CASES += [pytest.param(s, name, id=f"{s.name}-{name}", marks=NEEDS_GPU) for s in
 _AVAILABLE = availability(list(IMPLS.values()))
 
 
-def _inputs(shape):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    return [torch.randn(shape.batch, h, shape.seq, shape.head_dim, generator=g, device=DEVICE,
-                        dtype=shape.torch_dtype) for h in (shape.heads_q, shape.heads_kv, shape.heads_kv)]
-
-
 @pytest.mark.parametrize("shape,impl_name", CASES)
 def test_kernel(benchmark, shape, impl_name):
     impl = IMPLS[impl_name]
     if _AVAILABLE[impl_name] is not None:
         pytest.skip(f"unavailable: {_AVAILABLE[impl_name]}")
-    check = correctness.check(impl, shape, DEVICE, CFG, seq=64 if not CUDA else 320)
-    if check["status"] == "unavailable":
-        pytest.skip(f"unavailable: {check['reason']}")
-    assert check["passed"], f"{impl_name} failed its correctness check: {check}"
-    q, k, v = _inputs(shape)
+    q, k, v = kernels._inputs(shape, DEVICE)  # (B, L, H, D) views, as diffusers passes them
     try:
         fn = impl.build(q, k, v, shape.layout(), CFG)
     except Unavailable as exc:
         pytest.skip(f"unavailable: {exc}")
+    check = correctness.check(impl, fn, q, k, v, shape.layout(), CFG, shape.dtype)
+    if check["status"] == "unavailable":
+        pytest.skip(f"unavailable: {check['reason']}")
+    assert check["passed"], f"{impl_name} failed its correctness check: {check}"
 
     def call():
         with torch.no_grad(), impl.context():
@@ -61,6 +55,9 @@ def test_kernel(benchmark, shape, impl_name):
     benchmark.extra_info.update(shape=shape.describe(), impl=impl_name, device=str(DEVICE), flops=shape.flops)
     out = benchmark.pedantic(call, rounds=1 if slow else (20 if CUDA else 3), warmup_rounds=0 if slow else 1,
                              iterations=1)
-    assert out.shape == (shape.batch, shape.heads_q, shape.seq, shape.head_dim)
+    out = out[0] if isinstance(out, tuple) else out  # DAR rows return (out, w)
+    expected = (shape.batch, shape.seq) if impl_name == "dar-weights" else (
+        shape.batch, shape.heads_q, shape.seq, shape.head_dim)
+    assert out.shape == expected
     if not benchmark.disabled:
         benchmark.extra_info["tflops"] = shape.flops / benchmark.stats.stats.median / 1e12

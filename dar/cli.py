@@ -19,11 +19,16 @@ def _version(dist: str) -> str:
 
 
 def info(argv: list[str]) -> int:
-    """Print versions, the device and which backends can run here."""
-    argparse.ArgumentParser(prog="dar info", description=info.__doc__, allow_abbrev=False).parse_args(argv)
+    """Print versions, the device, which backends can run here and what backend="auto" chose."""
+    p = argparse.ArgumentParser(prog="dar info", description=info.__doc__, allow_abbrev=False)
+    p.add_argument("--tune", action="store_true",
+                   help="first let backend='auto' measure a typical call (B 1, H 8, L 4224, D 64; fp32 on CPU, "
+                        "bf16 on CUDA; both modes) on this machine")
+    args = p.parse_args(argv)
     import torch
 
     import dar
+    from dar import backends
     from dar.backends import get_backend, triton_available
 
     print(f"dar          {dar.__version__}")
@@ -38,6 +43,10 @@ def info(argv: list[str]) -> int:
     print("backends:")
     for name, why in _backend_status(torch, get_backend, triton_available):
         print(f"  {name:<10} {'yes' if why is None else 'no: ' + why}")
+    if args.tune:
+        backends.tuner.tune_typical_call(backends.TUNER)
+    for line in backends.tuner.describe(backends.TUNER):
+        print(line)
     return 0
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dar
-from dar.bench import e2e, impls, kernels, main, report, shapes, table, timing
+from dar.bench import correctness, e2e, impls, kernels, main, report, shapes, table, timing
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,27 +49,29 @@ def test_quick_kernels_writes_json_markdown_png(quick_kernels):
     md = (out / res["files"]["md"]).read_text()
     assert "CPU quick mode" in md and "quick-qwen-2ref" in md
     assert (out / res["files"]["png"]).read_bytes()[:8] == PNG_MAGIC
-    assert set(res["implementations"]) == set(impls.IMPLS)
+    assert set(res["implementations"]) == set(impls.IMPLS) - set(impls.OPT_IN)
+    assert res["config"]["input_layout"] == "blhd" and res["config"]["interleaved"]
 
 
 def test_quick_kernels_correctness_and_figures(quick_kernels):
     _, _, res = quick_kernels
     avail = {n for n, i in res["implementations"].items() if i["available"]}
-    # torch/flex DAR, SDPA math/flash and eager always run on CPU.
-    assert {"dar-torch", "dar-flex", "sdpa-math", "eager"} <= avail
+    # torch/flex DAR, SDPA math/flash, plain flex and eager always run on CPU.
+    assert {"dar-torch", "dar-flex", "sdpa-math", "flex", "eager"} <= avail
     checked = [c for c in res["correctness"] if c["status"] != "unavailable"]
-    assert {c["impl"] for c in checked} >= {"dar-torch", "dar-flex", "sdpa-math", "eager"}
+    assert {c["impl"] for c in checked} >= {"dar-torch", "dar-flex", "sdpa-math", "flex", "eager"}
     for c in checked:
         assert c["passed"] is True, c
+        assert c["shape"] in {s.name for s in shapes.PRESETS["quick"]}  # checked at the timed shape
         assert c["max_abs_err"] <= c["tolerance"]
         if c["impl"].startswith("dar-"):
             assert c["weight_mismatches"] == 0 and c["rebalanced_keys"] > 0
     shape_by_name = {s["name"]: s for s in res["shapes"]}
     assert set(shape_by_name) == {s.name for s in shapes.PRESETS["quick"]}
     rows = res["results"]
-    assert len(rows) == len(shape_by_name) * len(impls.IMPLS)
+    assert len(rows) == len(shape_by_name) * (len(impls.IMPLS) - len(impls.OPT_IN))
     for r in rows:
-        if r["impl"] in ("dar-torch", "dar-flex", "sdpa-math", "eager"):
+        if r["impl"] in ("dar-torch", "dar-flex", "sdpa-math", "flex", "eager"):
             assert r["status"] == "ok", r
         if r["status"] != "ok":
             assert r["reason"], r
@@ -187,9 +189,16 @@ class _WrongImpl(impls.Impl):
 
 @dataclasses.dataclass(frozen=True)
 class _CrashImpl(impls.Impl):
+    """Right on its first call (the correctness check), then raises: reported as an error of the timing."""
+
     def build(self, q, k, v, layout, cfg):
+        calls = []
+
         def boom():
-            raise RuntimeError("kernel exploded")
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("kernel exploded")
+            return impls.eager_attention(q, k, v)
         return boom
 
     def outputs(self, q, k, v, layout, cfg):
@@ -275,5 +284,73 @@ def test_committed_results_are_real_runs():
     for r in results:
         assert r["git"]["commit"] and r["results" if r["kind"] == "kernels" else "models"]
         assert report.stem(r) == Path(r["_file"]).stem
-        if r["device"]["type"] == "cpu":
-            assert r["mode"] == "quick"
+        if r["device"]["type"] == "cpu" and r["mode"] != "quick":
+            # A full CPU run says what it was measured under (shared cores, load) in its report.
+            assert r["device"]["cores"] and r["device"]["load_avg_start"] is not None
+            assert report.CPU_NOTE in (ROOT / "benchmarks" / "results" / r["files"]["md"]).read_text()
+            assert all(c["passed"] for c in r["correctness"] if c["status"] != "unavailable")
+
+
+def test_interleaved_rounds_rotate_and_flush_before_each_timed_call():
+    log = []
+    fns = {n: (lambda n=n: log.append(n)) for n in "abc"}
+    out = timing.measure_interleaved(fns, torch.device("cpu"), warmup=1, reps=3,
+                                     flush=lambda: log.append("flush"))
+    assert log[:3] == ["a", "b", "c"]  # warm-up
+    timed = log[3:]
+    assert timed[0::2] == ["flush"] * 9
+    assert timed[1::2] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(t.times_ms) == 3 and len(t.cpu_ms) == 3 for t in out.values())
+    flush = timing.cache_flusher(torch.device("cpu"))
+    flush()
+
+
+def test_failing_function_leaves_the_rounds_with_its_error():
+    def boom():
+        raise RuntimeError("no kernel")
+
+    out = timing.measure_interleaved({"ok": lambda: None, "bad": boom}, torch.device("cpu"), warmup=1, reps=2)
+    assert isinstance(out["bad"], RuntimeError) and len(out["ok"].times_ms) == 2
+
+
+def test_inputs_are_strided_like_diffusers_by_default():
+    shape = shapes.ALL_SHAPES["quick-L64-d16-fp32-gqa"]
+    q, k, v = kernels._inputs(shape, torch.device("cpu"))
+    assert q.shape == (1, 4, 64, 16) and q.transpose(1, 2).is_contiguous() and not q.is_contiguous()
+    qc, _, _ = kernels._inputs(shape, torch.device("cpu"), layout="bhld")
+    assert qc.is_contiguous() and qc.shape == q.shape
+
+
+def test_check_at_large_shapes_uses_rows_and_catches_a_wrong_row(monkeypatch):
+    monkeypatch.setattr(correctness, "FULL_CHECK_ELEMENTS", 0)  # force the rows check on a small shape
+    shape = shapes.ALL_SHAPES["quick-qwen-2ref"]
+    q, k, v = kernels._inputs(shape, torch.device("cpu"))
+    lay = shape.layout()
+    for name in ("dar-torch", "dar-torch:prob_scale", "sdpa-flash", "flex"):
+        impl = next(i for i in impls.with_modes([impls.IMPLS[name.split(":")[0]]], ["key_scale", "prob_scale"])
+                    if i.name == name)
+        rec = correctness.check(impl, impl.build(q, k, v, lay, dar.DARConfig()), q, k, v, lay, dar.DARConfig(), "fp32")
+        assert rec["passed"] and rec["rows_checked"] > 0 and "rows" in rec["reference"], rec
+    impl = impls.IMPLS["dar-torch"]
+    right = impl.build(q, k, v, lay, dar.DARConfig())
+
+    def wrong():
+        out, w = right()
+        out = out.clone()
+        out[:, :, 40] += 1e-2  # one generated-image row, spread over the rows the check reads
+        out[:, :, 4:40] += 1e-2
+        return out, w
+
+    rec = correctness.check(impl, wrong, q, k, v, lay, dar.DARConfig(), "fp32")
+    assert rec["status"] == "fail" and rec["max_abs_err"] == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_modes_expand_dar_rows_and_the_table_shows_them():
+    chosen = impls.with_modes(impls.resolve(["dar-torch", "sdpa-flash", "dar-weights"]), ["key_scale", "prob_scale"])
+    assert [i.name for i in chosen] == ["dar-torch", "dar-torch:prob_scale", "sdpa-flash", "dar-weights"]
+    res = kernels.run([shapes.ALL_SHAPES["quick-L64-d16-fp32-mha"]], chosen, torch.device("cpu"), dar.DARConfig(),
+                      warmup=0, reps=2, min_warmup_s=0.0, mode="quick")
+    assert all(r["status"] == "ok" for r in res["results"]), res["results"]
+    assert res["config"]["modes"] == ["key_scale", "prob_scale"]
+    text = "\n".join(table.kernels_table(dict(res, _file="x.json")))
+    assert "DAR torch prob_scale" in text and "DAR weights alone" in text

@@ -263,3 +263,41 @@ class Tuner:
                         ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(times.items(), key=lambda x: x[1])), choice)
             self._save()
         return entry
+
+
+def describe(t: Tuner) -> list[str]:
+    """The ``dar info`` lines for ``backend="auto"``: overrides, candidates, cache and every choice."""
+    env = os.environ.get("DAR_BACKEND")
+    lines = ["auto:"]
+    if env:
+        lines.append(f"  DAR_BACKEND={env} overrides the measured choice")
+    lines.append(f"  candidates: cuda {', '.join(CUDA_CANDIDATES)}; other devices {', '.join(OTHER_CANDIDATES)}")
+    path = t.cache_path
+    lines.append(f"  cache: {path if path is not None else f'memory only (set {CACHE_ENV} to keep choices on disk)'}")
+    rows = t.table()
+    if not rows:
+        lines.append("  no choices yet (the first call of each kind measures; `dar info --tune` measures a typical one)")
+    for key, e in rows:
+        timed = ", ".join(f"{n} {e.times_ms[n]:.3f} ms" for n in e.ranking) or "only candidate, not timed"
+        lines.append(f"  {key}")
+        lines.append(f"    -> {e.choice}  ({timed})")
+        for name, why in sorted(e.excluded.items()):
+            lines.append(f"       {name}: {why}")
+    return lines
+
+
+def tune_typical_call(t: Tuner) -> None:
+    """Let ``t`` choose for the typical call of issue 14's measurements: B 1, H 8, D 64, L 4224
+    (text 128, generated 1024, three 1024-token references), key_scale and prob_scale."""
+    from ..config import DARConfig
+    from ..layout import TokenLayout
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 4224, 8, 64, generator=g, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
+    layout = TokenLayout(ref=[(1152, 2176), (2176, 3200), (3200, 4224)], gen=[(128, 1152)])
+    from ..call import make_call
+
+    for mode in ("key_scale", "prob_scale"):
+        t.choose(make_call(q, k, v, layout, DARConfig(mode=mode), None, None, False))

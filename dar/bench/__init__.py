@@ -43,7 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, help="timed calls (default 30, quick 3; e2e 5, quick 2)")
     p.add_argument("--min-warmup-s", type=float, default=None,
                    help="keep warming up for at least this long (default 0.5 s on CUDA, 0 on CPU)")
-    p.add_argument("--mode", default="key_scale", choices=("key_scale", "prob_scale"), help="DARConfig.mode")
+    p.add_argument("--mode", action="append", choices=("key_scale", "prob_scale"),
+                   help="DARConfig.mode (repeatable: each DAR implementation runs once per mode; rows of modes "
+                        "other than key_scale are named <impl>:<mode>); default key_scale")
+    p.add_argument("--layout", choices=("blhd", "bhld"), default="blhd",
+                   help="kernels: input strides; blhd (default): (B, L, H, D) tensors viewed as (B, H, L, D), as "
+                        "diffusers passes them; bhld: contiguous")
+    p.add_argument("--flush-cache", action="store_true",
+                   help="kernels: evict the caches (GPU L2 / CPU LLC) before every timed call")
+    p.add_argument("--threads", type=int, help="CPU: intra-op threads (default: torch's; quick: 1)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available (quick: cpu)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--list", action="store_true", help="list presets, shapes, implementations and models")
@@ -99,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
               f"--no-plot to silence this)", file=sys.stderr)
         plot = False
     device = _device(args)
-    cfg = dar.DARConfig(mode=args.mode)
+    modes = list(dict.fromkeys(args.mode or ["key_scale"]))
+    cfg = dar.DARConfig(mode=modes[0])
     mode = "quick" if args.quick else "full"
+    threads = args.threads if args.threads is not None else (1 if args.quick and device.type == "cpu" else None)
     if args.what == "kernels":
         names = args.preset or (["quick"] if args.quick else ["all"])
         try:
             selected = shapes.resolve(names)
-            chosen = impls.resolve(args.impl)
+            chosen = impls.with_modes(impls.resolve(args.impl), modes)
         except ValueError as exc:
             print(f"dar bench: {exc}", file=sys.stderr)
             return 2
@@ -117,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10)
         reps = args.reps if args.reps is not None else (3 if args.quick else 30)
         min_warm = args.min_warmup_s if args.min_warmup_s is not None else (0.5 if device.type == "cuda" else 0.0)
-        with _cpu_threads(1 if args.quick and device.type == "cpu" else None):
+        with _cpu_threads(threads):
             result = kernels.run(selected, chosen, device, cfg, warmup=warmup, reps=reps, min_warmup_s=min_warm,
-                                 mode=mode)
+                                 mode=mode, layout=args.layout, flush=args.flush_cache)
     else:
         if device.type == "cpu" and not args.quick:
             print("dar bench e2e: the real-size models (20-32B parameters) need a CUDA GPU; use --quick on CPU",
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
         reps = args.reps if args.reps is not None else (2 if args.quick else 5)
         try:
-            with _cpu_threads(1 if args.quick and device.type == "cpu" else None):
+            with _cpu_threads(threads):
                 result = e2e.run(device, cfg, quick=args.quick, models=args.model, backends=args.backend,
                                  warmup=warmup, reps=reps, mode=mode, via=args.via)
         except ValueError as exc:

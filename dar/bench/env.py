@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import re
 import subprocess
@@ -72,9 +73,20 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the OS has none): how busy a shared machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def header(device: torch.device, kind: str, mode: str) -> dict:
     """The common top of every result JSON."""
     dev = device_info(device)
+    if dev["type"] == "cpu":
+        dev["cores"] = os.cpu_count()
+        dev["load_avg_start"] = load_average()
     return {
         "schema": "dar-bench/1", "kind": kind, "mode": mode, "created": now(), "device": dev,
         "device_slug": device_slug(dev), "versions": versions(), "git": git_state(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -58,6 +59,11 @@ def _first_line(exc: BaseException) -> str:
 @dataclasses.dataclass(frozen=True)
 class DarImpl(Impl):
     backend: str = "torch"
+    mode: str | None = None  # DARConfig.mode for this row; None: the run's configuration
+    weights_only: bool = False  # time `compute_key_weights` alone (the scoring part of a DAR call)
+
+    def config(self, cfg):
+        return cfg if self.mode is None else cfg.replace(mode=self.mode)
 
     def prepare(self) -> None:
         if self.backend == "triton":
@@ -80,13 +86,20 @@ class DarImpl(Impl):
             raise Unavailable(f"dar backend {self.backend!r} does not support these inputs: {why}")
 
     def build(self, q, k, v, layout, cfg):
+        cfg = self.config(cfg)
         self._check_supported(q, k, v, layout, cfg)
         backend = self.backend
-        return lambda: dar.dar_attention(q, k, v, layout, cfg, backend=backend)
+        if self.weights_only:
+            return lambda: dar.compute_key_weights(q, k, layout, cfg, backend=backend)
+        # The weights come back too (computed anyway): the correctness check reads them from this call.
+        return lambda: dar.dar_attention(q, k, v, layout, cfg, backend=backend, return_weights=True)
 
     def outputs(self, q, k, v, layout, cfg):
-        """(out, w) for the correctness check."""
+        """(out, w) for the correctness check (for weights alone: (None, w))."""
+        cfg = self.config(cfg)
         self._check_supported(q, k, v, layout, cfg)
+        if self.weights_only:
+            return None, dar.compute_key_weights(q, k, layout, cfg, backend=self.backend)
         return dar.dar_attention(q, k, v, layout, cfg, backend=self.backend, return_weights=True)
 
 
@@ -139,6 +152,35 @@ class SdpaImpl(Impl):
             return self.build(q, k, v, layout, cfg)(), None
 
 
+@dataclasses.dataclass(frozen=True)
+class FlexImpl(Impl):
+    """Plain FlexAttention (no score_mod, no mask): the flex backend's ceiling. Compiled on CUDA;
+    FlexAttention's eager (score-materialising) path elsewhere."""
+
+    def prepare(self) -> None:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        except ImportError as exc:
+            raise Unavailable(f"torch.nn.attention.flex_attention is missing: {_first_line(exc)}") from exc
+
+    def build(self, q, k, v, layout, cfg):
+        self.prepare()
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = torch.compile(flex_attention) if q.device.type == "cuda" else flex_attention
+        gqa = q.shape[1] != k.shape[1]
+
+        def run():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                return fn(q, k, v, enable_gqa=gqa)
+
+        return run
+
+    def outputs(self, q, k, v, layout, cfg):
+        return self.build(q, k, v, layout, cfg)(), None
+
+
 def eager_attention(q, k, v):
     """softmax(q k^T * scale) v with the full score matrix in memory (the textbook implementation)."""
     g = q.shape[1] // k.shape[1]
@@ -182,14 +224,21 @@ IMPLS: dict[str, Impl] = {
         SdpaImpl("sdpa-efficient", "sdpa", "plain SDPA, memory-efficient attention",
                  sdp_backend="EFFICIENT_ATTENTION", devices=("cuda",)),
         SdpaImpl("sdpa-math", "sdpa", "plain SDPA, math reference kernel", sdp_backend="MATH", devices=("cpu",)),
+        FlexImpl("flex", "flex", "plain FlexAttention, no score_mod (compiled on CUDA)"),
         EagerImpl("eager", "eager", "plain attention, materialised softmax in eager PyTorch"),
+        DarImpl("dar-weights", "dar-part", "DAR key weights alone (compute_key_weights, backend='torch')",
+                backend="torch", weights_only=True),
     )
 }
 
 
+# Run only when named with --impl (the scoring part on its own is a breakdown, not an alternative).
+OPT_IN = ("dar-weights",)
+
+
 def resolve(names: list[str] | None) -> list[Impl]:
     if not names:
-        return list(IMPLS.values())
+        return [i for i in IMPLS.values() if i.name not in OPT_IN]
     out = []
     for name in names:
         if name not in IMPLS:
@@ -208,4 +257,20 @@ def availability(impls: list[Impl]) -> dict[str, str | None]:
             out[impl.name] = None
         except Unavailable as exc:
             out[impl.name] = str(exc)
+    return out
+
+
+def with_modes(chosen: list[Impl], modes: list[str]) -> list[Impl]:
+    """DAR implementations once per DAR mode: key_scale rows keep the plain name, other modes get
+    ``<name>:<mode>`` (``dar-torch:prob_scale``); the others unchanged. Weights alone do not depend
+    on the mode and run once."""
+    out = []
+    for impl in chosen:
+        if not isinstance(impl, DarImpl) or impl.weights_only:
+            out.append(impl)
+            continue
+        for mode in modes:
+            name = impl.name if mode == "key_scale" else f"{impl.name}:{mode}"
+            out.append(dataclasses.replace(impl, name=name, mode=mode,
+                                           description=f"{impl.description}, {mode}"))
     return out

@@ -8,6 +8,9 @@ from pathlib import Path
 
 QUICK_NOTE = ("CPU quick mode: a smoke run of the harness on tiny shapes. Timings are not a performance "
               "claim; peak memory is n/a on CPU.")
+CPU_NOTE = ("CPU figures, measured on a machine whose cores other jobs share (possibly contended): "
+            "implementations are interleaved, so ratios within the run are comparable; absolute times are not "
+            "a GPU claim.")
 E2E_TARGET = 1.03  # DAR-on step <= 1.03x DAR-off on an H100 (issue 4); reported, never asserted.
 
 
@@ -67,6 +70,9 @@ def _env_lines(result: dict) -> list[str]:
     ]
     if result["mode"] == "quick":
         lines.append(f"- **{QUICK_NOTE}**")
+    elif dev["type"] == "cpu":
+        lines.append(f"- **{CPU_NOTE}** Load average (1/5/15 min) at the start {dev.get('load_avg_start')}, "
+                     f"at the end {dev.get('load_avg_end')}, on {dev.get('cores')} cores.")
     return lines
 
 
@@ -77,19 +83,22 @@ def markdown(result: dict) -> str:
 def kernels_markdown(result: dict) -> str:
     cfg = result["config"]
     out = [f"# DAR kernel benchmark — {result['device']['name']}", "", *_env_lines(result),
-           f"- timing: {cfg['warmup']} warm-up + {cfg['reps']} timed calls, {cfg['timer']}; "
+           f"- timing: {cfg['warmup']} warm-up + {cfg['reps']} timed calls, {cfg['timer']}, "
+           f"{cfg.get('interleaved', 'implementations one after another')}"
+           f"{'; caches flushed before every timed call' if cfg.get('cache_flush') else ''}; inputs "
+           f"{'(B, L, H, D) views' if cfg.get('input_layout', 'bhld') == 'blhd' else 'contiguous (B, H, L, D)'}; "
            f"TFLOP/s from {cfg['flops']}; peak memory: {cfg['peak_mem']}",
            f"- DAR config: " + ", ".join(f"{k}={v}" for k, v in cfg["dar"].items()), ""]
     out += ["## Implementations", "", "| implementation | available | what |", "|---|---|---|"]
     for name, info in result["implementations"].items():
         avail = "yes" if info["available"] else f"no: {info['reason']}"
         out.append(f"| {name} | {avail} | {info['description']} |")
-    out += ["", "## Correctness (small case, before timing)", "",
-            "| implementation | dtype | D | GQA group | result | max abs err | tolerance | weight mismatches |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += ["", "## Correctness (the timed callable, at the timed shape, before timing)", "",
+            "| shape | implementation | result | compared with | max abs err | tolerance | weight mismatches |",
+            "|---|---|---|---|---|---|---|"]
     for c in result["correctness"]:
         res = c["status"] if c["status"] in ("pass", "fail") else f"{c['status']}: {c.get('reason')}"
-        out.append(f"| {c['impl']} | {c['dtype']} | {c['head_dim']} | {c['gqa_group']} | {res} | "
+        out.append(f"| {c.get('shape', c.get('case', '?'))} | {c['impl']} | {res} | {c.get('reference', '–')} | "
                    f"{_fmt(c.get('max_abs_err'), '.2e')} | {c['tolerance']:.0e} | "
                    f"{_fmt(c.get('weight_mismatches'), 'd')} |")
     shapes = {s["name"]: s for s in result["shapes"]}
@@ -101,18 +110,19 @@ def kernels_markdown(result: dict) -> str:
                 f"B={s['batch']}, Hq={s['heads_q']}, Hkv={s['heads_kv']}, L={s['seq']} (text {s['text']}, "
                 f"generated {s['gen']}, refs {s['refs']}), D={s['head_dim']}, {s['dtype']}, "
                 f"{s['flops'] / 1e12:.3g} TFLOP" + (f" — {s['note']}" if s.get("note") else ""), "",
-                "| implementation | median ms | IQR ms | min–max ms | TFLOP/s | × best SDPA | peak MiB | correct |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| implementation | median ms | IQR ms | min–max ms | CPU-time median ms | TFLOP/s | × best SDPA | "
+                "peak MiB | correct |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in result["results"] if r["shape"] == name):
             ok = {True: "yes", False: "NO", None: "–"}[r.get("correct")]
             impl = r["impl"] + (" (interpreted)" if r.get("interpreted") else "")
             if r["status"] != "ok":
-                out.append(f"| {impl} | {r['status']}: {r.get('reason')} | | | | | | {ok} |")
+                out.append(f"| {impl} | {r['status']}: {r.get('reason')} | | | | | | | {ok} |")
                 continue
             peak = "n/a" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
             out.append(f"| {impl} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {r['min_ms']:.3f}–"
-                       f"{r['max_ms']:.3f} | {r['tflops']:.2f} | {_fmt(r['overhead_vs_best_sdpa'], '.2f')} | "
-                       f"{peak} | {ok} |")
+                       f"{r['max_ms']:.3f} | {_fmt(r.get('cpu_median_ms'), '.3f')} | {r['tflops']:.2f} | "
+                       f"{_fmt(r['overhead_vs_best_sdpa'], '.2f')} | {peak} | {ok} |")
         out.append("")
     return "\n".join(out)
 

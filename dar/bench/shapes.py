@@ -25,7 +25,7 @@ class Shape:
     """One attention call: ``q (B, Hq, L, D)``, ``k, v (B, Hkv, L, D)`` and its token layout."""
 
     name: str
-    family: str  # "qwen-image-edit", "flux2", "sweep", "quick", "quick-model" or "check"
+    family: str  # "qwen-image-edit", "flux2", "sweep", "cpu", "quick" or "quick-model"
     batch: int
     heads_q: int
     heads_kv: int
@@ -122,6 +122,13 @@ def _build_presets() -> dict[str, list[Shape]]:
             sweep_shape(64, 32, "bf16", False, family="quick", heads=2),
         ],
     }
+    # Issue 14's CPU measurement: B 1, 8 heads x 64, fp32, text 128 + generated image + 3 references
+    # of the same size (1024 tokens each: L 4224; 2048 each: L 8320).
+    presets["cpu"] = [
+        Shape(f"cpu-L{128 + 4 * n}", "cpu", batch=1, heads_q=8, heads_kv=8, head_dim=64, dtype="fp32", text=128,
+              gen=n, refs=(n,) * 3, note="issue 14's CPU shape: text 128, generated image, 3 references")
+        for n in (1024, 2048)
+    ]
     presets["models"] = presets["qwen-edit"] + presets["flux2"]
     presets["all"] = presets["models"] + presets["sweep"]
     return presets

@@ -45,6 +45,12 @@ def _heading(r: dict) -> str:
             f"`benchmarks/results/{r.get('_file', '?')}`)")
     if r["mode"] == "quick":
         line += "  \n*CPU quick mode: a smoke run of the harness on tiny shapes, not a performance claim.*"
+    elif r["device"]["type"] == "cpu":
+        dev = r["device"]
+        line += (f"  \n*CPU, {dev.get('threads')} thread(s) on a {dev.get('cores')}-core machine shared with other jobs "
+                 f"(possibly contended; load average {dev.get('load_avg_start')} at the start): implementations "
+                 f"interleaved, so ratios within the run compare; medians over {r['config']['reps']} calls, IQR in "
+                 f"the JSON.*")
     return line
 
 
@@ -64,11 +70,29 @@ def _keep_shape(shape: dict, all_shapes: bool) -> bool:
     return shape["head_dim"] == 128 and shape["dtype"] == "bf16"  # the README shows one sweep slice
 
 
+def _columns(r: dict) -> list[str]:
+    """The implementation columns of a result: DAR ones (every mode run), then plain flex and eager."""
+    present = list(dict.fromkeys(x["impl"] for x in r["results"]))
+    dar = [n for n in present if n.startswith("dar-") and n != "dar-weights"]
+    dar.sort(key=lambda n: (DAR_IMPLS.index(n.split(":")[0]) if n.split(":")[0] in DAR_IMPLS else len(DAR_IMPLS), n))
+    return dar + [n for n in ("dar-weights", "flex", "eager") if n in present]
+
+
+def _label(name: str) -> str:
+    if name == "dar-weights":
+        return "DAR weights alone"
+    if name.startswith("dar-"):
+        base, _, mode = name.removeprefix("dar-").partition(":")
+        return f"DAR {base}" + (f" {mode}" if mode else "")
+    return {"flex": "plain flex", "eager": "eager"}.get(name, name)
+
+
 def kernels_table(r: dict, all_shapes: bool = False) -> list[str]:
     rows = {(x["shape"], x["impl"]): x for x in r["results"]}
+    columns = _columns(r)
     lines = [_heading(r), "",
-             "| shape | B×Hq/Hkv×D | L | best plain SDPA | DAR triton | DAR torch | DAR flex | eager |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | B×Hq/Hkv×D | L | best plain SDPA | " + " | ".join(_label(c) for c in columns) + " |",
+             "|---|---|---|---|" + "---|" * len(columns)]
     for s in r["shapes"]:
         if not _keep_shape(s, all_shapes):
             continue
@@ -76,7 +100,7 @@ def kernels_table(r: dict, all_shapes: bool = False) -> list[str]:
         sdpa = [x for x in r["results"] if x["shape"] == name and x["kind"] == "sdpa" and x["status"] == "ok"]
         best = min(sdpa, key=lambda x: x["median_ms"], default=None)
         best_txt = "–" if best is None else f"{best['median_ms']:.3g} ms ({best['impl'].removeprefix('sdpa-')})"
-        cells = [_cell(rows.get((name, i))) for i in (*DAR_IMPLS, "eager")]
+        cells = [_cell(rows.get((name, i))) for i in columns]
         lines.append(f"| {name} | {s['batch']}×{s['heads_q']}/{s['heads_kv']}×{s['head_dim']} {s['dtype']} | "
                      f"{s['seq']} | {best_txt} | " + " | ".join(cells) + " |")
     lines += ["", "Median time per attention call; (×) = relative to the best plain SDPA backend on the same "
