@@ -213,7 +213,7 @@ def _with_bias(mask, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (mask.to(bias.dtype) + bias).to(dtype)
 
 
-def _pad_cols(t: torch.Tensor, cols: list[torch.Tensor], width: int) -> torch.Tensor:
+def pad_columns(t: torch.Tensor, cols: list[torch.Tensor], width: int) -> torch.Tensor:
     """``t`` with ``cols`` appended to its head dim and zeros up to ``width`` columns."""
     cat = torch.cat([t, *cols], dim=-1) if cols else t
     pad = width - cat.shape[-1]
@@ -299,13 +299,13 @@ def attention(call: DARCall, weights: torch.Tensor | None, kernel: AttentionKern
     else:
         ind = _indicator(call, q.dtype)
         if form == "keys_fused":
-            q2 = _pad_cols(q * ind, [q * (1 - ind)], width)
-            k2 = _pad_cols(scaled_keys(k, weights), [k], width)
+            q2 = pad_columns(q * ind, [q * (1 - ind)], width)
+            k2 = pad_columns(scaled_keys(k, weights), [k], width)
         else:  # column: scale * <[q, r], [k, ln w / scale]> = scale * <q, k> + r * ln w
             col = (_log_weights(call, weights) / scale)[:, None, :, None]
-            q2 = _pad_cols(q, [ind.expand(*q.shape[:3], 1)], width)
-            k2 = _pad_cols(k, [col.to(k.dtype).expand(*k.shape[:3], 1)], width)
-        v2 = _pad_cols(v, [], width) if kernel.same_head_dims and dv < width else v
+            q2 = pad_columns(q, [ind.expand(*q.shape[:3], 1)], width)
+            k2 = pad_columns(k, [col.to(k.dtype).expand(*k.shape[:3], 1)], width)
+        v2 = pad_columns(v, [], width) if kernel.same_head_dims and dv < width else v
         out = kernel.fn(q2, k2, v2, attn_mask=mask, scale=scale, is_causal=call.mask.is_causal)
         if out.shape[-1] != dv:
             out = out[..., :dv]

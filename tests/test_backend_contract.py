@@ -47,7 +47,7 @@ def test_weights_are_exactly_float32_one_plus_minus_gamma(backend):
 
 
 @pytest.mark.parametrize("mode", ["prob_scale", "key_scale"])
-@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "flex"])
 def test_float64_output_within_float64_tolerance(backend, mode):
     # ln w (prob_scale) and w (key_scale) must be applied in float64 for float64 inputs.
     q, k, v = _case(torch.float64, seed=1)
