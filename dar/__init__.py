@@ -1,6 +1,6 @@
 """Dynamic Attention Rebalancing (DAR): sharper attention to the reference images that matter.
 
-Public API: `DARConfig`, `TokenLayout`, `dar_attention`, `compute_key_weights`, their packed
+Public API: `DARConfig`, `TokenLayout`, `dar_attention`, `compute_key_weights`, `ring_attention`, their packed
 (flash-attn varlen) forms `dar_attention_varlen`, `compute_key_weights_varlen`, `AttentionKernel`
 (a plain-attention kernel for ``dar_attention(..., attention_fn=)``); model bindings
 `enable`, `disable`, `rebalanced`, `Recorder`.
@@ -23,6 +23,7 @@ _EXPORTS = {
     "dar_attention_varlen": "dar.varlen",
     "compute_key_weights_varlen": "dar.varlen",
     "AttentionKernel": "dar.delegate",
+    "ring_attention": "dar.ring",
     "BACKENDS": "dar.backends",
     "KeyStats": "dar.scoring",
     "enable": "dar.bindings",

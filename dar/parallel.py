@@ -64,7 +64,8 @@ class Traffic:
 
     ``payload`` is this rank's tensor (its contribution to an all-gather, the reduced tensor of an
     all-reduce). `sent` converts it to bytes put on the wire by this rank under the bandwidth-optimal
-    ring algorithms: an all-gather sends ``(W - 1) * payload``, an all-reduce ``2 (W - 1) / W * payload``.
+    ring algorithms: an all-gather sends ``(W - 1) * payload``, an all-reduce ``2 (W - 1) / W * payload``,
+    a (pipelined) broadcast at most ``payload``.
     """
 
     calls: list = dataclasses.field(default_factory=list)
@@ -86,6 +87,8 @@ def wire_bytes(kind: str, world: int, payload: float) -> float:
         return 2 * (world - 1) / world * payload
     if kind == "all_to_all":
         return (world - 1) / world * payload
+    if kind == "broadcast":  # pipelined along a chain: each rank sends the block at most once
+        return payload if world > 1 else 0
     raise ValueError(f"unknown collective {kind!r}")
 
 
@@ -129,6 +132,14 @@ def all_reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
     return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), op, group))
 
 
+def broadcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
+    """``t`` of the rank ``src`` of ``group`` (its rank in the group), on every rank."""
+    import torch.distributed._functional_collectives as funcol
+
+    _record("broadcast", group, t)
+    return funcol.wait_tensor(funcol.broadcast(t.contiguous(), src, group))
+
+
 def gather_ranks(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     """All-gather ``t`` and concatenate the ranks' pieces along ``dim`` (rank order)."""
     world = _size_rank(group)[0]
@@ -136,19 +147,23 @@ def gather_ranks(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(g.unbind(0), dim=dim) if world > 1 else g[0]
 
 
-def statistics_traffic(*, batch: int, heads_q: int, head_dim: int, dtype_bytes: int, lk_local: int, slots: int,
-                       num_groups: int, seq_world: int | None, head_world: int | None, thresholds: str = "minmax",
-                       stat_bytes: int = 4) -> list[tuple[str, int, int]]:
-    """The collectives of one sharded key-weight computation, in issue order: ``(kind, group size, payload)``.
+def statistics_traffic(*, batch: int, heads_q: int, head_dim: int, dtype_bytes: int, lk_local: int,
+                       rank_slots: tuple[int, ...] | None, num_groups: int, head_world: int | None,
+                       thresholds: str = "minmax", stat_bytes: int = 4) -> list[tuple[str, int, int]]:
+    """The collectives of one sharded key-weight computation (the same on every rank), in issue order:
+    ``(kind, group size, payload bytes)``.
 
-    ``heads_q``: this rank's query heads; ``slots``: sampled rows per rank (`ShardPlan.slots`);
-    ``seq_world`` / ``head_world``: the groups' sizes, None when that group is not given;
-    ``stat_bytes``: 4 (8 for float64 inputs), the log-sum-exps' element size.
+    ``heads_q``: this rank's query heads; ``rank_slots``: the sampled rows each rank of the sequence
+    group contributes (`ShardPlan.rank_slots`), None without a sequence group; ``head_world``: the
+    head group's size, None without one; ``stat_bytes``: 4 (8 for float64 inputs), the log-sum-exps'
+    element size.
     """
+    seq_world = None if rank_slots is None else len(rank_slots)
     calls = []
     if seq_world is not None:
-        calls.append(("all_gather", seq_world, batch * heads_q * slots * head_dim * dtype_bytes))  # sampled q
-        calls.append(("all_gather", seq_world, batch * heads_q * seq_world * slots * stat_bytes))  # their lse
+        calls += [("broadcast", seq_world, batch * heads_q * n * head_dim * dtype_bytes)  # sampled queries
+                  for n in rank_slots if n > 0]
+        calls.append(("all_gather", seq_world, batch * heads_q * sum(rank_slots) * stat_bytes))  # their lse
     if head_world is not None:
         calls.append(("all_reduce", head_world, batch * lk_local * 4))  # r, summed over heads
     if seq_world is not None:
@@ -250,9 +265,9 @@ class ShardPlan:
     global_gen: tuple  # the global plan's rebalanced row ranges, per batch row
 
     @property
-    def slots(self) -> int:
-        """Sampled rows each rank contributes to the gather (the most any rank holds in any batch row)."""
-        return max([1] + [len(s) for per in self.samples for s in per])
+    def rank_slots(self) -> tuple[int, ...]:
+        """Sampled rows each rank contributes to the exchange: the most it holds in any batch row."""
+        return tuple(max([0] + [len(s) for s in per]) for per in self.samples)
 
 
 @functools.lru_cache(maxsize=256)
@@ -292,12 +307,12 @@ def shard_plan(plan: DARPlan, shards: SeqShards, rank: int) -> ShardPlan:
 
 @functools.lru_cache(maxsize=256)
 def _slot_tensors(sp: ShardPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(own rows (B, S) long, clamped to 0; valid (B, W * S) bool of the gathered slots), S = `slots`."""
-    s = sp.slots
-    own = [list(row) + [0] * (s - len(row)) for row in sp.samples[sp.rank]]
-    valid = [[j < len(per[b]) for per in sp.samples for j in range(s)] for b in range(len(own))]
-    return (torch.tensor(own, dtype=torch.long, device=device),
-            torch.tensor(valid, dtype=torch.bool, device=device))
+    """(own rows (B, S_rank) long, padded with 0; valid (B, sum S_r) bool of the exchanged rows, rank-major)."""
+    slots = sp.rank_slots
+    own = [list(row) + [0] * (slots[sp.rank] - len(row)) for row in sp.samples[sp.rank]]
+    valid = [[j < len(per[b]) for per, s in zip(sp.samples, slots) for j in range(s)] for b in range(len(own))]
+    return (torch.tensor(own, dtype=torch.long, device=device).reshape(len(own), slots[sp.rank]),
+            torch.tensor(valid, dtype=torch.bool, device=device).reshape(len(own), sum(slots)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -318,10 +333,14 @@ def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) 
     rows, valid = _slot_tensors(sp, q.device)
     if torch.compiler.is_compiling():
         rows, valid = rows.clone(), valid.clone()  # cached constants: keep them out of the graph's inputs
-    slots = rows.shape[1]
-    qs = q.gather(2, rows[:, None, :, None].expand(b, hq, slots, d))  # (B, Hq, S, D): this rank's samples
+    qs = q.gather(2, rows[:, None, :, None].expand(b, hq, rows.shape[1], d))  # (B, Hq, S_rank, D): own samples
     if seq_group is not None:
-        qs = gather_ranks(qs, seq_group, dim=2)  # (B, Hq, W * S, D), rank-major slots
+        # Each rank that holds sampled rows broadcasts them (the sizes are host arithmetic on the
+        # plan, the same on every rank): (B, Hq, sum S_r, D), rank-major. A pipelined broadcast has
+        # every rank send each block about once, however unevenly the generated tokens are spread.
+        me = _size_rank(seq_group)[1]
+        qs = torch.cat([broadcast(qs if c == me else qs.new_empty(b, hq, s, d), c, seq_group)
+                        for c, s in enumerate(sp.rank_slots) if s > 0], dim=2)
     m = qs.shape[2]
     bias = None if key_bias is None else key_bias.to(acc)[:, None, None, :]
     per_head = b * (g * m + d) * lk

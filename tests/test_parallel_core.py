@@ -117,25 +117,22 @@ def _traffic_case(groups, q, k, v, layouts, cfg, mask):
     with parallel.count_traffic() as t:
         dar.compute_key_weights(q[:, qs, ts], k[:, ks, ts], layouts, cfg, None if mask is None else mask[..., ts],
                                 head_group=head_group, seq_group=seq_group)
-    slots = 1
+    rank_slots = None
     if seq_group is not None:
         sc = parallel.make_sharded_call(q[:, qs, ts], k[:, ks, ts], None, layouts, cfg, None, None, False,
                                         head_group, seq_group)
-        slots = sc.sp.slots
+        rank_slots = sc.sp.rank_slots
+    traffic = dict(batch=b, heads_q=qs.stop - qs.start, head_dim=d, dtype_bytes=q.element_size(), lk_local=lk,
+                   rank_slots=rank_slots, head_world=None if head_group is None else hn,
+                   thresholds=cfg.thresholds, stat_bytes=8 if q.dtype == torch.float64 else 4)
     want = parallel.statistics_traffic(
-        batch=b, heads_q=qs.stop - qs.start, head_dim=d, dtype_bytes=q.element_size(), lk_local=lk, slots=slots,
-        num_groups=make_call(q, k, None, layouts, cfg, None, None, False).plan.num_groups,
-        seq_world=None if seq_group is None else sn, head_world=None if head_group is None else hn,
-        thresholds=cfg.thresholds, stat_bytes=8 if q.dtype == torch.float64 else 4)
+        num_groups=make_call(q, k, None, layouts, cfg, None, None, False).plan.num_groups, **traffic)
     assert t.calls == want
     assert t.sent == sum(parallel.wire_bytes(*c) for c in want)
     with parallel.count_traffic() as t:  # the attention adds the K/V gather of the sharded call
         dar.dar_attention(q[:, qs, ts], k[:, ks, ts], v[:, ks, ts], layouts, cfg, None,
                           head_group=head_group, seq_group=seq_group)
-    extra = t.calls[len(parallel.statistics_traffic(
-        batch=b, heads_q=qs.stop - qs.start, head_dim=d, dtype_bytes=q.element_size(), lk_local=lk, slots=slots,
-        num_groups=1, seq_world=None if seq_group is None else sn, head_world=None if head_group is None else hn,
-        thresholds=cfg.thresholds)):]
+    extra = t.calls[len(want):]
     if seq_group is None:
         assert extra == []
     else:

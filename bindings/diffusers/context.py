@@ -96,6 +96,7 @@ class Active:
     reason: str | None = None
     gen_end: int = 0  # largest gen / ref range end over the rows (for the fit check of user layouts)
     ref_end: int = 0
+    split: object = None  # under context parallelism: how the joint sequence is split (parallel.Split)
 
     @property
     def rebalanced(self) -> bool:

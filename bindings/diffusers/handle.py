@@ -16,7 +16,7 @@ from dar.backends import BACKENDS
 from dar.config import DARConfig
 from dar.layout import TokenLayout
 
-from . import context, intercept, layouts
+from . import context, intercept, layouts, parallel
 from .steps import StepClock, StepFilter, layer_selection, timestep_value
 
 logger = logging.getLogger("dar.bindings.diffusers")
@@ -178,11 +178,13 @@ class ModelState:
         self.memo.clear()
 
     # -- per forward -------------------------------------------------------------------------------
-    def intern(self, derived) -> context.Active:
+    def intern(self, derived, split=None) -> context.Active:
         """One long-lived `Active` per distinct outcome (stable torch.compile guards across steps).
 
-        ``derived``: a `layouts.Derived`, a `UserLayouts`, or a `layouts.NoLayout`."""
-        hit = self._interned.get(derived)
+        ``derived``: a `layouts.Derived`, a `UserLayouts`, or a `layouts.NoLayout`; ``split``: how context
+        parallelism splits the forward's sequence (`parallel.Split`), None without it."""
+        key = (derived, split)
+        hit = self._interned.get(key)
         if hit is None:
             if len(self._interned) >= 256:
                 self._interned.clear()
@@ -191,12 +193,12 @@ class ModelState:
                 rows = (lays,) if isinstance(lays, TokenLayout) else lays
                 gen_end = max([0] + [e for lay in rows for _, e in lay.gen])
                 ref_end = max([0] + [e for lay in rows for _, e in lay.ref])
-                hit = context.Active(self, user=lays, gen_end=gen_end, ref_end=ref_end)
+                hit = context.Active(self, user=lays, gen_end=gen_end, ref_end=ref_end, split=split)
             elif isinstance(derived, layouts.Derived):
-                hit = context.Active(self, calls=dict(derived.calls), passes=dict(derived.passes))
+                hit = context.Active(self, calls=dict(derived.calls), passes=dict(derived.passes), split=split)
             else:
                 hit = context.Active(self, reason=derived.reason)
-            self._interned[derived] = hit
+            self._interned[key] = hit
         return hit
 
     def _not_rebalanced(self, outcome) -> layouts.NoLayout:
@@ -227,9 +229,12 @@ class ModelState:
             if kw is None:
                 kw = call_kwargs(module, args, kwargs)
             derived = s.layout_fn(module, kw, self.memo)
+            split = None
             if not isinstance(derived, (layouts.Derived, UserLayouts)):
                 derived = self._not_rebalanced(derived)
-            entry = self.intern(derived)
+            else:
+                split = parallel.forward_split(module, kw, s.family)
+            entry = self.intern(derived, split)
         context.calls_stack().append(entry)
         return None
 

@@ -29,7 +29,7 @@ from dar.api import dar_attention
 from dar.layout import TokenLayout
 from dar.varlen import VARLEN_BACKENDS, dar_attention_varlen
 
-from . import context, dispatch
+from . import context, dispatch, parallel
 
 logger = logging.getLogger("dar.bindings.diffusers")
 
@@ -110,14 +110,21 @@ def _layouts_for(active, frame, lq: int, lk: int):
     return lays
 
 
-def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, kernel=None):
+def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, kernel=None,
+               parallel_config=None):
     """DAR attention for one intercepted call, in SDPA layout; None means "pass this call through".
 
     ``kernel``: the user's diffusers attention backend as a `dar.AttentionKernel` (dispatch.py), or None.
+    ``parallel_config``: diffusers' ParallelConfig of a context-parallel call (parallel.py), or None.
     """
     state = active.state
     settings = state.settings
     lq, lk = q.shape[2], k.shape[2]
+    context_parallel = getattr(parallel_config, "context_parallel_config", None) is not None
+    if context_parallel:  # this rank's pieces of the joint sequence: look the layout up by its length
+        lq = lk = _context_parallel_length(active, frame, q, k)
+        if lq is None:
+            return None
     layouts = _layouts_for(active, frame, lq, lk)
     if layouts is None:
         return None
@@ -130,9 +137,12 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
         return None
     if q.shape[1] != k.shape[1] and not enable_gqa:
         return None  # the original raises for mismatched heads without enable_gqa; let it
-    if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape[0] == q.shape[0] and attn_mask.shape[1] == lk:
+    if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape[0] == q.shape[0] and \
+            attn_mask.shape[1] == k.shape[2]:
         # dispatch's native backend reads a 2-D mask as a (B, Lk) key-padding mask.
         attn_mask = attn_mask[:, None, None, :]
+    if context_parallel:  # DAR inside diffusers' Ulysses / ring (parallel.py)
+        return parallel.rebalance(state, layouts, active.split, q, k, v, attn_mask, scale, parallel_config)
     recorder = settings.recorder
     if settings.backend != "auto":
         kernel = None  # an explicit DAR backend wins over the diffusers one
@@ -149,6 +159,19 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
                      scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
                      weights=w, output=out)
     return out
+
+
+def _context_parallel_length(active, frame, q, k) -> int | None:
+    """The joint sequence's length when this call holds its pieces under context parallelism, else None."""
+    split = active.split
+    if split is None:
+        raise ValueError("dar: an attention call carries a context-parallel config but its model's forward was not "
+                         "seen under context parallelism (the processors were called outside the model's forward)")
+    if q.shape[2] != split.local or k.shape[2] != split.local:
+        passed(active, frame, f"a context-parallel attention call with local Lq={q.shape[2]}, Lk={k.shape[2]}, not "
+                              f"the joint sequence's {split.local} tokens per rank", warn=f"cp-{q.shape[2]}-{k.shape[2]}")
+        return None
+    return split.text + split.image
 
 
 def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsupported=None, route=None):
@@ -186,7 +209,8 @@ def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsu
         if blhd:  # (B, L, H, D) -> (B, H, L, D) views: no copy; DAR accepts any strides.
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = _rebalance(active, frame, q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"],
-                         a["enable_gqa"], kernel=None if route is None else route(a))
+                         a["enable_gqa"], kernel=None if route is None else route(a),
+                         parallel_config=a.get("parallel_config"))
         if out is None:
             return original(*args, **kwargs)
         return out.transpose(1, 2) if blhd else out
@@ -195,11 +219,10 @@ def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsu
     return interceptor
 
 
-def _parallel_or_backend_kwargs(a, active, frame) -> bool:
-    if a["parallel_config"] is None and not a["attention_kwargs"]:
+def _backend_kwargs(a, active, frame) -> bool:
+    if not a["attention_kwargs"]:
         return False
-    passed(active, frame, "attention with a context-parallel config or backend-specific attention_kwargs",
-           warn="parallel")
+    passed(active, frame, "attention with backend-specific attention_kwargs", warn="attention_kwargs")
     return True
 
 
@@ -210,7 +233,7 @@ def make_dispatch_interceptor(original):
         return None if chosen is None else dispatch.kernel(original, chosen)
 
     fn = _make_interceptor(original, _DISPATCH_NAMES, _DISPATCH_POSITIONAL, _DISPATCH_DEFAULTS, blhd=True,
-                           unsupported=_parallel_or_backend_kwargs, route=route)
+                           unsupported=_backend_kwargs, route=route)
     fn.__name__ = fn.__qualname__ = "dar_dispatch_attention_fn"
     return fn
 
