@@ -159,6 +159,29 @@ def _errors(rank, world):
         dar.compute_key_weights(q, q, lay, backend="nope", seq_group=dist.group.WORLD)
 
 
+def _varlen(rank, world):
+    """The packed functions with the heads split: equal to the single-process packed call."""
+    gen = torch.Generator().manual_seed(5)
+    hq, hk = 2 * world, world
+    cu = torch.tensor([0, 7, 19, 24], dtype=torch.int32)
+    q, k, v = (torch.randn(24, h, 8, generator=gen, dtype=torch.float64) for h in (hq, hk, hk))
+    layouts = [TokenLayout(ref=[(4, 7)], gen=[(0, 4)]), TokenLayout(ref=[(0, 5), (9, 12)], gen=[(5, 9)]),
+               TokenLayout(ref=[(3, 5)], gen=[(0, 3)])]
+    qs, ks = _slice(hq, rank, world), _slice(hk, rank, world)
+    for cfg, causal in ((DARConfig(num_samples=3, gamma=0.3), False),
+                        (DARConfig(num_samples=3, gamma=0.3, mode="prob_scale", normalize="per_image"), True)):
+        args = (cu, cu, 12, 12, layouts, cfg)
+        want_w = dar.compute_key_weights_varlen(q, k, *args, causal=causal, backend="reference")
+        want = dar.dar_attention_varlen(q, k, v, *args, causal=causal, backend="torch")
+        w = dar.compute_key_weights_varlen(q[:, qs], k[:, ks], *args, causal=causal, head_group=dist.group.WORLD)
+        out, w2 = dar.dar_attention_varlen(q[:, qs], k[:, ks], v[:, ks], *args, causal=causal, return_weights=True,
+                                           head_group=dist.group.WORLD)
+        assert torch.equal(w, want_w) and torch.equal(w2, want_w)
+        torch.testing.assert_close(out, want[:, qs], atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="seq_group is not supported by the varlen functions"):
+        dar.dar_attention_varlen(q, k, v, cu, cu, 12, 12, layouts, seq_group=dist.group.WORLD)
+
+
 def _worker(rank: int, world: int) -> None:
     torch.manual_seed(0)
     rng = random.Random(world)
@@ -186,6 +209,7 @@ def _worker(rank: int, world: int) -> None:
         _traffic_case(groups, q.double(), k.double(), v.double(), _layouts(rng, 2, length),
                       DARConfig(num_samples=4, normalize="per_image", thresholds="quantile"), None)
         ran += 1
+    _varlen(rank, world)
     _errors(rank, world)
     assert ran == len(kinds) * (len(_configs()) + 1)
 

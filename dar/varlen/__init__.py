@@ -60,27 +60,43 @@ def _select(backend, call: VarlenCall):
     return _torch
 
 
+def _head_group(head_group, seq_group):
+    """The head group (validated); a sequence group is refused (packed tokens split across ranks)."""
+    from ..parallel import check_group
+
+    if check_group("seq_group", seq_group) is not None:
+        raise ValueError("seq_group is not supported by the varlen functions: split the heads (head_group=) or "
+                         "use dar.dar_attention(..., seq_group=) on padded tensors")
+    return check_group("head_group", head_group)
+
+
+def _weights(impl, call: VarlenCall, head_group) -> torch.Tensor:
+    # With the heads split, the statistics are the torch implementation's, summed over the group.
+    return impl.key_weights(call) if head_group is None else _torch.key_weights(call, head_group)
+
+
 def compute_key_weights_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, layouts,
                                cfg=None, softmax_scale: float | None = None, causal: bool = False, *,
-                               backend: str = "auto") -> torch.Tensor:
+                               backend: str = "auto", head_group=None, seq_group=None) -> torch.Tensor:
     """DAR key weights of packed sequences: float32 ``(total_k,)``, aligned with ``k``.
 
     Arguments are those of `dar_attention_varlen` without ``v``. Keys outside every reference
     range, and every key of a sequence with no generated-image queries or no reference keys, get 1.
     """
+    head_group = _head_group(head_group, seq_group)
     call = make_varlen_call(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
                             softmax_scale, causal)
     impl = _select(backend, call)
     if not call.plan.active:
         return torch.ones(k.shape[0], dtype=torch.float32, device=q.device)
-    return impl.key_weights(call)
+    return _weights(impl, call, head_group)
 
 
 def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, layouts, cfg=None,
                          softmax_scale: float | None = None, causal: bool = False, *, backend: str = "auto",
-                         return_weights: bool = False):
+                         return_weights: bool = False, head_group=None, seq_group=None):
     """Attention with Dynamic Attention Rebalancing over packed sequences, a drop-in for
     ``flash_attn_varlen_func``.
 
@@ -100,6 +116,10 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
             attention kernel; its key weights come from the torch scoring until the packed scoring
             kernel lands (`dar.varlen.triton`).
         return_weights: also return the key weights.
+        head_group: a ``torch.distributed`` process group over which the heads are split (this rank
+            holds a contiguous slice of the query heads with their KV heads, every token); the
+            result is the single-process one up to rounding (docs/parallel.md).
+        seq_group: not supported for packed sequences (a ValueError); use `dar.dar_attention`.
 
     Returns:
         ``(total_q, Hq, Dv)`` in q's dtype, or ``(out, w)`` with ``w`` float32 ``(total_k,)``.
@@ -108,10 +128,11 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         raise TypeError("v must be a torch.Tensor (use dar.compute_key_weights_varlen for weights alone)")
     if not isinstance(return_weights, bool):
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    head_group = _head_group(head_group, seq_group)
     call = make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
                             softmax_scale, causal)
     impl = _select(backend, call)
-    w = impl.key_weights(call) if call.plan.active else None
+    w = _weights(impl, call, head_group) if call.plan.active else None
     out = impl.attention(call, w)
     if return_weights:
         if w is None:

@@ -96,11 +96,19 @@ def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
     return scoring.mass_of_rows(qs, fr.keys(k), bias, valid, call.scale)
 
 
-def key_weights(call: VarlenCall) -> torch.Tensor:
-    """(total_k,) float32 key weights (steps 1-6), aligned with ``k``; no autograd graph."""
+def key_weights(call: VarlenCall, head_group=None) -> torch.Tensor:
+    """(total_k,) float32 key weights (steps 1-6), aligned with ``k``; no autograd graph.
+
+    ``head_group``: the process group over which the heads are split (`dar.parallel`); the mass of
+    this rank's heads is summed over it before the normalisation.
+    """
     with torch.no_grad():
         fr = _Frame(call)
         mass = _sampled_mass(call, fr)
+        if head_group is not None:
+            from ..parallel import all_reduce
+
+            mass = all_reduce(mass, "sum", head_group)
         pt = call.plan.tensors(call.q.device)
         w, _ = scoring.weights_from_mass(mass, pt.key_groups(fr.lk), fr.key_valid, call.plan.num_groups, call.cfg)
         return fr.unpad_keys(w)
