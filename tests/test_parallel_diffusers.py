@@ -261,6 +261,14 @@ def test_families_without_a_known_split_are_refused():
              "knows how diffusers splits the tokens only for")
 
 
+def test_a_user_layout_on_a_known_family_uses_its_split():
+    case = _qwen()
+    case.model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+    assert bp.forward_split(case.model, case.kwargs, "layout_fn") == bp.Split(8, 40, 2)
+    case.model._parallel_config = None
+    assert bp.forward_split(case.model, case.kwargs, "layout_fn") is None
+
+
 def test_recorder_is_refused_under_context_parallelism():
     # The recorder check runs at the attention call; a 1-rank gloo group stands in for the CP mesh.
     case = _qwen()

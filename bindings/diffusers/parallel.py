@@ -86,7 +86,8 @@ def forward_split(model, kw: dict, family: str) -> Split | None:
     if family == "layout_fn":  # a user's layout on a known family: that family's split applies
         from .layouts import family_of
 
-        family = (family_of(model) or ("layout_fn",))[0]
+        fam = family_of(model)
+        family = fam.name if fam is not None else "layout_fn"
     if family not in SPLIT_FAMILIES:
         raise ValueError(f"dar: {name} runs with context parallelism, and DAR knows how diffusers splits the "
                          f"tokens only for {', '.join(SPLIT_FAMILIES)} (family here: {family})")
