@@ -54,7 +54,7 @@ def _calls_allowed(case) -> int:
     return 1 if gen else 2
 
 
-@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("kind", ["flash-like", "bias-aligned"])  # the column and the bias forms, padded
 @given(case=cases())
 def test_delegate_matches_float64_oracle(kind, case):
     counting = Counting(**KERNELS[kind])

@@ -46,36 +46,12 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
     """Call ``fn`` ``warmup`` times (and for at least ``min_warmup_s``), then time ``reps`` calls one by one.
 
     ``max_time_s`` (CPU only) stops the timed calls early once they took that long (at least one is
-    timed): the smoke run uses it to bound interpreted kernels.
+    timed): the smoke run uses it to bound interpreted kernels. Errors propagate.
     """
-    if reps < 1:
-        raise ValueError(f"reps must be >= 1, got {reps}")
-    cuda = device.type == "cuda"
-    start = time.perf_counter()
-    done = 0
-    while done < warmup or time.perf_counter() - start < min_warmup_s:
-        fn()
-        done += 1
-        if cuda:
-            torch.cuda.synchronize(device)
-    peak = _peak_memory(fn, device) if cuda else None
-    times = []
-    if cuda:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for s, e in events:
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            if max_time_s is not None and sum(times) > max_time_s * 1e3:
-                break
-    return Timing(times, "cuda-event" if cuda else "perf_counter", peak)
+    result = measure_interleaved({"fn": fn}, device, warmup, reps, min_warmup_s, max_time_s=max_time_s)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _peak_memory(fn, device) -> float:
