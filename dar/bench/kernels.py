@@ -162,7 +162,11 @@ def _add_overheads(rows: list[dict]) -> None:
             cur = best.get(r["shape"])
             if cur is None or r["median_ms"] < cur[0]:
                 best[r["shape"]] = (r["median_ms"], r["impl"])
+    cpu = {r["shape"]: r.get("cpu_median_ms") for r in rows if best.get(r["shape"], (None, None))[1] == r["impl"]}
     for r in rows:
         b = best.get(r["shape"])
         r["best_sdpa"] = None if b is None else b[1]
         r["overhead_vs_best_sdpa"] = (r["median_ms"] / b[0]) if (b and r["status"] == "ok") else None
+        if r["status"] == "ok" and r.get("cpu_median_ms") and cpu.get(r["shape"]):
+            # CPU: the same ratio in process CPU time, which time-slicing by other jobs does not inflate.
+            r["cpu_overhead_vs_best_sdpa"] = r["cpu_median_ms"] / cpu[r["shape"]]

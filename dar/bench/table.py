@@ -61,7 +61,9 @@ def _cell(row: dict | None) -> str:
         return row["status"]
     ratio = row.get("overhead_vs_best_sdpa")
     interp = " interpreted" if row.get("interpreted") else ""
-    return f"{row['median_ms']:.3g} ms" + (f" ({ratio:.2f}×)" if ratio is not None else "") + interp
+    cpu = row.get("cpu_overhead_vs_best_sdpa")
+    cpu_txt = f"; CPU time {cpu:.2f}×" if cpu is not None else ""
+    return f"{row['median_ms']:.3g} ms" + (f" ({ratio:.2f}×{cpu_txt})" if ratio is not None else "") + interp
 
 
 def _keep_shape(shape: dict, all_shapes: bool) -> bool:
