@@ -129,9 +129,12 @@ def _form(call: DARCall, kernel: AttentionKernel) -> tuple[str, int]:
         width = 2 * d
         form = "keys_fused"
     else:
-        # A causal bias would be Lq x Lk, and a row split breaks the positional causal rule: the
-        # column form carries ln w and keeps is_causal as it is.
-        if kernel.takes_bias and not causal and (every_row or rows is not None):
+        # A causal bias would be Lq x Lk, a row split breaks the positional causal rule, and ln w added
+        # to a mask that varies over query rows would be a new Lq x Lk tensor: the column form carries
+        # ln w there and passes the caller's mask and is_causal as they are.
+        mask = call.mask.mask
+        per_row_mask = mask is not None and mask.size(2) > 1
+        if kernel.takes_bias and not causal and not per_row_mask and (every_row or rows is not None):
             return ("bias" if every_row else "bias_split"), d
         width = d + 1
         form = "column"

@@ -107,6 +107,12 @@ def test_prob_scale_uses_a_key_bias_or_an_aligned_column():
     dar.dar_attention(q, k, v, LAYOUT, cfg, backend="torch", attention_fn=bias.kernel)
     (c,) = bias.calls
     assert c["d"] == 8 and c["mask"].shape == (2, 1, 1, 24) and c["mask"].is_floating_point()
+    # A mask that varies over query rows: ln w is not added to it (that would be a new Lq x Lk tensor).
+    rows_mask = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(5)) > 0.2
+    col = Counting()
+    dar.dar_attention(q, k, v, LAYOUT, cfg, attn_mask=rows_mask, backend="torch", attention_fn=col.kernel)
+    (c,) = col.calls
+    assert c["d"] == 9 and c["mask"].dtype == torch.bool and torch.equal(c["mask"], rows_mask)
     flash = Counting(**KERNELS["flash-like"])
     dar.dar_attention(q, k, v, LAYOUT, cfg, backend="torch", attention_fn=flash.kernel)
     (c,) = flash.calls
