@@ -1,30 +1,40 @@
-"""DAR scoring in Triton: sampled-query attention mass -> per-key weights (docs/semantics.md, steps 3-6).
+"""DAR scoring in Triton: sampled-query attention mass -> per-key weights (docs/semantics.md, steps 3-6),
+for dense batches and for packed (varlen) sequences.
 
-Three stages, none of which writes a logit to memory:
+Three launches, none of which writes a logit to memory:
 
-1. ``_row_lse_kernel``: for every (batch, head, sampled query) the log-sum-exp of its softmax row
-   over the allowed keys, with the flash-attention online max; the keys are split into chunks for
-   occupancy and the partial results merged (``_combine_splits``). Output ``lse (B, Hq, M)``.
-2. ``_key_mass_kernel``: for every tile of keys, recompute the sampled logits and add up
-   ``exp(s - lse)`` over heads and samples: ``r (B, Lk)``, zero outside the reference keys R.
-3. ``_group_weights_kernel``: per (batch, group) min/max of r over the group's keys in R, the
-   degenerate check, ``r̂ = (r - lo) / (hi - lo)`` and the dual threshold -> ``w (B, Lk)``.
-   ``thresholds="quantile"`` first runs ``_group_span_kernel`` and takes the quantiles of r̂ with
-   device-side torch ops (`dar.scoring.group_quantile`); no host synchronisation either way.
+1. ``_row_lse_kernel``, grid (packed-row tiles, batch x KV heads, key splits): for every (batch,
+   head, sampled query) the log-sum-exp of its softmax row over the allowed keys, with the
+   flash-attention online max. The keys are split into chunks (flash-decoding style) so that the few
+   rows (``Hq/Hk * m`` per KV head) still fill the GPU; each split writes its partial result, NaN for
+   a row dropped for a non-finite logit (docs/semantics.md, "Non-finite inputs").
+2. ``_key_mass_kernel``, grid (key tiles, batch): ``r`` of every key of the tile, summed over every KV
+   head and packed row in one software-pipelined loop (K, Q and the partial log-sum-exps of the next
+   iteration load while this one computes). The split partials are combined right there (one
+   ``(BLOCK_M, SPLITS)`` load per row tile), so nothing runs between the launches. Its epilogue
+   writes ``r`` and folds the tile's per-group min and max of ``r`` into ``stats`` with float atomic
+   max (exact, so the result does not depend on the order of the programs).
+3. ``_weights_kernel``, grid (key tiles, batch): ``r̂ = (r - lo) / (hi - lo)`` and the dual threshold
+   for every key of the tile; it writes every weight (1 outside R), so ``w`` needs no initialisation.
+   ``thresholds="quantile"`` first takes each group's quantiles of ``r̂`` with device-side torch ops
+   (a segmented sort of the packed keys, `_group_quantiles`); no host synchronisation either way.
 
 Work is ``O(Hq · m · Lk · D)`` (m sampled queries), never ``Lq · Lk``. The queries of one KV head's
-GQA group are packed into the rows of one tile, so every K tile is loaded once per KV head.
+GQA group are packed into the rows of one tile, so every K tile load serves all of them.
 
-Public entry points: the `torch.library` custom ops `key_weights` (``dar::key_weights``) and
-`sampled_attention_mass` (``dar::sampled_attention_mass``), traceable by ``torch.compile(fullgraph=True)``,
-and `key_statistics` (plain Python: r and w from one run, for inspection).
+Public entry points, all `torch.library` custom ops traceable by ``torch.compile(fullgraph=True)``:
+`key_weights` (``dar::key_weights``, dense ``(B, H, L, D)``), `key_weights_varlen`
+(``dar::key_weights_varlen``, packed ``(total, H, D)`` with ``cu_seqlens``) and
+`sampled_attention_mass` (``dar::sampled_attention_mass``, stages 1-2); and `key_statistics` /
+`key_statistics_varlen` (plain Python: r and w from one run, for inspection).
 
 Verification status: every path here is tested on the CPU with ``TRITON_INTERPRET=1``
-(tests/test_triton_scoring.py). Not yet run on a GPU: the compiled kernels themselves (layouts,
-``tl.dot`` tiling, the ``ieee`` fp32 dot), the autotuning tables (scoring_autotune.py; their pruning
-logic is unit-tested), bf16 ``tl.dot`` without the interpreter's fp32 upcast, the stage-1 split
-heuristic's performance, and 64-bit offsets on tensors over 2^31 elements. The first call for a new
-autotune key benchmarks, so warm the op up before capturing it in a CUDA graph.
+(tests/test_triton_scoring.py, tests/test_triton_scoring_varlen.py). The compiled kernels are read by
+``benchmarks/static_report.py`` (SASS, registers, spills) but have not run on a GPU: the autotuning
+tables (scoring_autotune.py; their pruning logic is unit-tested), bf16 ``tl.dot`` without the
+interpreter's fp32 upcast, the split heuristic's performance and 64-bit offsets past 2^31 elements are
+unmeasured. The first call for a new autotune key benchmarks, so warm the op up before capturing it in
+a CUDA graph.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dar.scoring import DEGENERATE_SPAN, group_quantile
+from dar.scoring import DEGENERATE_SPAN
 
 from . import scoring_autotune as tuning
 
@@ -61,7 +71,21 @@ _KEY_MASS_CONFIGS = tuning.configs(tuning.KEY_MASS, interpreting())
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sampled_queries(Q, Samples, b, hk, start_r, M, stride_qb, stride_qh, stride_ql, stride_qd, stride_sb,
+def _sequence(b, Cu, L, stride_b, stride_l, VARLEN: tl.constexpr):
+    """``(offset, length, first)`` of batch row / sequence ``b``: its element offset into the tensor
+    (int64), its length and its first row in the flat ``(B * L)`` / ``(total,)`` outputs (int64).
+
+    Dense: row b of a (B, H, L, D) tensor, L rows. Varlen: rows ``[Cu[b], Cu[b + 1])`` of (total, H, D)."""
+    if VARLEN:
+        start = tl.load(Cu + b)
+        end = tl.load(Cu + b + 1)
+        return start.to(tl.int64) * stride_l, end - start, start.to(tl.int64)
+    else:
+        return b.to(tl.int64) * stride_b, L, b.to(tl.int64) * L
+
+
+@triton.jit
+def _sampled_queries(Q_b, Samples, b, hk, start_r, M, lq_b, stride_qh, stride_ql, stride_qd, stride_sb,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``start_r ..`` of KV head ``hk``'s packed (query head, sample) axis: their q tile and query index.
 
@@ -71,62 +95,86 @@ def _sampled_queries(Q, Samples, b, hk, start_r, M, stride_qb, stride_qh, stride
     rows = start_r + tl.arange(0, BLOCK_M)
     in_pack = rows < GROUP * M
     qi = tl.load(Samples + b * stride_sb + rows % M, mask=in_pack, other=-1)
-    valid = in_pack & (qi >= 0)
+    valid = in_pack & (qi >= 0) & (qi < lq_b)
     head = hk * GROUP + rows // M
     offs_d = tl.arange(0, BLOCK_D)
-    # 64-bit offsets: batch, head and row strides can multiply past 2^31 on long sequences.
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
-              + qi.to(tl.int64)[:, None] * stride_ql + offs_d[None, :] * stride_qd)
+    # 64-bit offsets: head and row strides can multiply past 2^31 on long sequences.
+    q_ptrs = (Q_b + head.to(tl.int64)[:, None] * stride_qh + qi.to(tl.int64)[:, None] * stride_ql
+              + offs_d[None, :] * stride_qd)
     # The head dim is padded to a power of two; the padding lanes load 0 and add nothing to q.k.
     q = tl.load(q_ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     return q, qi, valid
 
 
 @triton.jit
-def _load_keys(K_head, start_n, Lk, stride_kl, stride_kd,
+def _load_keys(K_head, start_n, lk_b, stride_kl, stride_kd,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """K^T tile (BLOCK_D, BLOCK_N) of keys ``start_n ..``; out-of-range keys and padded dims load 0."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_ptrs = K_head + offs_n.to(tl.int64)[None, :] * stride_kl + offs_d[:, None] * stride_kd
-    return tl.load(k_ptrs, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    return tl.load(k_ptrs, mask=(offs_n[None, :] < lk_b) & (offs_d[:, None] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
-def _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
+def _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
                     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``(s, bad)``: (BLOCK_M, BLOCK_N) logits of the sampled rows against the key tile at ``start_n``, in
-    log2 units, -inf where a key is not allowed (out of range, masked by a -inf key bias, or after the
-    query if causal) or the logit is not finite; and (BLOCK_M,) whether a row has a non-finite logit on
-    an allowed key (such a row contributes no mass: docs/semantics.md, non-finite inputs)."""
+    log2 units, -inf where a key is not allowed (out of range, masked by a -inf key bias, or past the
+    causal diagonal ``j <= i + diag``) or the logit is not finite; and (BLOCK_M,) whether a row has a
+    non-finite logit on an allowed key (it then contributes no mass: docs/semantics.md)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bit patterns (triton #11584)
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
     # qk_scale = scale * log2(e): the softmax is evaluated with exp2, as in the flash-attention tutorial.
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-    allowed = valid[:, None] & (offs_n[None, :] < Lk)
+    allowed = valid[:, None] & (offs_n[None, :] < lk_b)
     if HAS_BIAS:
-        bias = tl.load(KeyBias_b + offs_n, mask=offs_n < Lk, other=0.0)
+        bias = tl.load(KeyBias_b + offs_n, mask=offs_n < lk_b, other=0.0)
         allowed = allowed & (bias != float("-inf"))[None, :]
         s = s + bias[None, :] * 1.4426950408889634
-    if IS_CAUSAL:  # SDPA's top-left rule: query i sees keys j <= i
-        allowed = allowed & (offs_n[None, :] <= qi[:, None])
+    if IS_CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= qi[:, None] + diag)
     finite = tl.abs(s) < float("inf")  # False for NaN and +-inf
     bad = tl.max((allowed & ~finite).to(tl.int32), 1) > 0
     return tl.where(allowed & finite, s, float("-inf")), bad
 
 
 @triton.jit
-def _key_allowed(KeyBias_b, offs_n, Lq, Lk, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Keys some query row may attend to: not padded out by the bias, and (causal) ``j < Lq``."""
-    ok = offs_n < Lk
+def _reference_groups(KeyBias_b, RefRanges_b, RefGroups_b, offs_n, lq_b, lk_b, diag, R, stride_rr,
+                      HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(BLOCK_N,) int32 group of each key in R, -1 for keys outside R (no range, padded out by a -inf
+    bias, past ``Lk``, or beyond every query's causal reach ``j < Lq + diag``)."""
+    gid = tl.full(offs_n.shape, -1, tl.int32)
+    for r in range(0, R):  # R = reference ranges of the batch (a handful); padding is (0, 0), group -1
+        lo = tl.load(RefRanges_b + r * stride_rr)
+        hi = tl.load(RefRanges_b + r * stride_rr + 1)
+        grp = tl.load(RefGroups_b + r)
+        gid = tl.where((offs_n >= lo) & (offs_n < hi) & (grp >= 0), grp, gid)
+    ok = offs_n < lk_b
     if HAS_BIAS:
         ok = ok & (tl.load(KeyBias_b + offs_n, mask=ok, other=float("-inf")) != float("-inf"))
     if IS_CAUSAL:
-        ok = ok & (offs_n < Lq)
-    return ok
+        ok = ok & (offs_n < lq_b + diag)
+    return tl.where(ok, gid, -1)
+
+
+@triton.jit
+def _combined_lse(LsePart_h, rows, valid, SPLITS, SPLITS_P2: tl.constexpr):
+    """(BLOCK_M,) log2-sum-exp2 of each row from its SPLITS partials; +inf for a row that has no mass
+    (no allowed key, a padding sample, or dropped: a NaN partial), so that ``exp2(s - lse)`` is 0."""
+    offs_s = tl.arange(0, SPLITS_P2)
+    part = tl.load(LsePart_h + rows.to(tl.int64)[:, None] * SPLITS + offs_s[None, :],
+                   mask=valid[:, None] & (offs_s[None, :] < SPLITS), other=float("-inf"))
+    dropped = tl.max((part != part).to(tl.int32), 1) > 0
+    part = tl.where(part != part, float("-inf"), part)
+    top = tl.max(part, 1)
+    top = tl.where(top == float("-inf"), 0.0, top)  # all -inf: no inf - inf below
+    total = tl.sum(tl.exp2(part - top[:, None]), 1)
+    lse = top + tl.log2(tl.where(total > 0, total, 1.0))
+    return tl.where(dropped | (total == 0) | ~valid, float("inf"), lse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,39 +184,45 @@ def _key_allowed(KeyBias_b, offs_n, Lq, Lk, HAS_BIAS: tl.constexpr, IS_CAUSAL: t
 @triton.autotune(configs=_ROW_LSE_CONFIGS, key=["HEAD_DIM", "LK_BUCKET", "GROUP"],
                  prune_configs_by={"early_config_prune": tuning.prune(tuning.ROW_LSE)})
 @triton.jit
-def _row_lse_kernel(Q, K, Samples, KeyBias, LsePart,
+def _row_lse_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart,
                     stride_qb, stride_qh, stride_ql, stride_qd,
                     stride_kb, stride_kh, stride_kl, stride_kd,
                     stride_sb, stride_biasb,
                     H_KV, Lq, Lk, M, SPLITS, qk_scale, LK_BUCKET,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """grid (packed-row tiles, B * Hk, SPLITS): ``LsePart[b, h, j, split] = log2 Σ_k exp2(s_hjk)`` over the
-    split's chunk of keys (-inf where the chunk holds no allowed key).
+    split's chunk of keys (-inf where the chunk holds no allowed key, NaN for a dropped row).
 
-    With only Hq/Hk * m rows per KV head there are too few row tiles to fill a GPU, so the keys are
-    split into SPLITS chunks (flash-decoding style) and the partial log-sum-exps combined afterwards.
+    Lq / Lk are the sizes of a dense batch, or the longest sequence of a packed one.
     """
     start_r = tl.program_id(0) * BLOCK_M
     b = tl.program_id(1) // H_KV
     hk = tl.program_id(1) % H_KV
     split = tl.program_id(2)
-    q, qi, valid = _sampled_queries(Q, Samples, b, hk, start_r, M, stride_qb, stride_qh, stride_ql, stride_qd,
-                                    stride_sb, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
-    K_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    q_off, lq_b, _ = _sequence(b, CuQ, Lq, stride_qb, stride_ql, VARLEN)
+    k_off, lk_b, _ = _sequence(b, CuK, Lk, stride_kb, stride_kl, VARLEN)
+    if VARLEN:
+        diag = lk_b - lq_b  # flash-attn's bottom-right causal rule
+    else:
+        diag = 0  # SDPA's top-left rule
+    q, qi, valid = _sampled_queries(Q + q_off, Samples, b, hk, start_r, M, lq_b, stride_qh, stride_ql,
+                                    stride_qd, stride_sb, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    K_head = K + k_off + hk.to(tl.int64) * stride_kh
     KeyBias_b = KeyBias + b.to(tl.int64) * stride_biasb
     chunk = tl.cdiv(tl.cdiv(Lk, SPLITS), BLOCK_N) * BLOCK_N  # whole tiles per split
     begin = split * chunk
-    end = tl.minimum(Lk, begin + chunk)
+    end = tl.minimum(lk_b, begin + chunk)
     if IS_CAUSAL:  # no row of this tile sees a key past its largest query index
-        end = tl.minimum(end, tl.max(qi, 0) + 1)
+        end = tl.minimum(end, tl.max(tl.where(valid, qi, -1), 0) + diag + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     bad_i = tl.zeros([BLOCK_M], tl.int1)
     for start_n in range(begin, end, BLOCK_N):
-        kt = _load_keys(K_head, start_n, Lk, stride_kl, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D)
-        s, bad = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
+        kt = _load_keys(K_head, start_n, lk_b, stride_kl, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D)
+        s, bad = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
                                  BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
         bad_i = bad_i | bad
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -178,7 +232,7 @@ def _row_lse_kernel(Q, K, Samples, KeyBias, LsePart,
         l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), 1)
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    lse = tl.where(bad_i, float("nan"), lse)  # NaN marks a dropped row for _combine_splits
+    lse = tl.where(bad_i, float("nan"), lse)
     rows = start_r + tl.arange(0, BLOCK_M)
     # LsePart is (B, Hq, M, SPLITS) contiguous: KV head hk's packed rows are one contiguous run.
     row_base = (b.to(tl.int64) * H_KV + hk) * (GROUP * M)
@@ -186,174 +240,158 @@ def _row_lse_kernel(Q, K, Samples, KeyBias, LsePart,
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 2: attention mass of every reference key
+# Stage 2: attention mass of every reference key, and each group's min / max
 # ----------------------------------------------------------------------------------------------
 
 @triton.autotune(configs=_KEY_MASS_CONFIGS, key=["HEAD_DIM", "ROWS_BUCKET", "GROUP"],
                  prune_configs_by={"early_config_prune": tuning.prune(tuning.KEY_MASS)})
 @triton.jit
-def _key_mass_kernel(Q, K, Samples, KeyBias, Lse, RefRanges, RefGroups, Mass,
+def _key_mass_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart, RefRanges, RefGroups, Mass, KeyGroup, Stats,
                      stride_qb, stride_qh, stride_ql, stride_qd,
                      stride_kb, stride_kh, stride_kl, stride_kd,
                      stride_sb, stride_biasb, stride_rb, stride_rr, stride_gb,
-                     H_KV, Lq, Lk, M, R, qk_scale, ROWS_BUCKET,
+                     H_KV, Lq, Lk, M, R, G, SPLITS, qk_scale, ROWS_BUCKET,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """grid (key tiles, B): ``Mass[b, k] = Σ_h Σ_j exp2(s_hjk - Lse[b, h, j])`` for keys k in R, else 0."""
+                     HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                     WRITE_GROUPS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     SPLITS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """grid (key tiles, B): ``Mass[k] = Σ_h Σ_j exp2(s_hjk - lse_hj)`` for keys k in R (0 elsewhere), and
+    ``Stats[b, g] = (max r, max -r)`` over group g's keys in R via atomic max (initialised to -inf).
+    ``KeyGroup[k] = b * G + g`` (-1 outside R) when WRITE_GROUPS (the quantile path)."""
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    KeyBias_b = KeyBias + b.to(tl.int64) * stride_biasb
-    in_ref = tl.zeros([BLOCK_N], tl.int1)
-    for r in range(0, R):  # R = reference ranges of the batch (a handful); padding is (0, 0)
-        lo = tl.load(RefRanges + b * stride_rb + r * stride_rr)
-        hi = tl.load(RefRanges + b * stride_rb + r * stride_rr + 1)
-        grp = tl.load(RefGroups + b * stride_gb + r)
-        in_ref = in_ref | ((offs_n >= lo) & (offs_n < hi) & (grp >= 0))
-    in_ref = in_ref & _key_allowed(KeyBias_b, offs_n, Lq, Lk, HAS_BIAS, IS_CAUSAL)
-    # A key tile with no reference key skips the whole head loop: the cost follows |R|, not Lk.
-    n_heads = tl.where(tl.max(in_ref.to(tl.int32), 0) > 0, H_KV, 0)
-    mass = tl.zeros([BLOCK_N], tl.float32)
-    for hk in range(0, n_heads):
-        K_head = K + b.to(tl.int64) * stride_kb + tl.cast(hk, tl.int64) * stride_kh
-        kt = _load_keys(K_head, start_n, Lk, stride_kl, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D)  # once per head
-        lse_head = Lse + (b.to(tl.int64) * H_KV + hk) * (GROUP * M)
-        for start_r in range(0, GROUP * M, BLOCK_M):
-            q, qi, valid = _sampled_queries(Q, Samples, b, hk, start_r, M, stride_qb, stride_qh, stride_ql,
+    q_off, lq_b, _ = _sequence(b, CuQ, Lq, stride_qb, stride_ql, VARLEN)
+    k_off, lk_b, first = _sequence(b, CuK, Lk, stride_kb, stride_kl, VARLEN)
+    if VARLEN:
+        diag = lk_b - lq_b
+    else:
+        diag = 0
+    if start_n < lk_b:  # a packed batch's grid covers its longest sequence
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        KeyBias_b = KeyBias + b.to(tl.int64) * stride_biasb
+        gid = _reference_groups(KeyBias_b, RefRanges + b * stride_rb, RefGroups + b * stride_gb, offs_n,
+                                lq_b, lk_b, diag, R, stride_rr, HAS_BIAS, IS_CAUSAL)
+        in_ref = gid >= 0
+        # A key tile with no reference key skips the loop: the cost follows |R|, not Lk.
+        row_tiles = tl.cdiv(GROUP * M, BLOCK_M)
+        n_iter = tl.where(tl.max(in_ref.to(tl.int32), 0) > 0, H_KV * row_tiles, 0)
+        Q_b = Q + q_off
+        mass = tl.zeros([BLOCK_N], tl.float32)
+        # One flat loop over (KV head, row tile), so the pipeliner prefetches the next K tile, Q tile
+        # and partial lse while this iteration's dot runs.
+        for it in tl.range(0, n_iter):
+            hk = it // row_tiles
+            start_r = (it % row_tiles) * BLOCK_M
+            kt = _load_keys(K + k_off + hk.to(tl.int64) * stride_kh, start_n, lk_b, stride_kl, stride_kd,
+                            HEAD_DIM, BLOCK_N, BLOCK_D)
+            q, qi, valid = _sampled_queries(Q_b, Samples, b, hk, start_r, M, lq_b, stride_qh, stride_ql,
                                             stride_qd, stride_sb, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
             rows = start_r + tl.arange(0, BLOCK_M)
-            lse = tl.load(lse_head + rows, mask=valid, other=float("inf"))
-            # A row with no allowed key (lse = -inf) has zero mass: +inf makes every exp2 vanish.
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            s, _ = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, Lk, qk_scale,
+            lse = _combined_lse(LsePart + (b.to(tl.int64) * H_KV + hk) * (GROUP * M * SPLITS), rows, valid,
+                                SPLITS, SPLITS_P2)
+            s, _ = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
                                    BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
             mass += tl.sum(tl.exp2(s - lse[:, None]), 0)
-    tl.store(Mass + b.to(tl.int64) * Lk + offs_n, tl.where(in_ref, mass, 0.0), mask=offs_n < Lk)
+        mass = tl.where(in_ref, mass, 0.0)
+        in_seq = offs_n < lk_b
+        tl.store(Mass + first + offs_n, mass, mask=in_seq)
+        if WRITE_GROUPS:
+            tl.store(KeyGroup + first + offs_n, tl.where(in_ref, b * G + gid, -1), mask=in_seq)
+        # Epilogue: this tile's share of each group's span. Float max is exact, so the atomics give
+        # the same lo / hi whatever order the programs run in.
+        for g in range(0, G):
+            member = gid == g
+            has = tl.max(member.to(tl.int32), 0) > 0
+            stat = Stats + (b * G + g) * 2
+            tl.atomic_max(stat, tl.max(tl.where(member, mass, float("-inf")), 0), mask=has)
+            tl.atomic_max(stat + 1, tl.max(tl.where(member, -mass, float("-inf")), 0), mask=has)
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 3: per-group normalisation and thresholds
+# Stage 3: normalisation and thresholds, every key tile in parallel
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _group_span(Mass_b, KeyBias_b, RefRanges_b, RefGroups_b, g, Lq, Lk, R, stride_rr,
-                HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-    """(lo, hi): min and max of r over group g's keys in R; (+inf, -inf) for an empty group."""
-    lo = tl.full([BLOCK], float("inf"), tl.float32)
-    hi = tl.full([BLOCK], float("-inf"), tl.float32)
-    for r in range(0, R):
-        start = tl.load(RefRanges_b + r * stride_rr)
-        end = tl.load(RefRanges_b + r * stride_rr + 1)
-        end = tl.where(tl.load(RefGroups_b + r) == g, end, start)  # other groups' ranges: empty loop
-        for n in range(start, end, BLOCK):
-            offs = n + tl.arange(0, BLOCK)
-            member = (offs < end) & _key_allowed(KeyBias_b, offs, Lq, Lk, HAS_BIAS, IS_CAUSAL)
-            x = tl.load(Mass_b + offs, mask=member, other=0.0)
-            lo = tl.minimum(lo, tl.where(member, x, float("inf")))
-            hi = tl.maximum(hi, tl.where(member, x, float("-inf")))
-    return tl.min(lo, 0), tl.max(hi, 0)
+def _weights_kernel(Mass, CuQ, CuK, KeyBias, RefRanges, RefGroups, Stats, ThreshHi, ThreshLo, W,
+                    stride_biasb, stride_rb, stride_rr, stride_gb,
+                    Lq, Lk, R, G, boost, damp, tau_high, tau_low, degenerate_span,
+                    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                    QUANTILE: tl.constexpr, BLOCK: tl.constexpr):
+    """grid (key tiles, B): ``W[k]`` for every key of the tile.
 
-
-@triton.jit
-def _group_span_kernel(Mass, KeyBias, RefRanges, RefGroups, Lo, Hi, stride_biasb, stride_rb, stride_rr, stride_gb,
-                       Lq, Lk, R, G, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-    """grid (B, G): ``Lo[b, g], Hi[b, g]`` = the group's min and max mass (used by "quantile")."""
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    lo, hi = _group_span(Mass + b.to(tl.int64) * Lk, KeyBias + b.to(tl.int64) * stride_biasb,
-                         RefRanges + b * stride_rb, RefGroups + b * stride_gb, g, Lq, Lk, R, stride_rr,
-                         HAS_BIAS, IS_CAUSAL, BLOCK)
-    tl.store(Lo + b * G + g, lo)
-    tl.store(Hi + b * G + g, hi)
-
-
-@triton.jit
-def _group_weights_kernel(Mass, KeyBias, RefRanges, RefGroups, ThreshHi, ThreshLo, W,
-                          stride_biasb, stride_rb, stride_rr, stride_gb,
-                          Lq, Lk, R, G, gamma, tau_high, tau_low, degenerate_span,
-                          HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, QUANTILE: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """grid (B, G): ``W[b, k]`` for group g's keys in R (W starts at 1, so every other key keeps 1).
-
-    r̂ = (r - lo) / (hi - lo); w = 1 + gamma if r̂ >= t_hi, else 1 - gamma if r̂ <= t_lo, else 1. The
-    thresholds are the taus ("minmax") or the per-group quantiles of r̂ in ThreshHi/ThreshLo ("quantile").
+    For key k of group g in R: ``r̂ = (r - lo) / (hi - lo)``, ``w = boost`` if r̂ >= t_hi, else ``damp``
+    if r̂ <= t_lo, else 1, unless the group is degenerate (``hi - lo <= degenerate_span``, or empty).
+    Every other key: 1. Thresholds are the taus ("minmax") or ThreshHi/ThreshLo[b, g] ("quantile").
+    ``boost`` / ``damp`` are float32(1 ± gamma), rounded once on the host as the spec says.
     """
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    Mass_b = Mass + b.to(tl.int64) * Lk
-    KeyBias_b = KeyBias + b.to(tl.int64) * stride_biasb
-    RefRanges_b = RefRanges + b * stride_rb
-    RefGroups_b = RefGroups + b * stride_gb
-    # Pass 1: the group's span (rescanning r is cheaper than another launch for "minmax").
-    lo, hi = _group_span(Mass_b, KeyBias_b, RefRanges_b, RefGroups_b, g, Lq, Lk, R, stride_rr,
-                         HAS_BIAS, IS_CAUSAL, BLOCK)
-    span = hi - lo
-    # A degenerate group (every key equally attended, or a single key) keeps weight 1: write nothing.
-    # An empty group has span = -inf and is skipped the same way.
-    ok = span > degenerate_span
-    if QUANTILE:
-        t_hi = tl.load(ThreshHi + b * G + g)
-        t_lo = tl.load(ThreshLo + b * G + g)
+    start_n = tl.program_id(0) * BLOCK
+    b = tl.program_id(1)
+    _, lq_b, _ = _sequence(b, CuQ, Lq, 0, 0, VARLEN)
+    _, lk_b, first = _sequence(b, CuK, Lk, 0, 0, VARLEN)
+    if VARLEN:
+        diag = lk_b - lq_b
     else:
-        t_hi = tau_high
-        t_lo = tau_low
-    # Pass 2: weights.
-    for r in range(0, R):
-        start = tl.load(RefRanges_b + r * stride_rr)
-        end = tl.load(RefRanges_b + r * stride_rr + 1)
-        end = tl.where((tl.load(RefGroups_b + r) == g) & ok, end, start)
-        for n in range(start, end, BLOCK):
-            offs = n + tl.arange(0, BLOCK)
-            member = (offs < end) & _key_allowed(KeyBias_b, offs, Lq, Lk, HAS_BIAS, IS_CAUSAL)
-            x = tl.load(Mass_b + offs, mask=member, other=0.0)
+        diag = 0
+    if start_n < lk_b:
+        offs = start_n + tl.arange(0, BLOCK)
+        in_seq = offs < lk_b
+        gid = _reference_groups(KeyBias + b.to(tl.int64) * stride_biasb, RefRanges + b * stride_rb,
+                                RefGroups + b * stride_gb, offs, lq_b, lk_b, diag, R, stride_rr,
+                                HAS_BIAS, IS_CAUSAL)
+        x = tl.load(Mass + first + offs, mask=in_seq & (gid >= 0), other=0.0)
+        w = tl.full([BLOCK], 1.0, tl.float32)
+        for g in range(0, G):
+            hi = tl.load(Stats + (b * G + g) * 2)
+            lo = -tl.load(Stats + (b * G + g) * 2 + 1)
+            span = hi - lo  # -inf for an empty group: skipped like a degenerate one
+            ok = span > degenerate_span
+            if QUANTILE:
+                t_hi = tl.load(ThreshHi + b * G + g)
+                t_lo = tl.load(ThreshLo + b * G + g)
+            else:
+                t_hi = tau_high
+                t_lo = tau_low
             # Correctly rounded division, bit-identical to torch's, so the quantile thresholds (computed
             # by torch from the same r̂) select exactly the keys they were taken from.
-            rhat = tl.div_rn(x - lo, span)
-            w = tl.where(rhat >= t_hi, 1.0 + gamma, tl.where(rhat <= t_lo, 1.0 - gamma, 1.0))
-            tl.store(W + b.to(tl.int64) * Lk + offs, w, mask=member)
+            rhat = tl.div_rn(x - lo, tl.where(ok, span, 1.0))
+            wg = tl.where(rhat >= t_hi, boost, tl.where(rhat <= t_lo, damp, 1.0))
+            # Group g's keys, none when it is degenerate (written as a compare: the interpreter cannot
+            # AND a block with a scalar bool).
+            w = tl.where(gid == tl.where(ok, g, -2), wg, w)
+        tl.store(W + first + offs, w, mask=in_seq)
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side: validation, launches, custom ops
 # ----------------------------------------------------------------------------------------------
 
-def _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale, thresholds=None):
+def _check_plan(samples, ref_ranges, ref_groups, batch: int, device, what: str) -> None:
+    for name, t, shape in (("samples", samples, (batch, None)), ("ref_ranges", ref_ranges, (batch, None, 2)),
+                           ("ref_groups", ref_groups, (batch, None))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != len(shape) or any(w is not None and s != w for s, w in zip(t.shape, shape)):
+            raise ValueError(f"{name} must have shape {tuple(what if w is None and i == 0 else '*' if w is None else w for i, w in enumerate(shape))}"
+                             f", got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if ref_groups.shape[1] != ref_ranges.shape[1]:
+        raise ValueError(f"ref_groups {tuple(ref_groups.shape)} and ref_ranges {tuple(ref_ranges.shape)} "
+                         "must list the same number of ranges")
+
+
+def _check_common(q, k, hq, hk, d, scale, thresholds) -> None:
     for name, t in (("q", q), ("k", k)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32 for the triton scoring kernels, got {t.dtype}")
-    b, hq, lq, d = q.shape
-    _, hk, lk, _ = k.shape
     if k.dtype != q.dtype:
         raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; they must match")
-    if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head dim")
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"the number of query heads Hq={hq} must be a multiple of the number of key heads Hk={hk}")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim D must be in 1..{MAX_HEAD_DIM} for the triton scoring kernels, got {d}")
-    if min(b, lq, lk) == 0:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must not have zero-sized dims")
-    for name, t, shape in (("samples", samples, (b, None)), ("ref_ranges", ref_ranges, (b, None, 2)),
-                           ("ref_groups", ref_groups, (b, None))):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-        if t.dim() != len(shape) or any(w is not None and s != w for s, w in zip(t.shape, shape)):
-            raise ValueError(f"{name} must have shape {tuple('*' if w is None else w for w in shape)}, "
-                             f"got {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if ref_groups.shape[1] != ref_ranges.shape[1]:
-        raise ValueError(f"ref_groups {tuple(ref_groups.shape)} and ref_ranges {tuple(ref_ranges.shape)} "
-                         "must list the same number of ranges")
-    if key_bias is not None:
-        if key_bias.dtype != torch.float32 or tuple(key_bias.shape) != (b, lk):
-            raise ValueError(f"key_bias must be None or a (B, Lk) = ({b}, {lk}) float32 tensor, "
-                             f"got {key_bias.dtype} {tuple(key_bias.shape)}")
-        if key_bias.device != q.device:
-            raise ValueError(f"key_bias is on {key_bias.device} but q is on {q.device}")
     if k.device != q.device:
         raise ValueError(f"k is on {k.device} but q is on {q.device}")
     if q.device.type != "cuda" and not interpreting():
@@ -363,6 +401,53 @@ def _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale, thresh
         raise ValueError(f"scale must be finite, got {scale!r}")
     if thresholds is not None and thresholds not in THRESHOLDS:
         raise ValueError(f"thresholds must be one of {THRESHOLDS}, got {thresholds!r}")
+
+
+def _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale, thresholds=None):
+    """The dense ops' arguments (metadata only: no host synchronisation)."""
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+    b, hq, lq, d = q.shape
+    _, hk, lk, _ = k.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head dim")
+    _check_common(q, k, hq, hk, d, scale, thresholds)
+    if min(b, lq, lk) == 0:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must not have zero-sized dims")
+    _check_plan(samples, ref_ranges, ref_groups, b, q.device, "B")
+    if key_bias is not None:
+        if key_bias.dtype != torch.float32 or tuple(key_bias.shape) != (b, lk):
+            raise ValueError(f"key_bias must be None or a (B, Lk) = ({b}, {lk}) float32 tensor, "
+                             f"got {key_bias.dtype} {tuple(key_bias.shape)}")
+        if key_bias.device != q.device:
+            raise ValueError(f"key_bias is on {key_bias.device} but q is on {q.device}")
+
+
+def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, samples, ref_ranges, ref_groups,
+                  scale, thresholds=None):
+    """The varlen ops' arguments (metadata only: the cu_seqlens values are never read on the host)."""
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, H, D) like flash_attn_varlen_func, got shape {tuple(t.shape)}")
+    _, hq, d = q.shape
+    _, hk, dk = k.shape
+    if dk != d:
+        raise ValueError(f"q and k head dims differ: {d} vs {dk}")
+    _check_common(q, k, hq, hk, d, scale, thresholds)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be an int32 tensor of shape (N + 1,) with N >= 1, "
+                             f"got {cu.dtype} {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+                         "must describe the same number of sequences")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    _check_plan(samples, ref_ranges, ref_groups, cu_seqlens_q.shape[0] - 1, q.device, "N")
 
 
 def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
@@ -393,95 +478,116 @@ def _sm_count(device: torch.device) -> int:
 def _key_splits(lk: int, programs: int, device: torch.device) -> int:
     """How many key chunks stage 1 splits each row tile's keys into (see `_row_lse_kernel`)."""
     if interpreting():  # small test sizes: up to 3 chunks of 16 keys, so the combine path is exercised
-        return min(3, triton.cdiv(lk, 16))
+        return max(1, min(3, triton.cdiv(lk, 16)))
     # Aim at two programs per SM, with chunks of at least 1024 keys so each program streams a while.
     return max(1, min(triton.cdiv(2 * _sm_count(device), programs), triton.cdiv(lk, 1024)))
 
 
-def _combine_splits(lse_part: torch.Tensor) -> torch.Tensor:
-    """(B, Hq, M, S) partial log2-sum-exp2 -> (B, Hq, M): ``log2 Σ_s 2^part_s``, -inf if every part is
-    -inf or any part is NaN (a row dropped for a non-finite logit: no mass either way)."""
-    dropped = torch.isnan(lse_part).any(dim=-1)
-    lse_part = torch.where(torch.isnan(lse_part), torch.full_like(lse_part, float("-inf")), lse_part)
-    top = lse_part.amax(dim=-1, keepdim=True)
-    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # all-masked rows: no inf - inf
-    lse = (top + torch.log2(torch.exp2(lse_part - top).sum(dim=-1, keepdim=True)))[..., 0]
-    return torch.where(dropped, torch.full_like(lse, float("-inf")), lse).contiguous()
+def _group_quantiles(rhat: torch.Tensor, key_group: torch.Tensor, use: torch.Tensor, num: int,
+                     taus: tuple[float, ...]) -> list[torch.Tensor]:
+    """torch.quantile's linear rule per group, on packed keys: ``rhat``, ``key_group`` (global group id,
+    -1 outside R) and ``use`` (key counted) are flat; returns one ``(num,)`` float32 tensor per tau.
+
+    A segmented sort (by r̂, then stably by group) instead of a ``(groups, Lk)`` padded one, so a packed
+    batch is never padded to its longest sequence. Device ops only: no host synchronisation.
+    """
+    n_keys = rhat.numel()
+    key = torch.where(use, key_group.long(), torch.full_like(key_group, num, dtype=torch.long))
+    values = torch.where(use, rhat, torch.full_like(rhat, float("inf")))
+    by_value = torch.sort(values, stable=True).indices
+    by_group = torch.sort(key[by_value], stable=True).indices
+    ordered = values[by_value][by_group]
+    counts = torch.zeros(num + 1, dtype=torch.long, device=rhat.device).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num]
+    starts = torch.cumsum(counts, 0) - counts
+    out = []
+    for tau in taus:
+        pos = tau * (counts - 1).clamp(min=0).to(rhat.dtype)  # as dar.scoring.group_quantile computes it
+        lo, hi = pos.floor(), pos.ceil()
+        v_lo = ordered[(starts + lo.long()).clamp(max=n_keys - 1)]
+        v_hi = ordered[(starts + hi.long()).clamp(max=n_keys - 1)]
+        out.append(torch.lerp(v_lo, v_hi, pos - lo).contiguous())
+    return out
 
 
-def _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale) -> torch.Tensor:
-    """Stages 1 and 2: r (B, Lk) float32."""
-    b, hq, lq, d = q.shape
-    hk, lk = k.shape[1], k.shape[2]
+def _run(q, k, cu_q, cu_k, lq: int, lk: int, strides_q, strides_k, samples, ref_ranges, ref_groups,
+         num_groups: int, key_bias, is_causal: bool, scale: float, weights, varlen: bool):
+    """Stages 1-3. ``strides_*`` = (batch, head, row, dim) element strides (batch 0 when packed);
+    ``weights`` = None (stages 1-2 only) or ``(gamma, tau_high, tau_low, thresholds)``. Returns
+    ``(r, w)`` flat over the keys ((B * Lk,) or (total_k,)), w None without ``weights``."""
+    nb = samples.shape[0]
+    hq, hk, d = q.shape[1], k.shape[1], q.shape[-1]  # (B, H, L, D) or (total, H, D)
     group, m, r = hq // hk, samples.shape[1], ref_ranges.shape[1]
+    g = max(int(num_groups), 1)
+    n_keys = k.shape[0] if varlen else nb * lk
+    dev = q.device
+    samples, ref_ranges, ref_groups = samples.contiguous(), ref_ranges.contiguous(), ref_groups.contiguous()
     upcast, precision = _dot_mode(q.dtype)
     has_bias = key_bias is not None
-    bias = _key_bias_rows(key_bias, q.device)
+    bias = _key_bias_rows(key_bias, dev)
+    cu_q = cu_q if varlen else samples  # dummies when dense: never read
+    cu_k = cu_k if varlen else samples
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_BIAS=has_bias,
-                  IS_CAUSAL=bool(is_causal), UPCAST=upcast, DOT_PRECISION=precision)
+                  IS_CAUSAL=bool(is_causal), VARLEN=varlen, UPCAST=upcast, DOT_PRECISION=precision)
     qk_scale = float(scale) * LOG2E
-    splits = _key_splits(lk, triton.cdiv(group * m, 64) * b * hk, q.device)
-    lse_part = torch.empty((b, hq, m, splits), dtype=torch.float32, device=q.device)
-    grid1 = lambda meta: (triton.cdiv(group * m, meta["BLOCK_M"]), b * hk, splits)
-    _row_lse_kernel[grid1](q, k, samples, bias, lse_part, *q.stride(), *k.stride(), samples.stride(0),
+    mass = torch.empty(n_keys, dtype=torch.float32, device=dev)
+    if lk == 0 or m == 0 or lq == 0:  # nothing to score (empty packed batch, or no sample anywhere)
+        mass.zero_()
+        return mass, (None if weights is None else torch.ones_like(mass))
+    splits = _key_splits(lk, triton.cdiv(group * m, 64) * nb * hk, dev)
+    lse_part = torch.empty((nb, hq, m, splits), dtype=torch.float32, device=dev)
+    grid1 = lambda meta: (triton.cdiv(group * m, meta["BLOCK_M"]), nb * hk, splits)  # noqa: E731
+    _row_lse_kernel[grid1](q, k, cu_q, cu_k, samples, bias, lse_part, *strides_q, *strides_k, samples.stride(0),
                            bias.stride(0), hk, lq, lk, m, splits, qk_scale, _pow2_bucket(lk, 1 << 16), **common)
-    lse = _combine_splits(lse_part)
-    mass = torch.empty((b, lk), dtype=torch.float32, device=q.device)
-    grid2 = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b)
-    _key_mass_kernel[grid2](q, k, samples, bias, lse, ref_ranges, ref_groups, mass, *q.stride(), *k.stride(),
-                            samples.stride(0), bias.stride(0), ref_ranges.stride(0), ref_ranges.stride(1),
-                            ref_groups.stride(0), hk, lq, lk, m, r, qk_scale, _pow2_bucket(group * m, 1024),
-                            **common)
-    return mass
-
-
-def _group_members(ref_ranges, ref_groups, key_bias, is_causal, lq, lk, num_groups) -> torch.Tensor:
-    """(B, G, Lk) bool: key k belongs to group g and is in R (the quantile path only; G is a handful)."""
-    keys = torch.arange(lk, device=ref_ranges.device, dtype=torch.int32)
-    inside = (keys >= ref_ranges[..., 0:1]) & (keys < ref_ranges[..., 1:2])  # (B, R, Lk)
-    gids = torch.arange(num_groups, device=ref_ranges.device, dtype=torch.int32)
-    member = (inside[:, None] & (ref_groups[:, None, :, None] == gids[None, :, None, None])).any(dim=2)
-    if key_bias is not None:
-        member = member & (key_bias != float("-inf"))[:, None, :]
-    if is_causal:
-        member = member & (keys < lq)
-    return member
-
-
-def _weights(mass, ref_ranges, ref_groups, num_groups, key_bias, is_causal, lq, gamma, tau_high, tau_low,
-             thresholds) -> torch.Tensor:
-    """Stage 3: w (B, Lk) float32 from the mass."""
-    b, lk = mass.shape
-    g, r = max(int(num_groups), 1), ref_ranges.shape[1]
-    has_bias = key_bias is not None
-    bias = _key_bias_rows(key_bias, mass.device)
-    block = 64 if interpreting() else 1024
-    geometry = (bias.stride(0), ref_ranges.stride(0), ref_ranges.stride(1), ref_groups.stride(0), lq, lk, r, g)
-    quantile = thresholds == "quantile"
-    t_hi = t_lo = mass  # unused by "minmax"
+    quantile = weights is not None and weights[3] == "quantile"
+    stats = torch.full((nb, g, 2), float("-inf"), dtype=torch.float32, device=dev)
+    key_group = torch.empty(n_keys if quantile else 1, dtype=torch.int32, device=dev)
+    grid2 = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), nb)  # noqa: E731
+    _key_mass_kernel[grid2](q, k, cu_q, cu_k, samples, bias, lse_part, ref_ranges, ref_groups, mass, key_group,
+                            stats, *strides_q, *strides_k, samples.stride(0), bias.stride(0), ref_ranges.stride(0),
+                            ref_ranges.stride(1), ref_groups.stride(0), hk, lq, lk, m, r, g, splits, qk_scale,
+                            _pow2_bucket(group * m, 1024), WRITE_GROUPS=quantile,
+                            SPLITS_P2=triton.next_power_of_2(splits), **common)
+    if weights is None:
+        return mass, None
+    gamma, tau_high, tau_low, _ = weights
+    t_hi = t_lo = stats  # unused by "minmax"
     if quantile:
-        lo = torch.empty((b, g), dtype=torch.float32, device=mass.device)
-        hi = torch.empty_like(lo)
-        _group_span_kernel[(b, g)](mass, bias, ref_ranges, ref_groups, lo, hi, *geometry,
-                                   HAS_BIAS=has_bias, IS_CAUSAL=bool(is_causal), BLOCK=block)
+        hi, lo = stats[..., 0].reshape(-1), -stats[..., 1].reshape(-1)
         span = hi - lo
         ok = span > DEGENERATE_SPAN
+        kg = key_group.long().clamp(min=0)
+        use = (key_group >= 0) & ok[kg]
         # The same float32 r̂ the kernel computes (x - lo) / span, so thresholds match it bit for bit.
-        rhat = (mass[:, None, :] - lo[..., None]) / torch.where(ok, span, torch.ones_like(span))[..., None]
-        use = _group_members(ref_ranges, ref_groups, key_bias, is_causal, lq, lk, g) & ok[..., None]
-        t_hi = group_quantile(rhat, use, tau_high).contiguous()
-        t_lo = group_quantile(rhat, use, tau_low).contiguous()
-    w = torch.ones((b, lk), dtype=torch.float32, device=mass.device)
-    _group_weights_kernel[(b, g)](mass, bias, ref_ranges, ref_groups, t_hi, t_lo, w, *geometry,
-                                  float(gamma), float(tau_high), float(tau_low), DEGENERATE_SPAN,
-                                  HAS_BIAS=has_bias, IS_CAUSAL=bool(is_causal), QUANTILE=quantile, BLOCK=block)
-    return w
+        rhat = (mass - lo[kg]) / torch.where(ok, span, torch.ones_like(span))[kg]
+        t_hi, t_lo = _group_quantiles(rhat, key_group, use, nb * g, (float(tau_high), float(tau_low)))
+    w = torch.empty_like(mass)
+    block = 64 if interpreting() else 1024
+    _weights_kernel[(triton.cdiv(lk, block), nb)](
+        mass, cu_q, cu_k, bias, ref_ranges, ref_groups, stats, t_hi, t_lo, w,
+        bias.stride(0), ref_ranges.stride(0), ref_ranges.stride(1), ref_groups.stride(0), lq, lk, r, g,
+        float(torch.tensor(1.0 + gamma, dtype=torch.float32)), float(torch.tensor(1.0 - gamma, dtype=torch.float32)),
+        float(tau_high), float(tau_low), DEGENERATE_SPAN,
+        HAS_BIAS=has_bias, IS_CAUSAL=bool(is_causal), VARLEN=varlen, QUANTILE=quantile, BLOCK=block)
+    return mass, w
 
 
-def _plan_contiguous(samples, ref_ranges, ref_groups):
-    # The plan tensors are tiny and already contiguous; the kernels assume unit inner strides.
-    return samples.contiguous(), ref_ranges.contiguous(), ref_groups.contiguous()
+def _dense(q, k, samples, ref_ranges, ref_groups, num_groups, key_bias, is_causal, scale, weights):
+    b, lk = q.shape[0], k.shape[2]
+    mass, w = _run(q, k, None, None, q.shape[2], lk, q.stride(), k.stride(), samples, ref_ranges, ref_groups,
+                   num_groups, key_bias, is_causal, scale, weights, varlen=False)
+    return mass.view(b, lk), (None if w is None else w.view(b, lk))
 
+
+def _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, samples, ref_ranges, ref_groups,
+            num_groups, causal, scale, weights):
+    strides_q = (0, q.stride(1), q.stride(0), q.stride(2))
+    strides_k = (0, k.stride(1), k.stride(0), k.stride(2))
+    return _run(q, k, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), strides_q, strides_k,
+                samples, ref_ranges, ref_groups, num_groups, None, causal, scale, weights, varlen=True)
+
+
+# ------------------------------- dense ops ------------------------------------------------------
 
 @torch.library.custom_op("dar::sampled_attention_mass", mutates_args=())
 def sampled_attention_mass(q: torch.Tensor, k: torch.Tensor, samples: torch.Tensor, ref_ranges: torch.Tensor,
@@ -492,8 +598,8 @@ def sampled_attention_mass(q: torch.Tensor, k: torch.Tensor, samples: torch.Tens
     Arguments as for `key_weights`. Forward only (no autograd formula is registered).
     """
     _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale)
-    samples, ref_ranges, ref_groups = _plan_contiguous(samples, ref_ranges, ref_groups)
-    return _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale)
+    return _dense(q, k, samples, ref_ranges, ref_groups, max(ref_ranges.shape[1], 1), key_bias, is_causal, scale,
+                  None)[0]
 
 
 @sampled_attention_mass.register_fake
@@ -509,11 +615,8 @@ def key_statistics(q, k, samples, ref_ranges, ref_groups, num_groups: int, key_b
     A plain function, not an op: for inspection (the recorder) and tests, which want the mass too.
     """
     _check_inputs(q, k, samples, ref_ranges, ref_groups, key_bias, scale, thresholds)
-    samples, ref_ranges, ref_groups = _plan_contiguous(samples, ref_ranges, ref_groups)
-    mass = _mass(q, k, samples, ref_ranges, ref_groups, key_bias, is_causal, scale)
-    w = _weights(mass, ref_ranges, ref_groups, num_groups, key_bias, is_causal, q.shape[2], gamma, tau_high,
-                 tau_low, thresholds)
-    return mass, w
+    return _dense(q, k, samples, ref_ranges, ref_groups, num_groups, key_bias, is_causal, scale,
+                  (gamma, tau_high, tau_low, thresholds))
 
 
 @torch.library.custom_op("dar::key_weights", mutates_args=())
@@ -526,8 +629,8 @@ def key_weights(q: torch.Tensor, k: torch.Tensor, samples: torch.Tensor, ref_ran
     samples (B, M) int32 sampled query indices (-1 = padding); ref_ranges (B, R, 2) int32 half-open
     key ranges ((0, 0) = padding); ref_groups (B, R) int32 group of each range (-1 = padding) with
     ``num_groups`` groups -- the `dar.plan.PlanTensors` fields. key_bias: None or (B, Lk) float32
-    additive per-key bias, -inf = padded key (not in R). is_causal: top-left causal mask. The rest
-    are the `DARConfig` fields of the same names. Keys outside R, and rows with no samples or no
+    additive per-key bias, -inf = padded key (not in R). is_causal: SDPA's top-left causal mask. The
+    rest are the `DARConfig` fields of the same names. Keys outside R, and rows with no samples or no
     ranges, get weight 1.
     """
     return key_statistics(q, k, samples, ref_ranges, ref_groups, num_groups, key_bias, is_causal, scale, gamma,
@@ -541,12 +644,70 @@ def _(q, k, samples, ref_ranges, ref_groups, num_groups, key_bias, is_causal, sc
     return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
 
 
-def _no_gradient(ctx, grad_w):
-    # w is piecewise constant in q and k (thresholds of r̂): its gradient is zero almost everywhere.
-    return (None,) * 13
+# ------------------------------- varlen ops -----------------------------------------------------
+
+def key_statistics_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, samples,
+                          ref_ranges, ref_groups, num_groups: int, causal: bool, scale: float, gamma: float,
+                          tau_high: float, tau_low: float, thresholds: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, w)``, both (total_k,) float32, from one run (arguments as for `key_weights_varlen`).
+
+    A plain function, not an op: for inspection (the recorder) and tests, which want the mass too.
+    """
+    _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, samples, ref_ranges, ref_groups,
+                  scale, thresholds)
+    return _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, samples, ref_ranges, ref_groups,
+                   num_groups, causal, scale, (gamma, tau_high, tau_low, thresholds))
 
 
-key_weights.register_autograd(_no_gradient)
+@torch.library.custom_op("dar::key_weights_varlen", mutates_args=())
+def key_weights_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                       max_seqlen_q: int, max_seqlen_k: int, samples: torch.Tensor, ref_ranges: torch.Tensor,
+                       ref_groups: torch.Tensor, num_groups: int, causal: bool, scale: float, gamma: float,
+                       tau_high: float, tau_low: float, thresholds: str) -> torch.Tensor:
+    """DAR key weights of packed (varlen) sequences: ``w (total_k,)`` float32, aligned with ``k``'s rows.
+
+    Exactly `key_weights` applied to each sequence on its own (docs/semantics.md steps 3-6), in one
+    launch per stage over all sequences: no padding to the longest sequence, no per-sequence loop, no
+    host synchronisation (the ``cu_seqlens`` values are read on the device only).
+
+    q (total_q, Hq, D), k (total_k, Hk, D): fp16/bf16/fp32, any strides, Hq % Hk == 0, as
+    ``flash_attn_varlen_func`` takes them. cu_seqlens_q / cu_seqlens_k: int32 (N + 1,) cumulative
+    sequence lengths; sequence n owns query rows ``[cu_seqlens_q[n], cu_seqlens_q[n + 1])`` and key rows
+    ``[cu_seqlens_k[n], cu_seqlens_k[n + 1])``. max_seqlen_q / max_seqlen_k: upper bounds on the
+    sequence lengths (they size the grids; a larger bound only launches idle programs).
+    samples (N, M) int32: each sequence's sampled query indices, relative to its first query row
+    (-1 = padding; an index past the sequence's length is ignored). ref_ranges (N, R, 2) int32:
+    half-open reference key ranges relative to the sequence's first key row ((0, 0) = padding; keys past
+    the sequence's length are outside R). ref_groups (N, R) int32: group of each range (-1 = padding),
+    ``num_groups`` groups per sequence. These are the `dar.plan.PlanTensors` fields of a plan made with
+    ``Lq = max_seqlen_q``, ``Lk = max_seqlen_k``. causal: flash-attn's bottom-right rule, query i of a
+    sequence with Lq_n queries and Lk_n keys sees key j iff ``j <= i + Lk_n - Lq_n``; keys no query
+    sees are outside R. The rest are the `DARConfig` fields of the same names. Keys outside R, and
+    sequences with no samples or no ranges, get weight 1. There is no mask argument (flash-attn's
+    varlen call has none). Forward only; the gradient with respect to q and k is zero.
+    """
+    return key_statistics_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, samples, ref_ranges,
+                                 ref_groups, num_groups, causal, scale, gamma, tau_high, tau_low, thresholds)[1]
 
 
-__all__ = ["key_weights", "key_statistics", "sampled_attention_mass", "interpreting", "THRESHOLDS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+@key_weights_varlen.register_fake
+def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, samples, ref_ranges, ref_groups, num_groups,
+      causal, scale, gamma, tau_high, tau_low, thresholds):
+    _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, samples, ref_ranges, ref_groups,
+                  scale, thresholds)
+    return q.new_empty((k.shape[0],), dtype=torch.float32)
+
+
+def _no_gradient(n):
+    def backward(ctx, grad_w):
+        # w is piecewise constant in q and k (thresholds of r̂): its gradient is zero almost everywhere.
+        return (None,) * n
+    return backward
+
+
+key_weights.register_autograd(_no_gradient(13))
+key_weights_varlen.register_autograd(_no_gradient(16))
+
+
+__all__ = ["key_weights", "key_weights_varlen", "key_statistics", "key_statistics_varlen", "sampled_attention_mass",
+           "interpreting", "THRESHOLDS", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
