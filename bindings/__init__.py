@@ -26,6 +26,10 @@ def _binding_for(target, verb: str):
     inner = getattr(target, "_orig_mod", target)  # a torch.compile'd model routes like the model inside
     if tf is not None and isinstance(inner, tf.PreTrainedModel):
         return importlib.import_module("dar.bindings.transformers")
+    from . import omnigen2  # OmniGen2 uses the diffusers binding's machinery but none of diffusers' own code
+
+    if omnigen2.is_transformer(target) or omnigen2.is_pipeline(target):
+        return importlib.import_module("dar.bindings.diffusers")
     # Everything else is the diffusers binding's: without diffusers nothing could have been enabled through it,
     # so both enable and disable say what to install rather than fail later or silently do nothing.
     require("diffusers", "diffusers", f"dar.{verb} on {type(target).__name__}")

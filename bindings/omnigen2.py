@@ -36,6 +36,12 @@ def is_transformer(model) -> bool:
     return any(cls.__name__ == CLASS_NAME for cls in type(model).__mro__)
 
 
+def is_pipeline(target) -> bool:
+    """True for a pipeline (an object with a ``components`` dict) whose ``transformer`` is OmniGen2's."""
+    components = getattr(target, "components", None)
+    return isinstance(components, dict) and is_transformer(components.get("transformer"))
+
+
 def _grid(img, p: int, where: str) -> tuple[int, int]:
     if not isinstance(img, torch.Tensor) or img.dim() != 3:
         raise ValueError(f"{where} must be a (C, H, W) latent tensor, got "

@@ -193,3 +193,17 @@ def test_sequences_are_isolated(backend):
                                              causal=causal, backend=backend, return_weights=True)
         assert torch.equal(w[6:], w1)
         torch.testing.assert_close(out[6:], alone, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_change_the_result(backend):
+    # BAGEL calls attention under torch.autocast(bfloat16): the statistics stay float32 all the same.
+    lens = [6, 7]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(13, 4, 8, generator=g).bfloat16() for _ in range(3))
+    lays = [dar.TokenLayout(ref=[(0, 3)], gen=[(3, 6)]), dar.TokenLayout(ref=[(0, 4)], gen=[(4, 7)])]
+    args = (q, k[:, :2], v[:, :2], cu(lens), cu(lens), 7, 7, lays, dar.DARConfig(gamma=0.5, num_samples=3))
+    plain = dar.dar_attention_varlen(*args, backend=backend, return_weights=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = dar.dar_attention_varlen(*args, backend=backend, return_weights=True)
+    assert torch.equal(plain[0], cast[0]) and torch.equal(plain[1], cast[1])

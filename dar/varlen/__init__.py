@@ -75,6 +75,12 @@ def _weights(impl, call: VarlenCall, head_group) -> torch.Tensor:
     return impl.key_weights(call) if head_group is None else _torch.key_weights(call, head_group)
 
 
+def _no_autocast(q: torch.Tensor):
+    """Run with autocast off: models such as BAGEL call attention inside ``torch.autocast``, which would
+    otherwise recast the float32 scoring matmuls to half precision and change the statistics."""
+    return torch.autocast(device_type=q.device.type, enabled=False)
+
+
 def compute_key_weights_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, layouts,
                                cfg=None, softmax_scale: float | None = None, causal: bool = False, *,
@@ -90,7 +96,8 @@ def compute_key_weights_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: t
     impl = _select(backend, call)
     if not call.plan.active:
         return torch.ones(k.shape[0], dtype=torch.float32, device=q.device)
-    return _weights(impl, call, head_group)
+    with _no_autocast(q):
+        return _weights(impl, call, head_group)
 
 
 def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -132,8 +139,9 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     call = make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
                             softmax_scale, causal)
     impl = _select(backend, call)
-    w = _weights(impl, call, head_group) if call.plan.active else None
-    out = impl.attention(call, w)
+    with _no_autocast(q):
+        w = _weights(impl, call, head_group) if call.plan.active else None
+        out = impl.attention(call, w)
     if return_weights:
         if w is None:
             w = torch.ones(k.shape[0], dtype=torch.float32, device=q.device)
