@@ -120,8 +120,7 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
             iff ``j <= i + Lk_n - Lq_n`` (SDPA's top-left rule when ``Lq_n == Lk_n``).
         backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``"auto"`` (triton on CUDA when it
             supports the inputs, else torch; never the reference). ``"triton"`` runs the packed
-            attention kernel; its key weights come from the torch scoring until the packed scoring
-            kernel lands (`dar.varlen.triton`).
+            scoring and attention kernels (`dar.varlen.triton`).
         return_weights: also return the key weights.
         head_group: a ``torch.distributed`` process group over which the heads are split (this rank
             holds a contiguous slice of the query heads with their KV heads, every token); the

@@ -1,12 +1,9 @@
-"""The varlen triton path: the packed rebalanced-attention kernel (``dar::rebalanced_attention_varlen``).
+"""The varlen triton path: the packed scoring kernel (``dar::key_weights_varlen``) and the packed
+rebalanced-attention kernel (``dar::rebalanced_attention_varlen``).
 
-The kernel takes ``cu_seqlens`` directly (one launch over every sequence, no padding to the longest,
-no host synchronisation) with the plan's per-sequence ``gen_ranges`` and the ``(total_k,)`` weights.
-
-Key weights: the packed scoring kernel is not in this build yet, so ``key_weights`` runs the varlen
-torch scoring (`dar.varlen.torch_backend.key_weights`: sampled queries only, ``m x Lk`` per
-sequence, no loop, no host synchronisation). It computes the same weights; it is slower than a fused
-kernel would be. docs/models.md and `dar.varlen` say so.
+Both take ``cu_seqlens`` directly (one launch per stage over every sequence, no padding to the
+longest, no host synchronisation) with the plan's per-sequence tensors (sampled queries, reference
+ranges and groups, rebalanced query ranges, all relative to each sequence's start).
 """
 
 from __future__ import annotations
@@ -19,13 +16,11 @@ except ImportError as exc:
     raise ImportError(f"the triton varlen path needs the `triton` package ({exc})") from exc
 
 from ..kernels import attention as _attention
-from . import torch_backend
+from ..kernels.scoring import key_weights_varlen as _key_weights_kernel
 from .call import VarlenCall
 
 # Sequences x query heads is the grid's second axis, which CUDA caps at 65535.
 _MAX_GRID_Y = 65535
-
-SCORING = "torch"  # which implementation computes the key weights on this path (see the module docstring)
 
 
 def unsupported(call: VarlenCall) -> str | None:
@@ -50,7 +45,12 @@ def unsupported(call: VarlenCall) -> str | None:
 
 
 def key_weights(call: VarlenCall) -> torch.Tensor:
-    return torch_backend.key_weights(call)
+    pt = call.plan.tensors(call.q.device)
+    cfg = call.cfg
+    with torch.no_grad():  # w is piecewise constant in q and k: outside autograd, as in every backend
+        return _key_weights_kernel(call.q, call.k, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q,
+                                   call.max_seqlen_k, pt.samples, pt.ref_ranges, pt.ref_groups, call.plan.num_groups,
+                                   call.causal, call.scale, cfg.gamma, cfg.tau_high, cfg.tau_low, cfg.thresholds)
 
 
 def attention(call: VarlenCall, weights: torch.Tensor | None) -> torch.Tensor:
