@@ -104,6 +104,42 @@ class DarImpl(Impl):
 
 
 @dataclasses.dataclass(frozen=True)
+class DarVarlenImpl(DarImpl):
+    """DAR through the packed API (`dar.dar_attention_varlen`) on the same tokens: each batch row is one
+    packed sequence. Against the dense row of the same backend it measures the varlen path's cost per token."""
+
+    def _check_supported(self, q, k, v, layout, cfg) -> None:
+        self.prepare()
+        from dar.varlen import triton_unavailable
+
+        why = triton_unavailable() if self.backend == "triton" else None
+        if why is not None:
+            raise Unavailable(why)
+
+    def build(self, q, k, v, layout, cfg):
+        cfg = self.config(cfg)
+        self._check_supported(q, k, v, layout, cfg)
+        b, _, lq, _ = q.shape
+        lk = k.shape[2]
+        # Packing copies once, outside the timed call: (B, H, L, D) -> (B * L, H, D).
+        qp, kp, vp = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous() for t in (q, k, v))
+        cu_q = torch.arange(b + 1, device=q.device, dtype=torch.int32) * lq
+        cu_k = torch.arange(b + 1, device=q.device, dtype=torch.int32) * lk
+        lays = [layout] * b if not isinstance(layout, (list, tuple)) else list(layout)
+        backend = self.backend
+
+        def run():
+            out, w = dar.dar_attention_varlen(qp, kp, vp, cu_q, cu_k, lq, lk, lays, cfg, backend=backend,
+                                              return_weights=True)
+            return out.view(b, lq, *out.shape[1:]).transpose(1, 2), w.view(b, lk)
+
+        return run
+
+    def outputs(self, q, k, v, layout, cfg):
+        return self.build(q, k, v, layout, cfg)()
+
+
+@dataclasses.dataclass(frozen=True)
 class SdpaImpl(Impl):
     sdp_backend: str = "MATH"  # a member name of torch.nn.attention.SDPBackend
     devices: tuple[str, ...] = ("cuda", "cpu")
@@ -228,12 +264,17 @@ IMPLS: dict[str, Impl] = {
         EagerImpl("eager", "eager", "plain attention, materialised softmax in eager PyTorch"),
         DarImpl("dar-weights", "dar-part", "DAR key weights alone (compute_key_weights, backend='torch')",
                 backend="torch", weights_only=True),
+        DarVarlenImpl("dar-varlen-triton", "dar", "DAR, packed Triton kernels (dar_attention_varlen, backend='triton')",
+                      backend="triton"),
+        DarVarlenImpl("dar-varlen-torch", "dar", "DAR, packed torch path (dar_attention_varlen, backend='torch')",
+                      backend="torch"),
     )
 }
 
 
 # Run only when named with --impl (the scoring part on its own is a breakdown, not an alternative).
-OPT_IN = ("dar-weights",)
+# The varlen rows repeat their dense counterparts on the same tokens (for the packed path's cost per token).
+OPT_IN = ("dar-weights", "dar-varlen-triton", "dar-varlen-torch")
 
 
 def resolve(names: list[str] | None) -> list[Impl]:

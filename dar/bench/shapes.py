@@ -2,7 +2,9 @@
 
 Every shape is self-attention over one joint sequence laid out as ``[text, generated image,
 reference image 1, ..., reference image n]`` (the order Qwen-Image-Edit and FLUX.2 use: text first,
-then the noise latents with the reference latents appended), so ``Lq == Lk``.
+then the noise latents with the reference latents appended) or, with ``refs_first``, as ``[text,
+references, generated image]`` (OmniGen2, BAGEL), so ``Lq == Lk``. The ``dar-varlen-*``
+implementations run the same tokens through the packed API, one sequence per batch row.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Shape:
     gen: int  # generated-image tokens after the text
     refs: tuple[int, ...]  # tokens of each reference image, after the generated image
     note: str = ""
+    refs_first: bool = False  # [text, references, generated image] (OmniGen2, BAGEL) instead
 
     @property
     def seq(self) -> int:
@@ -54,14 +57,15 @@ class Shape:
         return 4 * self.batch * self.heads_q * self.seq * self.seq * self.head_dim
 
     def layout(self) -> TokenLayout:
-        start = self.text + self.gen
+        start = self.text if self.refs_first else self.text + self.gen
+        gen_start = self.text + sum(self.refs) if self.refs_first else self.text
         ref = []
         for n in self.refs:
             ref.append((start, start + n))
             start += n
         side = [int(round(n ** 0.5)) for n in self.refs]
         shapes = [(s, s) for s in side] if all(s * s == n for s, n in zip(side, self.refs)) else None
-        return TokenLayout(ref=ref, gen=[(self.text, self.text + self.gen)], image_shapes=shapes)
+        return TokenLayout(ref=ref, gen=[(gen_start, gen_start + self.gen)], image_shapes=shapes)
 
     def describe(self) -> dict:
         lay = self.layout()
@@ -70,6 +74,7 @@ class Shape:
             "heads_kv": self.heads_kv, "head_dim": self.head_dim, "dtype": self.dtype, "seq": self.seq,
             "text": self.text, "gen": self.gen, "refs": list(self.refs), "flops": self.flops,
             "layout": {"ref": [list(r) for r in lay.ref], "gen": [list(g) for g in lay.gen]}, "note": self.note,
+            "refs_first": self.refs_first,
         }
 
 
@@ -87,6 +92,25 @@ def flux2(num_refs: int) -> Shape:
     return Shape(f"flux2-{num_refs}ref", "flux2", batch=1, heads_q=48, heads_kv=48, head_dim=128, dtype="bf16",
                  text=512, gen=IMAGE_1024, refs=(IMAGE_1024,) * num_refs,
                  note=f"FLUX.2 joint attention, 1024^2 output + {num_refs} reference(s)")
+
+
+def omnigen2(num_refs: int) -> Shape:
+    # OmniGen2: hidden 2520, 21 query heads, 7 KV heads -> head dim 120; its main layers attend over
+    # [text, references, target]; a 1024^2 image is (1024/8/2)^2 = 4096 tokens; CFG passes are separate
+    # transformer calls (batch 1). ~256 text tokens from its Qwen2.5-VL encoder.
+    return Shape(f"omnigen2-{num_refs}ref", "omnigen2", batch=1, heads_q=21, heads_kv=7, head_dim=120, dtype="bf16",
+                 text=256, gen=IMAGE_1024, refs=(IMAGE_1024,) * num_refs, refs_first=True,
+                 note=f"OmniGen2 joint attention (D=120, GQA 21/7), 1024^2 output + {num_refs} reference(s)")
+
+
+def bagel_packed(num_refs: int) -> Shape:
+    # BAGEL-like packed batch: Qwen2-7B attention (28 query heads, 4 KV heads, D = 128); 4 sequences, each
+    # [prompt, per reference its VAE tokens (1024^2 / 16^2 = 4096) and ViT tokens (980^2 / 14^2 = 4900),
+    # generated image 4096]. Self-attention over the whole sequence (BAGEL's denoising call has only the
+    # generated tokens as queries; the harness times Lq == Lk). Run with dar-varlen-* to time it packed.
+    return Shape(f"bagel-{num_refs}ref-x4", "bagel", batch=4, heads_q=28, heads_kv=4, head_dim=128, dtype="bf16",
+                 text=64, gen=IMAGE_1024, refs=(IMAGE_1024, 70 * 70) * num_refs, refs_first=True,
+                 note=f"BAGEL-like packed batch of 4 sequences with {num_refs} reference(s) (VAE + ViT tokens)")
 
 
 def sweep_shape(seq: int, head_dim: int, dtype: str, gqa: bool, family: str = "sweep", heads: int = 16,
@@ -109,6 +133,8 @@ def _build_presets() -> dict[str, list[Shape]]:
     presets = {
         "qwen-edit": [qwen_image_edit(n) for n in (1, 2, 3)],
         "flux2": [flux2(n) for n in (1, 2, 3, 4)],
+        "omnigen2": [omnigen2(n) for n in (1, 2, 3)],
+        "bagel": [bagel_packed(n) for n in (1, 2)],
         "sweep": [sweep_shape(L, d, dt, g) for d in (64, 128) for dt in ("fp16", "bf16") for g in (False, True)
                   for L in SWEEP_LENGTHS],
         # Tiny CPU shapes for the smoke run (the triton backend runs under Triton's interpreter
@@ -129,7 +155,7 @@ def _build_presets() -> dict[str, list[Shape]]:
               gen=n, refs=(n,) * 3, note="issue 14's CPU shape: text 128, generated image, 3 references")
         for n in (1024, 2048)
     ]
-    presets["models"] = presets["qwen-edit"] + presets["flux2"]
+    presets["models"] = presets["qwen-edit"] + presets["flux2"] + presets["omnigen2"] + presets["bagel"]
     presets["all"] = presets["models"] + presets["sweep"]
     return presets
 
