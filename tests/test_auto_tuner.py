@@ -127,11 +127,22 @@ def test_single_candidate_is_not_timed():
     assert t.choose(_call()).name == "torch" and not timer.runs
 
 
-def test_real_measurement_interleaves_and_reports_medians():
+class _Broken(backends.Backend):
+    name = "broken"
+
+    def key_weights(self, call):
+        raise AssertionError("a compile error of some library")
+
+    def attention(self, call, weights):
+        raise AssertionError("unreachable")
+
+
+def test_real_measurement_reports_medians_and_rules_out_failures():
     call = _call()
-    times, excluded = tuner.measure({"torch": get_backend("torch"), "torch:math": get_backend("torch:math")},
-                                    call, reps=2)
-    assert set(times) == {"torch", "torch:math"} and all(t > 0 for t in times.values()) and not excluded
+    times, excluded = tuner.measure({"torch": get_backend("torch"), "torch:math": get_backend("torch:math"),
+                                     "broken": _Broken()}, call, reps=2)
+    assert set(times) == {"torch", "torch:math"} and all(t > 0 for t in times.values())
+    assert excluded == {"broken": "AssertionError: a compile error of some library"}
 
 
 def test_backend_argument_and_environment_override_the_tuner(monkeypatch):

@@ -113,21 +113,30 @@ def measure(backends: dict, call: DARCall, reps: int) -> tuple[dict[str, float],
     times: dict[str, list[float]] = {}
     excluded: dict[str, str] = {}
     dev = call.q.device
+
+    def exclude(name, exc):
+        text = str(exc).strip()
+        excluded[name] = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:200]
+        times.pop(name, None)
+
     with torch.no_grad():
         for name, backend in backends.items():
             try:
                 run(backend)
                 _sync(dev)
                 times[name] = []
-            except (RuntimeError, ValueError, NotImplementedError) as exc:
-                excluded[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200]
+            except Exception as exc:  # any failure (no kernel, compile error, OOM) rules a candidate out
+                exclude(name, exc)
         for _ in range(reps):
             for name in list(times):
-                _sync(dev)
-                t0 = time.perf_counter()
-                run(backends[name])
-                _sync(dev)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                try:
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    run(backends[name])
+                    _sync(dev)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                except Exception as exc:
+                    exclude(name, exc)
     return {n: statistics.median(t) for n, t in times.items()}, excluded
 
 
