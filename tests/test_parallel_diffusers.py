@@ -19,6 +19,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import dar
 from dar import TokenLayout
@@ -130,6 +131,18 @@ def enable_cp(model, **degrees):
         model.enable_parallelism(config=ContextParallelConfig(**degrees))
 
 
+TP_CONFIG = getattr(diffusers.models._modeling_parallel, "TensorParallelConfig", None)  # diffusers >= 0.37
+
+
+def enable_tp(model, degree: int):
+    # diffusers' tensor parallelism names the devices it supports (not the CPU) and checks the mesh's
+    # device type; its sharding itself is torch's DTensor parallelize_module, which runs on gloo.
+    from diffusers.hooks import tensor_parallel
+
+    with _cpu_device_pick(), mock.patch.object(tensor_parallel, "_SUPPORTED_TP_DEVICES", ("cpu",)):
+        model.enable_parallelism(config=TP_CONFIG(tp_degree=degree))
+
+
 def _forward(case, **overrides):
     with torch.no_grad():
         return case.model(**{**case.kwargs, **overrides})[0]
@@ -162,7 +175,12 @@ def _check_family(family: str, degrees: dict, cfg) -> None:
     assert not handle.enabled
     # DAR changes this forward: the comparison below can tell a rebalanced forward from a plain one.
     assert (want - plain).abs().max() > 1e-3, family
-    enable_cp(case.model, **degrees)
+    if "tp" in degrees:
+        enable_tp(case.model, degrees["tp"])
+        # diffusers' own TP forward (no DAR) is the single-process one: the sharding really runs.
+        torch.testing.assert_close(_forward(case), plain, atol=1e-10, rtol=1e-10)
+    else:
+        enable_cp(case.model, **degrees)
     seen = []
     with dar.enable(case.model, cfg) as handle:
         state = handle.states[0]
@@ -177,6 +195,11 @@ def _check_family(family: str, degrees: dict, cfg) -> None:
         with dp.count_traffic() as traffic:
             got = _forward(case)
         calls = len(handle.layer_names[0])  # every attention layer sees the joint sequence
+    if "tp" in degrees:  # every rank holds every token and a slice of the heads: one all-reduce of r per call
+        assert seen == [([(x.ref, x.gen) for x in case.layouts], bp._heads(dist.group.WORLD))], seen
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=lambda m: f"{family} {degrees}: {m}")
+        assert traffic.calls == [("all_reduce", degrees["tp"], 2 * (case.text + case.image) * 4)] * calls
+        return
     world = degrees.get("ring_degree", 1) * degrees.get("ulysses_degree", 1)
     assert seen == [([(x.ref, x.gen) for x in case.layouts], bp.Split(case.text, case.image, world))], seen
     # diffusers' ring merges the shards' outputs in float32 (ContextParallelConfig.convert_to_fp32, default
@@ -200,10 +223,11 @@ def _worker(rank: int, world: int, cases) -> None:
 
 def _cases(world: int):
     per_image = CFG.replace(normalize="per_image", mode="prob_scale", thresholds="quantile", sampling="strided")
+    tp = [(f, {"tp": world}, CFG if world == 2 else per_image) for f in FAMILIES] if TP_CONFIG is not None else []
     if world == 2:
         return [(f, {"ulysses_degree": 2}, CFG) for f in FAMILIES] + [(f, {"ring_degree": 2}, CFG) for f in FAMILIES] + [
-            ("qwenimage", {"ring_degree": 2}, per_image), ("qwenimage", {"ulysses_degree": 2}, per_image)]
-    cases = [("qwenimage", {"ring_degree": 4}, CFG), ("flux2", {"ulysses_degree": 4}, per_image)]
+            ("qwenimage", {"ring_degree": 2}, per_image), ("qwenimage", {"ulysses_degree": 2}, per_image)] + tp
+    cases = [("qwenimage", {"ring_degree": 4}, CFG), ("flux2", {"ulysses_degree": 4}, per_image)] + tp
     if UNIFIED:
         cases += [("qwenimage", {"ring_degree": 2, "ulysses_degree": 2}, CFG),
                   ("flux_kontext", {"ring_degree": 2, "ulysses_degree": 2}, per_image)]
@@ -237,13 +261,6 @@ def test_uneven_splits_are_refused():
         pytest.skip(f"diffusers {diffusers.__version__} has no ring_anything / ulysses_anything")
     _refused(_qwen(), ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2, ring_anything=True)),
              "ring_anything=True")
-
-
-def test_tensor_parallelism_is_refused():
-    tp = getattr(diffusers.models._modeling_parallel, "TensorParallelConfig", None)
-    if tp is None:
-        pytest.skip(f"diffusers {diffusers.__version__} has no TensorParallelConfig")
-    _refused(_qwen(), ParallelConfig(tensor_parallel_config=tp(tp_degree=2)), "tensor parallelism")
 
 
 def test_families_without_a_known_split_are_refused():

@@ -146,12 +146,18 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
     recorder = settings.recorder
     if settings.backend != "auto":
         kernel = None  # an explicit DAR backend wins over the diffusers one
+    heads = parallel.head_group(active.split)  # tensor parallelism: this rank holds a slice of the heads
+    if heads is not None:
+        kernel = None  # the split call runs on the DAR backend's attention
+        if recorder is not None:
+            raise ValueError("dar: recorder= is not supported under tensor parallelism (each rank holds a slice of "
+                             "the heads a Recorder stores); record on one device")
     if recorder is None:
-        return dar_attention(q, k, v, layouts, settings.config, attn_mask, scale,
-                             is_causal=bool(is_causal), backend=settings.backend, attention_fn=kernel)
+        return dar_attention(q, k, v, layouts, settings.config, attn_mask, scale, is_causal=bool(is_causal),
+                             backend=settings.backend, attention_fn=kernel, head_group=heads)
     out, w = dar_attention(q, k, v, layouts, settings.config, attn_mask, scale,
                            is_causal=bool(is_causal), backend=settings.backend, return_weights=True,
-                           attention_fn=kernel)
+                           attention_fn=kernel, head_group=heads)
     now = state.now
     layout = layouts if isinstance(layouts, TokenLayout) else list(layouts)
     recorder.observe(layer=frame.index, layer_name=frame.name, step=now.step, timestep=now.timestep,
@@ -164,7 +170,7 @@ def _rebalance(active, frame, q, k, v, attn_mask, dropout_p, is_causal, scale, e
 def _context_parallel_length(active, frame, q, k) -> int | None:
     """The joint sequence's length when this call holds its pieces under context parallelism, else None."""
     split = active.split
-    if split is None:
+    if not isinstance(split, parallel.Split):
         raise ValueError("dar: an attention call carries a context-parallel config but its model's forward was not "
                          "seen under context parallelism (the processors were called outside the model's forward)")
     if q.shape[2] != split.local or k.shape[2] != split.local:

@@ -16,6 +16,9 @@ A rebalanced call goes through the very same diffusers entry point
 - for each K/V shard of the ring it runs `dar.ring_attention` with that shard's weights and returns
   ``(out, lse)`` to diffusers' merge; with Ulysses alone it runs the backend's rebalanced attention.
 
+Under tensor parallelism (diffusers >= 0.37) the processors hold a slice of the heads and every token;
+each rebalanced call then runs `dar.dar_attention(..., head_group=<TP group>)` (`HeadSplit`).
+
 diffusers' ring visits the shards in the order ``rank, rank + 1, ...`` of its all-gathered buffer; the
 op checks each shard's address against that order and raises if diffusers ever visits them otherwise.
 """
@@ -57,14 +60,26 @@ class Split:
         return tuple(s for s in segs if s[0] < s[1])
 
 
-def cp_config(model):
-    """The model's ContextParallelConfig when context parallelism is applied to it, else None."""
-    pc = getattr(model, "_parallel_config", None)
-    return getattr(pc, "context_parallel_config", None)
+@dataclasses.dataclass(frozen=True)
+class HeadSplit:
+    """Tensor parallelism: every attention call of the forward holds a slice of the heads over ``group``."""
+
+    group: object
 
 
-def forward_split(model, kw: dict, family: str) -> Split | None:
-    """How a forward's joint sequence is split across CP ranks; None without context parallelism.
+@functools.lru_cache(maxsize=16)
+def _heads(group) -> HeadSplit:
+    return HeadSplit(group)  # one object per group: stable keys for the per-forward cache
+
+
+def head_group(split):
+    """The head group of a forward under tensor parallelism, else None."""
+    return split.group if isinstance(split, HeadSplit) else None
+
+
+def forward_split(model, kw: dict, family: str) -> Split | HeadSplit | None:
+    """How a forward's joint sequence is split across CP ranks (a `Split`), or its heads across TP
+    ranks (a `HeadSplit`); None without parallelism.
 
     Raises ValueError (naming the reason) for a parallel configuration DAR cannot serve.
     """
@@ -72,11 +87,11 @@ def forward_split(model, kw: dict, family: str) -> Split | None:
     if pc is None:
         return None
     name = type(model).__name__
-    if getattr(pc, "tensor_parallel_config", None) is not None:
-        raise ValueError(f"dar: {name} runs with diffusers tensor parallelism (TensorParallelConfig); DAR is "
-                         f"not wired to it (its processors see a slice of the heads with no process group) and "
-                         f"would compute per-rank weights. Use context parallelism (ContextParallelConfig) or "
-                         f"dar.dar_attention(..., head_group=<your TP group>)")
+    tp = getattr(pc, "tensor_parallel_config", None)
+    if tp is not None:
+        # Each rank's processors attend with a contiguous slice of the heads (column-sharded Q/K/V)
+        # and every token: DAR's head_group case, over the TP mesh.
+        return _heads(tp._mesh.get_group())
     cp = pc.context_parallel_config
     if cp is None:
         return None
