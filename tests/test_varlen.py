@@ -207,3 +207,14 @@ def test_autocast_does_not_change_the_result(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = dar.dar_attention_varlen(*args, backend=backend, return_weights=True)
     assert torch.equal(plain[0], cast[0]) and torch.equal(plain[1], cast[1])
+
+
+def test_torch_path_compiles_fullgraph():
+    lays = [dar.TokenLayout(ref=[(0, 3)], gen=[(3, 6)]), dar.TokenLayout(ref=[(0, 2)], gen=[(2, 5)])]
+    cfg, cq = dar.DARConfig(gamma=0.5, num_samples=3), cu([6, 5])
+    q, k, v = torch.randn(11, 4, 8), torch.randn(11, 2, 8), torch.randn(11, 2, 8)
+
+    def f(q, k, v):
+        return dar.dar_attention_varlen(q, k, v, cq, cq, 6, 6, lays, cfg, backend="torch")
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v), rtol=1e-5, atol=1e-5)
