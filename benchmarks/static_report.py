@@ -128,6 +128,65 @@ attention_variant("attn-key_scale-d256", "key_scale, D 256, L 16384", weights=Tr
                   baseline=None)
 
 
+# ------------------------------------------------------------------------------------------------
+# Scoring variants (kernels/scoring.py): the same Qwen-Image-Edit shape (bf16, D 128, B 2, 24 heads,
+# 3 references, L 16584), 64 sampled queries, the sm_90 autotune tables' first tiles.
+# ------------------------------------------------------------------------------------------------
+
+SCORING_STAGE1 = (64, 128, 4, 3)  # BLOCK_M, BLOCK_N, num_warps, num_stages (ROW_LSE["sm90"][128][0])
+SCORING_STAGE2 = (64, 128, 8, 3)  # KEY_MASS["sm90"][128][0]
+
+
+def scoring_arguments(*, hq=24, hk=24, d=128, batch=2, lk=L_QWEN3, samples=64, refs=3, splits=2,
+                      thresholds="minmax", dtype="bfloat16"):
+    """Meta tensors for one dense ``key_weights`` call, through `scoring.kernel_arguments`."""
+    import torch
+
+    from dar.kernels import scoring
+
+    dt, meta = getattr(torch, dtype), dict(device="meta")
+    q = torch.empty(batch, lk, hq, d, dtype=dt, **meta).transpose(1, 2)
+    k = torch.empty(batch, lk, hk, d, dtype=dt, **meta).transpose(1, 2)
+    i32, f32 = dict(dtype=torch.int32, **meta), dict(dtype=torch.float32, **meta)
+    smp, rr, rg = torch.empty(batch, samples, **i32), torch.empty(batch, refs, 2, **i32), torch.empty(batch, refs, **i32)
+    buffers = dict(lse_part=torch.empty(batch, hq, samples, splits, **f32), mass=torch.empty(batch * lk, **f32),
+                   key_group=torch.empty(1, **i32), stats=torch.empty(batch, 1, 2, **f32),
+                   t_hi=torch.empty(batch, **f32), t_lo=torch.empty(batch, **f32), w=torch.empty(batch * lk, **f32))
+    return scoring.kernel_arguments(q, k, None, None, lk, lk, q.stride(), k.stride(), smp, rr, rg, 1, None, False,
+                                    1 / math.sqrt(d), False, splits, buffers, (0.15, 0.7, 0.3, thresholds))
+
+
+def scoring_variant(name, description, stage, *, config=None, **call):
+    bm, bn, warps, stages = config or (SCORING_STAGE1 if stage == 1 else SCORING_STAGE2 if stage == 2
+                                       else (0, 0, 4, 1))
+
+    def build(arch):
+        from dar.kernels import scoring
+
+        args, const = scoring_arguments(**call)[stage - 1]
+        fn = (scoring._row_lse_kernel, scoring._key_mass_kernel, scoring._weights_kernel)[stage - 1]
+        fn = fn.fn if hasattr(fn, "configs") else fn  # the autotuned stages: their JIT function
+        if stage < 3:
+            const = dict(const, BLOCK_M=bm, BLOCK_N=bn)
+        return fn, args, const
+
+    keys = bn if stage < 3 else scoring_keys_per_program()
+    return register(Variant(name, description, build, warps, stages, keys, None))
+
+
+def scoring_keys_per_program() -> int:
+    from dar.kernels import scoring
+
+    return scoring.WEIGHTS_BLOCK
+
+
+scoring_variant("score-1-row_lse", "scoring stage 1 (row log-sum-exp, one key split), 64 samples x 24 heads", 1)
+scoring_variant("score-2-key_mass", "scoring stage 2 (key mass over 24 KV heads, lse combine, group span)", 2)
+scoring_variant("score-2-key_mass-gqa", "scoring stage 2, GQA 24/8 heads (3 x 64 packed rows per KV head)", 2,
+                hk=8)
+scoring_variant("score-3-weights", "scoring stage 3 (normalise + thresholds, 1024 keys per program; no MMA)", 3)
+
+
 def _yardstick_build(arch):
     import torch
     from triton.tools.tensor_descriptor import TensorDescriptor

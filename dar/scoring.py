@@ -68,19 +68,14 @@ def mass_of_rows(qs: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, v
         qc = qs[:, h0 * g:h1 * g].to(acc).reshape(b, h1 - h0, g * m, d)
         logits = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(scale)
         logits = logits.reshape(b, (h1 - h0) * g, m, lk)
-        # Non-finite inputs (docs/semantics.md): a (head, sampled row) with a non-finite logit on an
+        # Non-finite inputs (docs/semantics.md): a (head, sampled row) with a NaN or +inf logit on an
         # allowed key contributes no mass; logits of keys that are not allowed (-inf bias) are ignored.
-        keep = torch.isfinite(logits)
         if bias is not None:
             bias_c = (bias if bias.shape[1] == 1 else bias[:, h0 * g:h1 * g]).to(acc)
             allowed = bias_c != float("-inf")
-            logits = logits + bias_c
-            keep = torch.isfinite(logits)
-            clean = (keep | ~allowed).all(dim=-1, keepdim=True)
-            keep = keep & allowed
-        else:
-            clean = keep.all(dim=-1, keepdim=True)
-        logits = torch.where(keep, logits, torch.full_like(logits, float("-inf")))
+            logits = torch.where(allowed, logits + bias_c, torch.full_like(logits, float("-inf")))
+        clean = ~(torch.isnan(logits) | (logits == float("inf"))).any(dim=-1, keepdim=True)
+        logits = torch.where(clean, logits, torch.full_like(logits, float("-inf")))
         # A row with no allowed key has all -inf logits; give it zero mass instead of NaN.
         row_max = logits.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))

@@ -120,10 +120,10 @@ def _load_keys(K_head, start_n, lk_b, stride_kl, stride_kd,
 def _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
                     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``(s, bad)``: (BLOCK_M, BLOCK_N) logits of the sampled rows against the key tile at ``start_n``, in
-    log2 units, -inf where a key is not allowed (out of range, masked by a -inf key bias, or past the
-    causal diagonal ``j <= i + diag``) or the logit is not finite; and (BLOCK_M,) whether a row has a
-    non-finite logit on an allowed key (it then contributes no mass: docs/semantics.md)."""
+    """(BLOCK_M, BLOCK_N) logits of the sampled rows against the key tile at ``start_n``, in log2 units;
+    -inf where a key is not allowed (out of range, masked by a -inf key bias, or past the causal diagonal
+    ``j <= i + diag``) or the row is not ``valid``. A NaN or +inf logit of an allowed key stays: stage 1
+    sees it as a NaN sum (docs/semantics.md, "Non-finite inputs")."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bit patterns (triton #11584)
         q = q.to(tl.float32)
@@ -137,9 +137,7 @@ def _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
         s = s + bias[None, :] * 1.4426950408889634
     if IS_CAUSAL:
         allowed = allowed & (offs_n[None, :] <= qi[:, None] + diag)
-    finite = tl.abs(s) < float("inf")  # False for NaN and +-inf
-    bad = tl.max((allowed & ~finite).to(tl.int32), 1) > 0
-    return tl.where(allowed & finite, s, float("-inf")), bad
+    return tl.where(allowed, s, float("-inf"))
 
 
 @triton.jit
@@ -219,20 +217,20 @@ def _row_lse_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart,
         end = tl.minimum(end, tl.max(tl.where(valid, qi, -1), 0) + diag + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    bad_i = tl.zeros([BLOCK_M], tl.int1)
     for start_n in range(begin, end, BLOCK_N):
         kt = _load_keys(K_head, start_n, lk_b, stride_kl, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D)
-        s, bad = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
-                                 BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
-        bad_i = bad_i | bad
+        s = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
+                            BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; shift by 0 there so that
         # exp2(-inf - -inf) = NaN never appears (its terms are exp2(-inf) = 0).
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), 1)
         m_i = m_new
+    # A NaN or +inf logit on an allowed key makes l NaN (exp2(NaN) or exp2(inf - inf)), whether max()
+    # propagates NaN (the interpreter) or ignores it (GPU fmax): that row is dropped, marked NaN.
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    lse = tl.where(bad_i, float("nan"), lse)
+    lse = tl.where(l_i != l_i, float("nan"), lse)
     rows = start_r + tl.arange(0, BLOCK_M)
     # LsePart is (B, Hq, M, SPLITS) contiguous: KV head hk's packed rows are one contiguous run.
     row_base = (b.to(tl.int64) * H_KV + hk) * (GROUP * M)
@@ -260,7 +258,7 @@ def _key_mass_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart, RefRanges, RefGr
     ``KeyGroup[k] = b * G + g`` (-1 outside R) when WRITE_GROUPS (the quantile path)."""
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1)
-    q_off, lq_b, _ = _sequence(b, CuQ, Lq, stride_qb, stride_ql, VARLEN)
+    q_off, lq_b, _q_first = _sequence(b, CuQ, Lq, stride_qb, stride_ql, VARLEN)
     k_off, lk_b, first = _sequence(b, CuK, Lk, stride_kb, stride_kl, VARLEN)
     if VARLEN:
         diag = lk_b - lq_b
@@ -289,8 +287,10 @@ def _key_mass_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart, RefRanges, RefGr
             rows = start_r + tl.arange(0, BLOCK_M)
             lse = _combined_lse(LsePart + (b.to(tl.int64) * H_KV + hk) * (GROUP * M * SPLITS), rows, valid,
                                 SPLITS, SPLITS_P2)
-            s, _ = _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
-                                   BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
+            # Rows without mass (lse = +inf: dropped, padding, nothing allowed) are masked out whole, so
+            # a dropped row's NaN / +inf logits never reach exp2.
+            s = _sampled_logits(q, qi, valid & (lse < float("inf")), kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
+                                BLOCK_N, HAS_BIAS, IS_CAUSAL, UPCAST, DOT_PRECISION)
             mass += tl.sum(tl.exp2(s - lse[:, None]), 0)
         mass = tl.where(in_ref, mass, 0.0)
         in_seq = offs_n < lk_b
@@ -510,49 +510,90 @@ def _group_quantiles(rhat: torch.Tensor, key_group: torch.Tensor, use: torch.Ten
     return out
 
 
+def kernel_arguments(q, k, cu_q, cu_k, lq: int, lk: int, strides_q, strides_k, samples, ref_ranges, ref_groups,
+                     num_groups: int, key_bias, is_causal: bool, scale: float, varlen: bool, splits: int,
+                     buffers: dict, weights=None) -> list[tuple[dict, dict]]:
+    """Runtime arguments and constexprs (all but the tuned BLOCK_M / BLOCK_N) of the three stages, in
+    order; shared by the ops and ``benchmarks/static_report.py``, which passes ``meta`` tensors.
+
+    ``buffers``: ``lse_part`` (B, Hq, M, splits), ``mass`` and ``key_group`` (flat keys), ``stats``
+    (B, G, 2), ``t_hi`` / ``t_lo`` (B * G,) and ``w`` (flat keys). ``weights``: None or ``(gamma,
+    tau_high, tau_low, thresholds)``; stage 3's entry is None without it.
+    """
+    nb = samples.shape[0]
+    hq, hk, d = q.shape[1], k.shape[1], q.shape[-1]  # (B, H, L, D) or (total, H, D)
+    group, m, r = hq // hk, samples.shape[1], ref_ranges.shape[1]
+    g = max(int(num_groups), 1)
+    upcast, precision = _dot_mode(q.dtype)
+    has_bias = key_bias is not None
+    bias = _key_bias_rows(key_bias, q.device)
+    cu_q = cu_q if varlen else samples  # dummies when dense: never read
+    cu_k = cu_k if varlen else samples
+    quantile = weights is not None and weights[3] == "quantile"
+    names = ("stride_qb", "stride_qh", "stride_ql", "stride_qd", "stride_kb", "stride_kh", "stride_kl", "stride_kd")
+    common_args = dict(Q=q, K=k, CuQ=cu_q, CuK=cu_k, Samples=samples, KeyBias=bias,
+                       **dict(zip(names, (*strides_q, *strides_k))), stride_sb=samples.stride(0),
+                       stride_biasb=bias.stride(0), H_KV=hk, Lq=lq, Lk=lk, M=m, SPLITS=splits,
+                       qk_scale=float(scale) * LOG2E)
+    common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_BIAS=has_bias,
+                  IS_CAUSAL=bool(is_causal), VARLEN=varlen, UPCAST=upcast, DOT_PRECISION=precision)
+    stage1 = (dict(common_args, LsePart=buffers["lse_part"], LK_BUCKET=_pow2_bucket(lk, 1 << 16)), common)
+    stage2 = (dict(common_args, LsePart=buffers["lse_part"], RefRanges=ref_ranges, RefGroups=ref_groups,
+                   Mass=buffers["mass"], KeyGroup=buffers["key_group"], Stats=buffers["stats"],
+                   stride_rb=ref_ranges.stride(0), stride_rr=ref_ranges.stride(1), stride_gb=ref_groups.stride(0),
+                   R=r, G=g, ROWS_BUCKET=_pow2_bucket(group * m, 1024)),
+              dict(common, WRITE_GROUPS=quantile, SPLITS_P2=triton.next_power_of_2(splits)))
+    stage3 = None
+    if weights is not None:
+        gamma, tau_high, tau_low, _ = weights
+        # float32(1 +- gamma) rounded once from the double, as docs/semantics.md says.
+        boost, damp = (float(torch.tensor(1.0 + gamma, dtype=torch.float32)),
+                       float(torch.tensor(1.0 - gamma, dtype=torch.float32)))
+        stage3 = (dict(Mass=buffers["mass"], CuQ=cu_q, CuK=cu_k, KeyBias=bias, RefRanges=ref_ranges,
+                       RefGroups=ref_groups, Stats=buffers["stats"], ThreshHi=buffers["t_hi"],
+                       ThreshLo=buffers["t_lo"], W=buffers["w"], stride_biasb=bias.stride(0),
+                       stride_rb=ref_ranges.stride(0), stride_rr=ref_ranges.stride(1), stride_gb=ref_groups.stride(0),
+                       Lq=lq, Lk=lk, R=r, G=g, boost=boost, damp=damp, tau_high=float(tau_high),
+                       tau_low=float(tau_low), degenerate_span=DEGENERATE_SPAN),
+                  dict(HAS_BIAS=has_bias, IS_CAUSAL=bool(is_causal), VARLEN=varlen, QUANTILE=quantile,
+                       BLOCK=WEIGHTS_BLOCK if not interpreting() else 64))
+    return [stage1, stage2, stage3]
+
+
+# Stage 3's key tile: it does a few flops per key, so one wide tile per program.
+WEIGHTS_BLOCK = 1024
+
+
 def _run(q, k, cu_q, cu_k, lq: int, lk: int, strides_q, strides_k, samples, ref_ranges, ref_groups,
          num_groups: int, key_bias, is_causal: bool, scale: float, weights, varlen: bool):
     """Stages 1-3. ``strides_*`` = (batch, head, row, dim) element strides (batch 0 when packed);
     ``weights`` = None (stages 1-2 only) or ``(gamma, tau_high, tau_low, thresholds)``. Returns
     ``(r, w)`` flat over the keys ((B * Lk,) or (total_k,)), w None without ``weights``."""
     nb = samples.shape[0]
-    hq, hk, d = q.shape[1], k.shape[1], q.shape[-1]  # (B, H, L, D) or (total, H, D)
-    group, m, r = hq // hk, samples.shape[1], ref_ranges.shape[1]
+    hq, hk = q.shape[1], k.shape[1]
+    group, m = hq // hk, samples.shape[1]
     g = max(int(num_groups), 1)
     n_keys = k.shape[0] if varlen else nb * lk
     dev = q.device
     samples, ref_ranges, ref_groups = samples.contiguous(), ref_ranges.contiguous(), ref_groups.contiguous()
-    upcast, precision = _dot_mode(q.dtype)
-    has_bias = key_bias is not None
-    bias = _key_bias_rows(key_bias, dev)
-    cu_q = cu_q if varlen else samples  # dummies when dense: never read
-    cu_k = cu_k if varlen else samples
-    common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_BIAS=has_bias,
-                  IS_CAUSAL=bool(is_causal), VARLEN=varlen, UPCAST=upcast, DOT_PRECISION=precision)
-    qk_scale = float(scale) * LOG2E
     mass = torch.empty(n_keys, dtype=torch.float32, device=dev)
     if lk == 0 or m == 0 or lq == 0:  # nothing to score (empty packed batch, or no sample anywhere)
         mass.zero_()
         return mass, (None if weights is None else torch.ones_like(mass))
     splits = _key_splits(lk, triton.cdiv(group * m, 64) * nb * hk, dev)
-    lse_part = torch.empty((nb, hq, m, splits), dtype=torch.float32, device=dev)
-    grid1 = lambda meta: (triton.cdiv(group * m, meta["BLOCK_M"]), nb * hk, splits)  # noqa: E731
-    _row_lse_kernel[grid1](q, k, cu_q, cu_k, samples, bias, lse_part, *strides_q, *strides_k, samples.stride(0),
-                           bias.stride(0), hk, lq, lk, m, splits, qk_scale, _pow2_bucket(lk, 1 << 16), **common)
     quantile = weights is not None and weights[3] == "quantile"
     stats = torch.full((nb, g, 2), float("-inf"), dtype=torch.float32, device=dev)
-    key_group = torch.empty(n_keys if quantile else 1, dtype=torch.int32, device=dev)
-    grid2 = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), nb)  # noqa: E731
-    _key_mass_kernel[grid2](q, k, cu_q, cu_k, samples, bias, lse_part, ref_ranges, ref_groups, mass, key_group,
-                            stats, *strides_q, *strides_k, samples.stride(0), bias.stride(0), ref_ranges.stride(0),
-                            ref_ranges.stride(1), ref_groups.stride(0), hk, lq, lk, m, r, g, splits, qk_scale,
-                            _pow2_bucket(group * m, 1024), WRITE_GROUPS=quantile,
-                            SPLITS_P2=triton.next_power_of_2(splits), **common)
+    buffers = dict(lse_part=torch.empty((nb, hq, m, splits), dtype=torch.float32, device=dev), mass=mass,
+                   key_group=torch.empty(n_keys if quantile else 1, dtype=torch.int32, device=dev), stats=stats,
+                   t_hi=stats, t_lo=stats, w=torch.empty_like(mass))  # thresholds: "quantile" only, set below
+    s1, s2, s3 = kernel_arguments(q, k, cu_q, cu_k, lq, lk, strides_q, strides_k, samples, ref_ranges, ref_groups,
+                                  num_groups, key_bias, is_causal, scale, varlen, splits, buffers, weights)
+    _row_lse_kernel[lambda meta: (triton.cdiv(group * m, meta["BLOCK_M"]), nb * hk, splits)](**s1[0], **s1[1])
+    _key_mass_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), nb)](**s2[0], **s2[1])
     if weights is None:
         return mass, None
-    gamma, tau_high, tau_low, _ = weights
-    t_hi = t_lo = stats  # unused by "minmax"
     if quantile:
+        key_group = buffers["key_group"]
         hi, lo = stats[..., 0].reshape(-1), -stats[..., 1].reshape(-1)
         span = hi - lo
         ok = span > DEGENERATE_SPAN
@@ -560,16 +601,10 @@ def _run(q, k, cu_q, cu_k, lq: int, lk: int, strides_q, strides_k, samples, ref_
         use = (key_group >= 0) & ok[kg]
         # The same float32 r̂ the kernel computes (x - lo) / span, so thresholds match it bit for bit.
         rhat = (mass - lo[kg]) / torch.where(ok, span, torch.ones_like(span))[kg]
-        t_hi, t_lo = _group_quantiles(rhat, key_group, use, nb * g, (float(tau_high), float(tau_low)))
-    w = torch.empty_like(mass)
-    block = 64 if interpreting() else 1024
-    _weights_kernel[(triton.cdiv(lk, block), nb)](
-        mass, cu_q, cu_k, bias, ref_ranges, ref_groups, stats, t_hi, t_lo, w,
-        bias.stride(0), ref_ranges.stride(0), ref_ranges.stride(1), ref_groups.stride(0), lq, lk, r, g,
-        float(torch.tensor(1.0 + gamma, dtype=torch.float32)), float(torch.tensor(1.0 - gamma, dtype=torch.float32)),
-        float(tau_high), float(tau_low), DEGENERATE_SPAN,
-        HAS_BIAS=has_bias, IS_CAUSAL=bool(is_causal), VARLEN=varlen, QUANTILE=quantile, BLOCK=block)
-    return mass, w
+        s3[0]["ThreshHi"], s3[0]["ThreshLo"] = _group_quantiles(rhat, key_group, use, nb * g,
+                                                                (float(weights[1]), float(weights[2])))
+    _weights_kernel[(triton.cdiv(lk, s3[1]["BLOCK"]), nb)](**s3[0], **s3[1])
+    return mass, buffers["w"]
 
 
 def _dense(q, k, samples, ref_ranges, ref_groups, num_groups, key_bias, is_causal, scale, weights):

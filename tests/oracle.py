@@ -100,8 +100,9 @@ def dar_float64(q, k, v, layouts, cfg, attn_mask=None, scale=None, is_causal=Fal
         if P and R and cfg.gamma > 0:
             S = [P[p] for p in sample(len(P), cfg.num_samples, cfg.sampling, cfg.seed)]
             ls, ok = logits[:, S, :], pair_ok[:, S, :]
-            # A (head, sampled row) with a non-finite logit on an allowed key contributes nothing.
-            clean = (np.isfinite(ls) | ~ok).all(axis=-1, keepdims=True)
+            # A (head, sampled row) with a NaN or +inf logit on an allowed key contributes nothing
+            # (-inf is a zero probability).
+            clean = ~((np.isnan(ls) | (ls == np.inf)) & ok).any(axis=-1, keepdims=True)
             r = np.where(clean, _softmax(np.where(ok, ls, -np.inf)), 0.0).sum(axis=(0, 1))
             if cfg.normalize == "joint":
                 groups = [R]

@@ -75,11 +75,14 @@ def _row_weights(call: DARCall, b: int) -> torch.Tensor:
     if not samples or not lay.ref:
         return w
     # Steps 3-4: attention of the sampled queries, summed over heads and samples. A (head, row) with a
-    # non-finite logit on an allowed key contributes nothing; logits of other keys are ignored.
+    # NaN or +inf logit on an allowed key contributes nothing; logits of other keys are ignored.
     rows = list(samples)
     logits, ok = _logits(call, b)[:, rows, :], pair_ok[:, rows, :]  # (Hq, m, Lk)
-    clean = (torch.isfinite(logits) | ~ok).all(dim=-1, keepdim=True)
-    p = _softmax(logits.masked_fill(~ok, -math.inf), ok)
+    logits = logits.masked_fill(~ok, -math.inf)
+    # (a row whose allowed logits are all -inf has no probability to give either)
+    clean = ~(logits.isnan() | (logits == math.inf)).any(dim=-1, keepdim=True) & (logits > -math.inf).any(
+        dim=-1, keepdim=True)
+    p = _softmax(logits.masked_fill(~clean, -math.inf), ok)
     r = torch.where(clean, p, torch.zeros_like(p)).sum(dim=(0, 1)).float()
     # Step 5: groups.
     if cfg.normalize == "joint":
