@@ -27,11 +27,12 @@ packages = ["dar", *[f"dar.{p}" for p in find_packages(where="dar")], *[p for p 
 #   varlen and model bindings on 2.5.1 (Python 3.10), and everything on 2.13.0 and 2.14.1.
 # - triton: whatever torch brings. The triton backend itself needs triton >= 3.7 (dar.backends says why when older).
 # - diffusers 0.38: 0.36 and 0.37 lay out QwenImage text differently (txt_seq_lens) and fail the binding tests.
+# - openai 1.55.3: older releases pass `proxies` to httpx, which httpx 0.28 removed (every judge call fails).
 extras = {
     "test": ["pytest", "hypothesis", "pytest-benchmark"],
     "diffusers": ["diffusers>=0.38", "transformers>=5.0", "accelerate", "pillow", "matplotlib"],
     "transformers": ["transformers>=5.0"],
-    "eval": ["pyyaml", "tqdm", "matplotlib", "scipy", "openai>=1.0", "pillow"],
+    "eval": ["pyyaml", "tqdm", "matplotlib", "scipy", "openai>=1.55.3", "pillow"],
     "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.38", "transformers>=5.0"],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})

@@ -60,6 +60,7 @@ class Row:
     tests: list[str]
     why: str
     venv: dict | None = None  # for torch rows: python, pip requirements
+    also: tuple[str, ...] = ()  # requirements installed with the package (pip resolves them together)
     result: str = "not run"
     detail: str = ""
     seconds: float = 0.0
@@ -73,8 +74,12 @@ ROWS = [
     Row("transformers-newest", "transformers", "newest", TRANSFORMERS_TESTS, "newest release on the index"),
     Row("diffusers-oldest", "diffusers", "oldest", DIFFUSERS_TESTS, "oldest release setup.py declares"),
     Row("diffusers-newest", "diffusers", "newest", DIFFUSERS_TESTS, "newest release on the index"),
-    Row("transformers-4.49.0", "transformers", "4.49.0", MODEL_TESTS, "BAGEL's pinned environment"),
-    Row("transformers-4.51.3", "transformers", "4.51.3", MODEL_TESTS, "OmniGen2's pinned environment"),
+    # transformers 4.x pins huggingface_hub < 1.0, which diffusers >= 0.40 cannot import with: pip picks the
+    # newest diffusers within our range that installs beside it, as it would in those models' environments.
+    Row("transformers-4.49.0", "transformers", "4.49.0", MODEL_TESTS, "BAGEL's pinned environment",
+        also=("diffusers>=0.38",)),
+    Row("transformers-4.51.3", "transformers", "4.51.3", MODEL_TESTS, "OmniGen2's pinned environment",
+        also=("diffusers>=0.38",)),
     Row("openai-oldest", "openai", "oldest", JUDGE_TESTS, "oldest release setup.py declares"),
     Row("torch-2.13.0", "torch", "2.13.0", TORCH_TESTS, "CPU build on this disk, with the triton it pins",
         venv=dict(python=sys.executable, first=["torch==2.13.0", "triton==3.7.1"], extras="test,diffusers,transformers",
@@ -168,7 +173,7 @@ def library_row(row: Row) -> None:
         raise RuntimeError(f"no test file matches {row.tests}")
     try:
         try:
-            pip(sys.executable, f"{row.package}=={version}", "-c", str(_torch_pins()))
+            pip(sys.executable, f"{row.package}=={version}", *row.also, "-c", str(_torch_pins()))
         except RuntimeError as exc:
             # A brand-new release can require a dependency release this index does not have yet; the package
             # itself is then tested with the dependencies already installed, and the table says so.
@@ -176,6 +181,11 @@ def library_row(row: Row) -> None:
             row.resolved += " (no-deps)"
             print(f"note: {exc}; installed {row.package} {version} without its dependencies", flush=True)
         check_import(sys.executable, row.package, version)
+        for req in row.also:
+            name = Requirement(req).name
+            got = subprocess.run([sys.executable, "-c", f"import {name}; print({name}.__version__)"],
+                                 capture_output=True, text=True)
+            row.resolved += f" + {name} {got.stdout.strip() or 'not importable'}"
         ok = run_tests(sys.executable, files, row)
     finally:  # back to the pinned set for the next row
         pip(sys.executable, "-r", str(CONSTRAINTS))

@@ -237,7 +237,7 @@ def test_qwenimage21_kv_cache():
     """Inputs laid out as QwenImage21Pipeline lays them out: the vision-language sequence holds text and
     one slot per 2x2 latent tokens of each condition image; the target's slots are appended; the
     denoising loop runs step 0 with kv_cache_mode="extract" and later steps with "cached"."""
-    from diffusers.models.transformers import transformer_qwenimage21 as mod
+    mod = pytest.importorskip("diffusers.models.transformers.transformer_qwenimage21", reason="this diffusers has no Qwen-Image 2.1")
     if not hasattr(mod, "QwenImage21Transformer2DModel"):
         pytest.skip("this diffusers has no Qwen-Image 2.1")
 
@@ -276,7 +276,7 @@ def test_joyimage_edit_plus():
     """shape_list and the padded patch tensor as JoyImageEditPlusPipeline.prepare_latents builds them
     (target first, then each reference, rows padded to the longest), doubled for classifier-free
     guidance as the pipeline does."""
-    from diffusers.models.transformers import transformer_joyimage_edit_plus as mod
+    mod = pytest.importorskip("diffusers.models.transformers.transformer_joyimage_edit_plus", reason="this diffusers has no JoyImage Edit Plus")
     if not hasattr(mod, "JoyImageEditPlusTransformer3DModel"):
         pytest.skip("this diffusers has no JoyImage Edit Plus")
 
@@ -306,7 +306,7 @@ def test_joyimage_edit_plus():
 def test_flux3_references():
     """Ids from the FLUX.3 modular pipeline's own helpers: the image on l = 0, reference k on
     l = -(1 + k); text ids advance along l. Per-mode blocks attend within one kind of token."""
-    from diffusers.models.transformers import transformer_flux3 as mod
+    mod = pytest.importorskip("diffusers.models.transformers.transformer_flux3", reason="this diffusers has no FLUX.3")
     if not hasattr(mod, "Flux3Transformer2DModel"):
         pytest.skip("this diffusers has no FLUX.3")
     before = pytest.importorskip("diffusers.modular_pipelines.flux3.before_denoise")
