@@ -217,3 +217,42 @@ def _worker(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_matches_single_process(world):
     run_world(world, _worker)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ring_attention_shards_merge_to_dar_attention(mode):
+    """dar.ring_attention on 3 K/V shards, merged by log-sum-exp, is dar_attention over all keys
+    (GQA, Dv != D, per-row layouts, a key-padding mask that empties a whole shard for one batch row)."""
+    gen = torch.Generator().manual_seed(2)
+    b, hq, hk, length, d, dv = 2, 4, 2, 18, 8, 6
+    q = torch.randn(b, hq, length, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, hk, length, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hk, length, dv, generator=gen, dtype=torch.float64)
+    layouts = [TokenLayout(ref=[(10, 18)], gen=[(2, 10)]), TokenLayout(ref=[(0, 5), (12, 18)], gen=[(5, 12)])]
+    keep = torch.ones(b, length, dtype=torch.bool)
+    keep[1, 6:12] = False  # row 1 sees nothing in the middle shard
+    keep[0, 3] = False
+    cfg = DARConfig(num_samples=4, gamma=0.4, mode=mode)
+    want, w = dar.dar_attention(q, k, v, layouts, cfg, keep[:, None, None, :], return_weights=True, backend="torch")
+    bias = torch.zeros(b, length, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    rows = [lay.gen for lay in layouts]
+    parts = [dar.ring_attention(q, k[:, :, s:s + 6], v[:, :, s:s + 6], w[:, s:s + 6], rows, mode=mode,
+                                key_bias=bias[:, s:s + 6]) for s in (0, 6, 12)]
+    assert torch.isneginf(parts[1][1][1]).all() and (parts[1][0][1] == 0).all()
+    lse = torch.stack([p[1] for p in parts])  # merge: softmax over the shards' log-sum-exps
+    share = torch.softmax(lse, dim=0)[..., None]
+    got = sum(s * p[0] for s, p in zip(share, parts))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    plain, _ = dar.ring_attention(q, k, v, None, mode=mode)  # no weights: plain attention
+    torch.testing.assert_close(plain, torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
+                                                                                      v.repeat_interleave(2, 1)))
+
+
+def test_ring_attention_checks_its_arguments():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        dar.ring_attention(q, q, q, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        dar.ring_attention(q, q, q, mode="nope")
+    with pytest.raises(ValueError, match="rows range"):
+        dar.ring_attention(q, q, q, torch.ones(1, 4), [((2, 9),)])
