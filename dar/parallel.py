@@ -322,6 +322,13 @@ def _idle_rows(sp: ShardPlan, device: torch.device) -> torch.Tensor | None:
     return torch.tensor(idle, device=device) if any(idle) else None
 
 
+def plain_where_idle(w: torch.Tensor, sp: ShardPlan) -> torch.Tensor:
+    """``w`` with weight 1 on the batch rows none of whose rebalanced rows sit on this rank: backends
+    read an empty row range as "every weight is 1", so make that true."""
+    idle = _idle_rows(sp, w.device)
+    return w if idle is None else torch.where(idle[:, None], torch.ones_like(w), w)
+
+
 # -- statistics -------------------------------------------------------------------------------------
 
 def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) -> torch.Tensor:
@@ -472,11 +479,7 @@ def gathered_call(sc: ShardedCall, w: torch.Tensor | None) -> tuple[DARCall, tor
         mask = gather(km, 1)[:, None, None, :]
     if w is not None:
         w = gather(w, 1)
-        # A batch row none of whose rebalanced rows sit on this rank is plain here; backends read an
-        # empty row range as "every weight is 1", so make that true.
-        idle = _idle_rows(sc.sp, w.device)
-        if idle is not None:
-            w = torch.where(idle[:, None], torch.ones_like(w), w)
+        w = plain_where_idle(w, sc.sp)
     b, _, lq, _ = call.q.shape
     spec = MaskSpec(mask, False, b, lq, k.shape[2])
     return DARCall(call.q, k, v, call.layouts, call.cfg, spec, call.scale, sc.sp.gathered), w

@@ -212,7 +212,7 @@ class _ForwardOp:
         w = None if self.weights is None else self.weights[:, keys]
         if self.ring == 1 and not return_lse:
             # Ulysses alone: every key is here; the selected DAR backend runs the rebalanced attention.
-            w = None if w is None else _plain_where_idle(w, self.sp)
+            w = None if w is None else dp.plain_where_idle(w, self.sp)
             spec = MaskSpec(None if bias is None else bias[:, None, None, :], False, q.shape[0], blk, blk)
             call = DARCall(q, k, v, (), s.config, spec, float(scale), self.sp.keys)
             out = select_backend(s.backend, call).attention(call, w)
@@ -221,11 +221,6 @@ class _ForwardOp:
                                   key_bias=bias)
         out = out.transpose(1, 2)
         return (out, lse.transpose(1, 2)) if return_lse else out
-
-
-def _plain_where_idle(w, sp):
-    idle = dp._idle_rows(sp, w.device)
-    return w if idle is None else torch.where(idle[:, None], torch.ones_like(w), w)
 
 
 def rebalance(state, layouts, split: Split, q, k, v, attn_mask, scale, parallel_config):
