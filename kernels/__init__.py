@@ -2,7 +2,8 @@
 
 - `dar.kernels.attention`: rebalanced flash attention forward, registered as the custom op
   ``torch.ops.dar.rebalanced_attention``.
-- `dar.kernels.scoring`: sampled-query scoring -> key weights, registered as ``torch.ops.dar.key_weights``.
+- `dar.kernels.scoring`: sampled-query scoring -> key weights, registered as ``torch.ops.dar.key_weights``
+  (dense) and ``torch.ops.dar.key_weights_varlen`` (packed sequences); its tables in `scoring_autotune`.
 - `dar.kernels.autotune`: the per-GPU autotuning tables.
 - `dar.kernels.aot`: ahead-of-time compilation for a GPU that need not be present, and reading
   the resulting SASS (the static report, `dar bench static`).
