@@ -74,14 +74,27 @@ L_QWEN3 = 16584  # Qwen-Image-Edit with 3 references at 1024^2: the last key til
 
 
 def attention_call(*, lq=L_PLAIN, lk=None, hq=24, hk=24, d=128, dv=None, batch=2, weights=False,
-                   mode="key_scale", causal=False, key_bias=False, dtype="bfloat16"):
-    """Meta tensors for one ``rebalanced_attention`` call, as diffusers lays them out."""
+                   mode="key_scale", causal=False, key_bias=False, dtype="bfloat16", varlen=False):
+    """Meta tensors for one ``rebalanced_attention`` call, as diffusers lays them out, or (varlen)
+    for one ``rebalanced_attention_varlen`` call with ``batch`` packed sequences, viewed as the op
+    passes them to `kernel_arguments`."""
     import torch
 
     dt = getattr(torch, dtype)
     lk = lq if lk is None else lk
     dv = d if dv is None else dv
     meta = dict(device="meta")
+    if varlen:
+        as4 = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731  (what the varlen op does)
+        cu = torch.empty(batch + 1, dtype=torch.int32, **meta)
+        w = torch.empty(1, batch * lk, dtype=torch.float32, **meta) if weights else None
+        gen = torch.empty(batch, 1, 2, dtype=torch.int32, **meta) if weights else None
+        q = as4(torch.empty(batch * lq, hq, d, dtype=dt, **meta))
+        return dict(q=q, k=as4(torch.empty(batch * lk, hk, d, dtype=dt, **meta)),
+                    v=as4(torch.empty(batch * lk, hk, dv, dtype=dt, **meta)), w=w, gen_ranges=gen, key_bias=None,
+                    is_causal=causal, scale=1 / math.sqrt(d), mode=mode, out=as4(torch.empty(batch * lq, hq, dv,
+                                                                                            dtype=dt, **meta)),
+                    varlen=(cu, cu, lq, lk))
     q = torch.empty(batch, lq, hq, d, dtype=dt, **meta).transpose(1, 2)
     k = torch.empty(batch, lk, hk, d, dtype=dt, **meta).transpose(1, 2)
     v = torch.empty(batch, lk, hk, dv, dtype=dt, **meta).transpose(1, 2)
@@ -92,40 +105,88 @@ def attention_call(*, lq=L_PLAIN, lk=None, hq=24, hk=24, d=128, dv=None, batch=2
                 mode=mode)
 
 
-def attention_variant(name, description, *, config=ATTN_CONFIG, baseline="attn-plain", **call):
-    bm, bn, warps, stages = config
+# The attention kernel's loops in SASS order, which is program order (they run one after the
+# other): with key weights the plain, weighted and per-row main loops, then the masked tail (when
+# key tiles need masking); without, the main loop and the tail. `attention_loops` checks each
+# against its signature, so a reordering by the compiler fails loudly instead of mislabelling.
+LOOP_ORDER = {True: ("plain", "weighted", "per_row", "tail"), False: ("plain", "tail")}
+
+
+def attention_loops(loops, weights: bool) -> dict:
+    """Name the attention kernel's MMA loops (see LOOP_ORDER) and check their signatures."""
+    names = LOOP_ORDER[weights][:len(loops)]
+    named = dict(zip(names, loops))
+    if len(loops) not in (len(LOOP_ORDER[weights]) - 1, len(LOOP_ORDER[weights])):
+        raise RuntimeError(f"expected {LOOP_ORDER[weights]} loops, found {len(loops)}")
+    w_loads = lambda lp: lp.count("LDGSTS") + lp.count("LDG.")  # noqa: E731  (K/V come by TMA on sm90+)
+    if weights and "weighted" in named:
+        ok = (w_loads(named["weighted"]) > 0 and named["per_row"].count("FSEL") > named["weighted"].count("FSEL")
+              and w_loads(named["per_row"]) > 0)
+        if not ok:
+            raise RuntimeError("the weighted / per-row loops do not look like themselves: loop order changed?")
+    return named
+
+
+def attention_variant(name, description, *, config=ATTN_CONFIG, baseline="attn-plain", loop="plain", **call):
+    """Register a variant of ``_rebalanced_attention_fwd``: ``call`` as for `attention_call`,
+    ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) as in kernels/autotune.py,
+    ``loop`` which of the kernel's loops is the variant's main loop (LOOP_ORDER). The arguments come
+    from the op's own `kernel_arguments`, so the report compiles what it launches."""
+    bm, bn, warps, stages, *ws = config
+    weights = bool(call.get("weights"))
 
     def build(arch):
-        from dar.kernels import attention
+        from dar.kernels import attention, autotune
 
         c = attention_call(**call)
-        out = attention.empty_output(c["q"], c["v"].shape[3])
-        args, const = attention.kernel_arguments(**c, out=out)
-        const.update(BLOCK_M=bm, BLOCK_N=bn)
+        if "out" not in c:
+            c["out"] = attention.empty_output(c["q"], c["v"].shape[3])
+        args, const = attention.kernel_arguments(**c, capability=divmod(arch, 10))
+        const.update(BLOCK_M=bm, BLOCK_N=bn, WARP_SPECIALIZE=bool(ws and ws[0]))
         const["MASK_KEYS"] = attention.mask_keys({**args, **const})
+        autotune.set_descriptor_blocks({**args, **const})
         return attention._rebalanced_attention_fwd, args, const
 
-    return register(Variant(name, description, build, warps, stages, bn, baseline))
+    pick = lambda loops: attention_loops(loops, weights).get(loop)  # noqa: E731
+    return register(Variant(name, description, build, warps, stages, bn, baseline, pick))
 
 
 attention_variant("attn-plain", "DAR off (w = None), L 16384", baseline="yardstick")
-attention_variant("attn-key_scale", "key_scale, L 16384", weights=True)
-attention_variant("attn-prob_scale", "prob_scale, L 16384", weights=True, mode="prob_scale")
+attention_variant("attn-key_scale", "key_scale, every row of the program rebalanced, L 16384", weights=True,
+                  loop="weighted")
+attention_variant("attn-key_scale-plain_rows", "key_scale call, a program with no rebalanced row", weights=True)
+attention_variant("attn-key_scale-per_row", "key_scale, a program straddling a range edge", weights=True,
+                  loop="per_row")
+attention_variant("attn-prob_scale", "prob_scale, every row rebalanced, L 16384", weights=True, mode="prob_scale",
+                  loop="weighted")
+attention_variant("attn-prob_scale-per_row", "prob_scale, a program straddling a range edge", weights=True,
+                  mode="prob_scale", loop="per_row")
 attention_variant("attn-plain-tail", "DAR off, Qwen 3 refs L 16584 (partial last key tile)", lq=L_QWEN3,
                   baseline="attn-plain")
+attention_variant("attn-plain-tail-masked", "DAR off, L 16584: the peeled masked tail loop", lq=L_QWEN3,
+                  baseline="attn-plain", loop="tail")
 attention_variant("attn-key_scale-tail", "key_scale, Qwen 3 refs L 16584", lq=L_QWEN3, weights=True,
-                  baseline="attn-plain-tail")
+                  baseline="attn-plain-tail", loop="weighted")
 attention_variant("attn-prob_scale-tail", "prob_scale, Qwen 3 refs L 16584", lq=L_QWEN3, weights=True,
-                  mode="prob_scale", baseline="attn-plain-tail")
-attention_variant("attn-key_scale-bias", "key_scale with a key-padding bias, L 16384", weights=True, key_bias=True)
+                  mode="prob_scale", baseline="attn-plain-tail", loop="weighted")
+attention_variant("attn-key_scale-tail-masked", "key_scale, L 16584: the peeled masked tail loop", lq=L_QWEN3,
+                  weights=True, baseline="attn-plain-tail-masked", loop="tail")
+attention_variant("attn-key_scale-bias", "key_scale with a key-padding bias, L 16384", weights=True, key_bias=True,
+                  loop="weighted")
 attention_variant("attn-causal", "DAR off, causal, L 16384", causal=True)
 attention_variant("attn-key_scale-causal", "key_scale, causal, L 16384", weights=True, causal=True,
-                  baseline="attn-causal")
-attention_variant("attn-key_scale-gqa", "key_scale, GQA 24/8 heads, L 16384", weights=True, hk=8)
+                  baseline="attn-causal", loop="weighted")
+attention_variant("attn-key_scale-gqa", "key_scale, GQA 24/8 heads, L 16384", weights=True, hk=8, loop="weighted")
+attention_variant("attn-key_scale-varlen", "key_scale, packed sequences (varlen), L 16384", weights=True,
+                  varlen=True, loop="weighted")
+attention_variant("attn-plain-128x128", "DAR off, 128x128 tiles, 8 warps, 2 stages", config=(128, 128, 8, 2),
+                  baseline=None)
+attention_variant("attn-key_scale-128x128", "key_scale, 128x128 tiles, 8 warps, 2 stages", weights=True,
+                  config=(128, 128, 8, 2), baseline="attn-plain-128x128", loop="weighted")
 attention_variant("attn-key_scale-d64", "key_scale, D 64, L 16384", weights=True, d=64, config=(128, 128, 8, 3),
-                  baseline=None)
-attention_variant("attn-key_scale-d256", "key_scale, D 256, L 16384", weights=True, d=256, config=(128, 32, 8, 2),
-                  baseline=None)
+                  baseline=None, loop="weighted")
+attention_variant("attn-key_scale-d256", "key_scale, D 256, L 16384", weights=True, d=256, config=(128, 64, 8, 2),
+                  baseline=None, loop="weighted")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +286,7 @@ def compile_variant(v: Variant, arch: int) -> dict:
     row = {"variant": v.name, "description": v.description, "arch": aot.arch_name(arch),
            "num_warps": v.num_warps, "num_stages": v.num_stages, "keys_per_iteration": v.keys_per_iteration,
            **{k: a[k] for k in ("registers", "spill_stores", "spill_loads", "local_bytes", "stack_bytes",
-                                "shared_bytes", "total_instructions")},
+                                "shared_bytes", "total_instructions", "wgmma_serialized", "ptxas_notes")},
            "mma_loops": [lp.instructions for lp in loops], "loop": None}
     if main is not None:
         s = main.summary()
@@ -327,12 +388,12 @@ def markdown(report: dict) -> str:
              "instructions); *MMA*: its tensor-core instructions (HGMMA on sm_90a, UTC*MMA on sm_100+, HMMA "
              "on sm_120); *x base*: that against the variant's baseline at the same tile; the instruction "
              "columns count the main loop per iteration; registers, spills (STL) and shared memory are the "
-             "kernel's. Not a timing.", ""]
+             "kernel's; *wgmma serialised*: ptxas's C7515 note (every wgmma waited on at once). Not a timing.", ""]
     for arch in dict.fromkeys(r["arch"] for r in report["results"]):
         lines += [f"## {arch} (ptxas: {report['ptxas'].get(arch, '?')})", "",
                   "| variant | config | loop / 64 keys | x base | MMA | UTMALDG | LDGSTS | LDG | FSEL | MUFU | "
-                  "MMA loops | registers | spills | shared KiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "MMA loops | registers | spills | shared KiB | wgmma serialised |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in report["results"] if r["arch"] == arch):
             lp = r["loop"] or {}
             ratio = r.get("loop_vs_baseline", {}).get("ratio")
@@ -341,7 +402,8 @@ def markdown(report: dict) -> str:
                 f"| {r['variant']} ({r['description']}) | {cfg} | {lp.get('per_64_keys', '-')} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}x'} | {lp.get('mma', '-')} | {lp.get('utmaldg', '-')} | "
                 f"{lp.get('ldgsts', '-')} | {lp.get('ldg', '-')} | {lp.get('fsel', '-')} | {lp.get('mufu', '-')} | "
-                f"{len(r['mma_loops'])} | {r['registers']} | {r['spill_stores']} | {r['shared_bytes'] / 1024:.1f} |")
+                f"{len(r['mma_loops'])} | {r['registers']} | {r['spill_stores']} | {r['shared_bytes'] / 1024:.1f} | "
+                f"{'YES' if r['wgmma_serialized'] else 'no'} |")
         lines.append("")
     if report["errors"]:
         lines += ["## Variants that did not compile", ""]

@@ -228,14 +228,30 @@ def _run(tool: str, *args: str) -> str:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
 
 
+def ptxas_notes(kernel) -> list[str]:
+    """ptxas's performance notes on the kernel's PTX (e.g. C7515, wgmma serialised), from the ptxas
+    Triton uses for its architecture. Triton discards this log; running ptxas again on the same
+    PTX reproduces it (the cubin itself is Triton's)."""
+    arch = kernel.metadata.target.arch
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        log = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={arch_name(arch)}", src, "-o",
+                              os.path.join(tmp, "kernel.o")], capture_output=True, text=True, check=True).stderr
+    return [line.split("info    : ", 1)[-1].strip() for line in log.splitlines() if "Performance" in line]
+
+
 def analyse(kernel) -> dict:
-    """Registers, local memory and shared memory of a compiled kernel, and its MMA loops' SASS."""
+    """Registers, local memory and shared memory of a compiled kernel, its MMA loops' SASS, and
+    whether ptxas serialised its wgmma (C7515: every wgmma waited on at once)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
         usage = _run(_tool("cuobjdump"), "-res-usage", path)
         sass = _run(_tool("nvdisasm"), "-c", path)
+    notes = ptxas_notes(kernel)
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
     ops = [_opcode(i) for _, i in parse_sass(sass)[0]]
     return {
@@ -247,10 +263,12 @@ def analyse(kernel) -> dict:
         "spill_loads": sum(o.startswith("LDL") for o in ops),
         "shared_bytes": int(kernel.metadata.shared),
         "total_instructions": sum(o != "NOP" for o in ops),
+        "wgmma_serialized": any("C7515" in n or "serialized" in n for n in notes),
+        "ptxas_notes": notes,
         "loops": mma_loops(sass),
         "sass": sass,
     }
 
 
-__all__ = ["Loop", "analyse", "arch_name", "compile_for", "dtype_name", "specialise", "mma_loops", "parse_sass", "ptxas_path", "signature",
+__all__ = ["Loop", "analyse", "arch_name", "compile_for", "dtype_name", "specialise", "mma_loops", "parse_sass", "ptxas_notes", "ptxas_path", "signature",
            "tools_available"]

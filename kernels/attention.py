@@ -8,12 +8,20 @@ For query row i of head h (key/value head ``h // (Hq / Hk)``) the kernel compute
     l_ij = scale * <q_i, k_j> + bias_j             every other row (and w = None)
 
 ``bias_j`` is the key bias (``-inf`` = padded key); ``is_causal`` adds SDPA's top-left rule
-(``-inf`` for ``j > i``). A row with no allowed key outputs 0, as SDPA does.
+(``-inf`` for ``j > i``; packed sequences use flash-attn's bottom-right rule). A row with no
+allowed key outputs 0, as SDPA does.
 
 One program owns a ``BLOCK_M`` tile of query rows of one (batch, head) and streams the keys in
-``BLOCK_N`` tiles with the online softmax (running max ``m``, running sum ``l``, fp32 accumulator).
-The key weights are one ``(BLOCK_N,)`` float32 load per key tile, applied to the logits in
-registers: DAR adds no pass over K or V and no memory beyond ``w`` itself.
+``BLOCK_N`` tiles with the online softmax (running max ``m``, running sum ``l``, fp32 accumulator),
+in base 2. The host turns ``w`` into the per-key term the loop needs (``w * scale * log2 e`` for
+key_scale, ``log2 w`` for prob_scale), one ``(BLOCK_N,)`` float32 load per key tile. The program
+is specialised once, before its key loop, by what its rows are: all plain rows run the plain loop
+(the same code as plain flash attention), all rebalanced rows the weighted loop (one vector of
+per-key terms for every row), and only a program straddling the edge of a rebalanced range runs
+the loop that selects per row. Key tiles that need masking (the partial last tile, the tiles on
+the causal diagonal) are peeled off into a short masked loop after the main one, so the main loop
+carries no mask. On sm90+ K, V and Q arrive through TMA tensor descriptors (``USE_TMA``); older
+GPUs and the interpreter load through pointers.
 
 Output: ``(B, Hq, Lq, Dv)`` in q's dtype, laid out like q (see `empty_output`).
 """
@@ -36,6 +44,11 @@ MAX_HEAD_DIM = 256
 MODES = ("key_scale", "prob_scale")
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The three loops a program can run (constexpr KIND of `_attend`).
+_PLAIN = tl.constexpr(0)  # no row rebalanced (or w = None)
+_WEIGHTED = tl.constexpr(1)  # every row rebalanced: one per-key vector for the whole tile
+_PER_ROW = tl.constexpr(2)  # some rows rebalanced: select per row
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,106 +86,111 @@ def _rebalanced_rows(GEN, stride_gb, stride_gg, G, off_b, rows):
 
 
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, k_head, v_head, w_row, bias_row, m0, rows, row_on, tile_on, mixed,
-                  stop, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KEYS: tl.constexpr,
-                  IS_CAUSAL: tl.constexpr, HAS_W: tl.constexpr, PROB_SCALE: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold the key tiles ``[0, stop)`` into the online softmax state ``(acc, l_i, m_i)``.
+def _attend(acc, l_i, m_i, q, k_tile, v_tile, desc_k, desc_v, kv_b, kv_h, kv_row, wk_row, bias_row, row_on,
+            diag_rows, lo, hi, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
+            KIND: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            PROB_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, POS_SCALE: tl.constexpr,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            WARP_SPECIALIZE: tl.constexpr):
+    """Fold the key tiles ``[lo, hi)`` into the online softmax state ``(acc, l_i, m_i)``.
 
-    MASK_KEYS (causal, or Lk not a multiple of BLOCK_N): loads are predicated on ``key < Lk`` and
-    the logits of the tiles that cross ``Lk`` or the causal diagonal are masked to -inf; the
-    decision is per tile, so interior tiles skip the (BLOCK_M, BLOCK_N) select. One loop, not an
-    unmasked loop followed by a masked one: that layout cost ~40% more registers (238 vs 168 for a
-    64x64 fp16 tile at D=64 on sm80, measured with ptxas via autotune.compile_report).
+    KIND is the program's kind (_PLAIN, _WEIGHTED, _PER_ROW). MASK: the tiles may cross the
+    sequence's end or the causal diagonal, so loads are predicated and logits masked to -inf;
+    only the peeled tail runs with MASK. ``k_tile`` / ``v_tile`` (pointer path) point at key
+    ``lo``; ``kv_row`` (TMA path) is the descriptor row of key 0. ``wk_row`` holds the host's
+    per-key term (key_scale: ``w * scale * log2 e``, prob_scale: ``log2 w``).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
-    # K/V are addressed as a scalar tile pointer advanced in 64-bit pointer arithmetic plus 32-bit
-    # in-tile offsets, so key offsets past 2^31 elements are exact without 64-bit index tensors.
-    k_tile = k_head
-    v_tile = v_head
-    for start_n in range(0, stop, BLOCK_N):
+    # Plain tiles without bias or mask take the row max on the raw scores and fold the scale into
+    # the exponent's FMA, exp2(qk * c - m): one instruction per score fewer than scaling first.
+    FAST: tl.constexpr = KIND == 0 and not MASK and not HAS_BIAS
+    # Logits can be -inf (masked / padded keys): a row whose keys so far are all -inf has m = -inf,
+    # and subtracting 0 instead keeps exp2(-inf - m) at 0 rather than NaN. (log2 w is never -inf:
+    # the host clamps it, see `kernel_arguments`.)
+    GUARD: tl.constexpr = MASK or HAS_BIAS
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
-        key_ok = cols < Lk
-
-        # Stage 1: raw scores q k^T for this key tile (fp32).
-        k = _load_tile(k_tile + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       key_ok, d_ok, MASK_KEYS, HEAD_DIM != BLOCK_D)
+        key_ok = cols < seq_k
+        if USE_TMA:
+            k = desc_k.load([kv_b, kv_h, kv_row + start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _load_tile(k_tile + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                           key_ok, d_ok, MASK, HEAD_DIM != BLOCK_D)
         if DOT_F32:  # interpreter only: see the note on DOT_F32 in the kernel
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
 
-        # Stage 2: DAR in registers, in base-2 logits (qk_scale = scale * log2 e).
-        if HAS_W:
-            if MASK_KEYS:
-                w = tl.load(w_row + cols, mask=key_ok, other=1.0)
-            else:
-                w = tl.load(w_row + cols)
-            # A tile whose rows are all rebalanced (or all plain) applies one (BLOCK_N,) vector to
-            # every row; only tiles straddling a range edge ("mixed", warp-uniform) select per row.
-            if PROB_SCALE:
-                lw = tl.log2(w)  # ln w in base-2 units is log2 w
-                if mixed:
-                    s = qk * qk_scale + tl.where(row_on[:, None], lw[None, :], 0.0)
-                else:
-                    s = qk * qk_scale + tl.where(tile_on, lw, 0.0)[None, :]
-            else:
-                ws = w * qk_scale  # scale and w fold into one per-key multiplier
-                if mixed:
-                    s = qk * tl.where(row_on[:, None], ws[None, :], qk_scale)
-                else:
-                    s = qk * tl.where(tile_on, ws, qk_scale)[None, :]
+        if FAST:
+            if POS_SCALE:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            else:  # max of c * x over x is c * min x when c < 0
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
         else:
-            s = qk * qk_scale
-        if HAS_BIAS:
-            if MASK_KEYS:
-                bias = tl.load(bias_row + cols * stride_biasn, mask=key_ok, other=float("-inf"))
+            if KIND != 0:
+                if MASK:
+                    wk = tl.load(wk_row + cols, mask=key_ok, other=0.0)
+                else:
+                    wk = tl.load(wk_row + cols)
+            if KIND == 0:
+                s = qk * qk_scale
+            elif KIND == 1:
+                if PROB_SCALE:
+                    s = qk * qk_scale + wk[None, :]
+                else:
+                    s = qk * wk[None, :]
             else:
-                bias = tl.load(bias_row + cols * stride_biasn)
-            s += bias[None, :] * _LOG2E
-        if MASK_KEYS:
-            # Warp-uniform test: only tiles reaching past Lk or the first row's diagonal mask.
-            if IS_CAUSAL:
-                edge = (start_n + BLOCK_N > Lk) | (start_n + BLOCK_N > m0 + 1)
-            else:
-                edge = start_n + BLOCK_N > Lk
-            if edge:
+                if PROB_SCALE:
+                    s = qk * qk_scale + tl.where(row_on[:, None], wk[None, :], 0.0)
+                else:
+                    s = qk * tl.where(row_on[:, None], wk[None, :], qk_scale)
+            if HAS_BIAS:
+                if MASK:
+                    bias = tl.load(bias_row + cols * stride_biasn, mask=key_ok, other=float("-inf"))
+                else:
+                    bias = tl.load(bias_row + cols * stride_biasn)
+                s += (bias * _LOG2E)[None, :]
+            if MASK:
                 allowed = key_ok[None, :]
                 if IS_CAUSAL:
-                    allowed = allowed & (cols[None, :] <= rows[:, None])
+                    allowed = allowed & (cols[None, :] <= diag_rows[:, None])
                 s = tl.where(allowed, s, float("-inf"))
-
-        # Stage 3: online softmax update.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row whose keys so far are all masked has m_new = -inf; subtracting 0 instead keeps
-        # exp2(-inf - m) at 0 rather than NaN, so such rows end with l = 0 and acc = 0.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if GUARD:
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_ref = m_new
+            p = tl.math.exp2(s - m_ref[:, None])
+            alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        # Stage 4: acc = alpha * acc + P V, with P rounded to V's dtype as the tensor cores want.
-        v = _load_tile(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                       key_ok, dv_ok, MASK_KEYS, HEAD_DIM_V != BLOCK_DV)
-        p = p.to(v_head.dtype.element_ty)
+        # acc = alpha * acc + P V, with P rounded to V's dtype as the tensor cores want.
+        if USE_TMA:
+            v = desc_v.load([kv_b, kv_h, kv_row + start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = _load_tile(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                           key_ok, dv_ok, MASK, HEAD_DIM_V != BLOCK_DV)
+        p = p.to(v.dtype)
         if DOT_F32:
             v = v.to(tl.float32)
             p = p.to(tl.float32)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
-        k_tile += BLOCK_N * stride_kn
-        v_tile += BLOCK_N * stride_vn
+        if not USE_TMA:
+            k_tile += BLOCK_N * stride_kn
+            v_tile += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
 @triton.jit
 def _rebalanced_attention_fwd(
-    Q, K, V, W, GEN, BIAS, Out, CU_Q, CU_K,
+    Q, K, V, WK, GEN, BIAS, Out, CU_Q, CU_K, DESC_Q, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -182,8 +200,9 @@ def _rebalanced_attention_fwd(
     LQ_BUCKET, LK_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_W: tl.constexpr, PROB_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
+    POS_SCALE: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     # Which tile: axis 0 walks query tiles of one (batch, head), so neighbouring programs share
     # K/V in L2. Causal grids start with the last query tiles, which have the most keys to visit.
@@ -199,7 +218,8 @@ def _rebalanced_attention_fwd(
     if VARLEN:
         # Packed sequences: sequence b owns rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
         # of k/v; the grid covers max_seqlen_q, so programs past this sequence's end stop here. The
-        # row offsets go to the base pointers, and the rest of the kernel sees one (Lq, Lk) problem.
+        # row offsets go to the base pointers (descriptor rows), and the rest of the kernel sees one
+        # (seq_q, seq_k) problem. The descriptors view the packed tensors as (1, H, total, D).
         q_start = tl.load(CU_Q + off_b)
         k_start = tl.load(CU_K + off_b)
         seq_q = tl.load(CU_Q + off_b + 1) - q_start
@@ -210,8 +230,11 @@ def _rebalanced_attention_fwd(
         k_base = K + k_start.to(tl.int64) * stride_kn
         v_base = V + k_start.to(tl.int64) * stride_vn
         o_base = Out + q_start.to(tl.int64) * stride_om
-        w_base = W + k_start
-        # flash-attn's bottom-right causal rule: row i sees keys j <= i + Lk - Lq.
+        wk_row = WK + k_start
+        desc_b = 0
+        q_row = q_start
+        kv_row = k_start
+        # flash-attn's bottom-right causal rule: row i sees keys j <= i + seq_k - seq_q.
         shift = seq_k - seq_q
     else:
         seq_q = Lq
@@ -220,7 +243,10 @@ def _rebalanced_attention_fwd(
         k_base = K + b64 * stride_kb
         v_base = V + b64 * stride_vb
         o_base = Out + b64 * stride_ob
-        w_base = W + b64 * stride_wb
+        wk_row = WK + b64 * stride_wb
+        desc_b = off_b
+        q_row = 0
+        kv_row = 0
         shift = 0  # SDPA's top-left causal rule: row i sees keys j <= i
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -232,11 +258,16 @@ def _rebalanced_attention_fwd(
     dv_ok = offs_dv < HEAD_DIM_V
 
     # Base pointers with 64-bit offsets: batch/head/row strides overflow int32 past 2^31 elements.
-    q_ptrs = (q_base + off_h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qm
-              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     k_head = k_base + off_hk.to(tl.int64) * stride_kh
     v_head = v_base + off_hk.to(tl.int64) * stride_vh
-    q = _load_tile(q_ptrs, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    if USE_TMA:
+        # Rows past the tensor's end (and head-dim padding) arrive as zeros; rows of the next
+        # packed sequence arrive as they are, and are masked like any key past seq_k.
+        q = DESC_Q.load([desc_b, off_h, q_row + m0, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q_ptrs = (q_base + off_h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qm
+                  + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+        q = _load_tile(q_ptrs, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
     # DOT_F32 (set only under TRITON_INTERPRET=1): the CPU interpreter multiplies bf16 dot operands
     # as raw bit patterns (triton #11584), and any bf16 arithmetic there is wrong too, so dot
     # operands are widened to fp32 right after loading. Exact: products of two fp16/bf16 numbers
@@ -245,39 +276,86 @@ def _rebalanced_attention_fwd(
     if DOT_F32:
         q = q.to(tl.float32)
 
-    # Which of this tile's rows DAR rebalances, and whether the tile is all of one kind.
+    # Key range. Causal: key tiles past the tile's last row's diagonal are masked for every row,
+    # so never visited. Tiles before `full` are allowed for every row of the program (inside the
+    # sequence and at or below the first row's diagonal); the rest, at most a few, are masked.
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + shift), 0)
+    else:
+        hi = seq_k
+    if MASK_KEYS:
+        full = (seq_k // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            full = tl.minimum(full, (tl.maximum(m0 + shift + 1, 0) // BLOCK_N) * BLOCK_N)
+    else:
+        full = hi
+
+    bias_row = BIAS + b64 * stride_biasb if HAS_BIAS else BIAS
+    o_ptrs = (o_base + off_h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
+              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    # Which rows DAR rebalances decides the loop, once per program. The three kinds run one after
+    # the other, and the program's kind gives all its full tiles to one of them (the other two get
+    # empty ranges): sequential loops, because ptxas serialised every wgmma (C7515) when each kind
+    # had its loop in its own branch. The range ends go through a warp vote so that ptxas knows
+    # them to be warp-uniform and keeps the loops' addressing in uniform registers.
     if HAS_W:
         row_on = _rebalanced_rows(GEN, stride_gb, stride_gg, G, off_b, rows) & row_ok
         n_on = tl.sum(row_on.to(tl.int32), 0)
-        tile_on = n_on > 0
-        mixed = tile_on & (n_on < tl.minimum(seq_q - m0, BLOCK_M))
-        w_row = w_base
+        none_on = _warp_uniform(n_on == 0, DOT_F32)
+        all_on = _warp_uniform(n_on == tl.minimum(seq_q - m0, BLOCK_M), DOT_F32)
+        end_plain = tl.where(none_on, full, 0)
+        end_weighted = tl.where(all_on, full, 0)
+        end_per_row = tl.where(none_on | all_on, 0, full)
+        TAIL_KIND: tl.constexpr = _PER_ROW
     else:
         row_on = row_ok
-        tile_on = False
-        mixed = False
-        w_row = W
-    bias_row = BIAS + b64 * stride_biasb if HAS_BIAS else BIAS
-
-    # Causal: key tiles past the tile's last row are masked for every row, so never visited.
-    if IS_CAUSAL:
-        stop = tl.minimum(seq_k, m0 + BLOCK_M + shift)
-    else:
-        stop = seq_k
-
+        end_plain = full
+        TAIL_KIND: tl.constexpr = _PLAIN
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_head, v_head, w_row, bias_row, m0 + shift, rows + shift, row_on, tile_on, mixed, stop, seq_k,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
-        BLOCK_D, BLOCK_DV, MASK_KEYS, IS_CAUSAL, HAS_W, PROB_SCALE, HAS_BIAS, DOT_F32, DOT_PRECISION)
+    diag_rows = rows + shift
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
+        diag_rows, 0, end_plain, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
+        _PLAIN, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
+        BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+    if HAS_W:
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
+            diag_rows, 0, end_weighted, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
+            _WEIGHTED, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
+            BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
+            diag_rows, 0, end_per_row, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
+            _PER_ROW, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
+            BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+    if MASK_KEYS:
+        # The peeled tail: the partial last key tile and the causal diagonal's tiles, masked, with
+        # the per-row rule (correct for every kind of program).
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, q, k_head + full.to(tl.int64) * stride_kn, v_head + full.to(tl.int64) * stride_vn,
+            DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on, diag_rows, full, hi, seq_k,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale, TAIL_KIND, True, USE_TMA, IS_CAUSAL,
+            PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32,
+            DOT_PRECISION, False)
 
     # Epilogue: normalise; rows that saw no allowed key have l = 0 and acc = 0 and output 0.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    o_ptrs = (o_base + off_h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
-              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _warp_uniform(flag, INTERPRETED: tl.constexpr):
+    """``flag`` (a scalar equal in every thread) through ``vote.sync.any``, whose result ptxas knows
+    to be warp-uniform; the interpreter has no inline PTX and needs no such hint."""
+    if INTERPRETED:
+        return flag
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p, v; setp.ne.s32 p, $1, 0; vote.sync.any.pred v, p, 0xffffffff; selp.s32 $0, 1, 0, v; }",
+            "=r,r", [flag.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1) != 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +368,39 @@ try:  # the interpreter swaps every @triton.jit function for an InterpretedFunct
     INTERPRETED = isinstance(_rebalanced_attention_fwd, _Interpreted)
 except ImportError:  # pragma: no cover - older triton layouts
     INTERPRETED = False
+
+try:  # host-side TMA descriptors (Triton >= 3.4); without them every GPU takes the pointer path
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
+# Tests set this to run the TMA path under the interpreter (which implements descriptors), so the
+# descriptor coordinates are checked on the CPU too. Never set in production code.
+_TMA_IN_INTERPRETER = False
+
+
+def _tma_capable(*tensors: torch.Tensor) -> bool:
+    """Whether 4-D TMA descriptors can address these tensors: unit last stride, 16-byte aligned
+    base and strides (what cuTensorMapEncodeTiled requires)."""
+    if TensorDescriptor is None:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _use_tma(capability: tuple[int, int] | None, *tensors: torch.Tensor) -> bool:
+    if capability is None:
+        return _TMA_IN_INTERPRETER and _tma_capable(*tensors)
+    return capability[0] >= 9 and _tma_capable(*tensors)
+
+
+def _descriptor(t: torch.Tensor, block_d: int):
+    """A (B, H, L, D) descriptor; its block is (1, 1, rows, block_d), the rows being set once the
+    autotuner has chosen BLOCK_M / BLOCK_N (`autotune.set_descriptor_blocks`)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d])
 
 
 @functools.lru_cache(maxsize=None)
@@ -354,39 +465,56 @@ def mask_keys(meta: dict) -> bool:
 
 
 def kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal: bool, scale: float, mode: str,
-                     out: torch.Tensor, varlen: tuple | None = None) -> tuple[dict, dict]:
-    """The kernel's runtime arguments and constexprs (all but the tuned BLOCK_M/BLOCK_N/MASK_KEYS)
-    for one call; shared by the ops and the static report, which passes ``meta`` tensors.
+                     out: torch.Tensor, varlen: tuple | None = None,
+                     capability: tuple[int, int] | None = None) -> tuple[dict, dict]:
+    """The kernel's runtime arguments and constexprs (all but the tuned BLOCK_M, BLOCK_N,
+    WARP_SPECIALIZE and MASK_KEYS) for one call; shared by the ops and the static report, which
+    passes ``meta`` tensors.
 
     Dense: the op's 4-D tensors. Packed: ``varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k)`` and (1, H, total, D) views of the packed tensors (`_packed_views`).
+    max_seqlen_k)`` and (1, H, total, D) views of the packed tensors. ``w`` is turned here into
+    the per-key term the kernel's loop uses: ``w * scale * log2 e`` (key_scale) or ``log2 w``
+    (prob_scale), one small elementwise op on the device. ``capability`` (None: interpreter)
+    decides between TMA descriptors and pointers.
     """
     b, hq, lq, d = q.shape
     _, hk, lk, dv = v.shape
     has_w, has_bias = w is not None, key_bias is not None
     dummy = out  # stands in for absent optional tensors; their loads are compiled out
-    W, GEN, BIAS = (w if has_w else dummy), (gen_ranges if has_w else dummy), (key_bias if has_bias else dummy)
+    if has_w:
+        # prob_scale: log2 0 = -inf becomes the lowest finite float, which still gives that key
+        # exp2(...) = 0 exactly; it differs from -inf only in a row whose every key has w = 0
+        # (DAR's weights are 1 +- gamma with gamma < 1, never 0), and keeps -inf out of the loop.
+        wk = (w * (scale * LOG2E) if mode == "key_scale"
+              else torch.log2(w).clamp_min(torch.finfo(torch.float32).min)).contiguous()
+    WK, GEN, BIAS = (wk if has_w else dummy), (gen_ranges if has_w else dummy), (key_bias if has_bias else dummy)
     cu_q, cu_k, lq, lk = varlen if varlen is not None else (dummy, dummy, lq, lk)
+    block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    use_tma = _use_tma(capability, q, k, v)
+    descs = dict(DESC_Q=_descriptor(q, block_d), DESC_K=_descriptor(k, block_d), DESC_V=_descriptor(v, block_dv)) \
+        if use_tma else dict(DESC_Q=None, DESC_K=None, DESC_V=None)
     names = ("stride_qb", "stride_qh", "stride_qm", "stride_qd", "stride_kb", "stride_kh", "stride_kn", "stride_kd",
              "stride_vb", "stride_vh", "stride_vn", "stride_vd", "stride_ob", "stride_oh", "stride_om", "stride_od")
-    args = dict(Q=q, K=k, V=v, W=W, GEN=GEN, BIAS=BIAS, Out=out, CU_Q=cu_q, CU_K=cu_k,
+    args = dict(Q=q, K=k, V=v, WK=WK, GEN=GEN, BIAS=BIAS, Out=out, CU_Q=cu_q, CU_K=cu_k, **descs,
                 **dict(zip(names, (*q.stride(), *k.stride(), *v.stride(), *out.stride()))),
-                stride_wb=W.stride(0) if has_w else 0, stride_gb=GEN.stride(0) if has_w else 0,
+                stride_wb=WK.stride(0) if has_w else 0, stride_gb=GEN.stride(0) if has_w else 0,
                 stride_gg=GEN.stride(1) if has_w else 0, stride_biasb=BIAS.stride(0) if has_bias else 0,
                 stride_biasn=BIAS.stride(1) if has_bias else 0,
                 Hq=hq, KV_GROUP=hq // hk, Lq=lq, Lk=lk, G=gen_ranges.shape[1] if has_w else 0, qk_scale=scale * LOG2E,
                 LQ_BUCKET=seq_bucket(lq), LK_BUCKET=seq_bucket(lk))
-    const = dict(HEAD_DIM=d, HEAD_DIM_V=dv,
-                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+    const = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
                  IS_CAUSAL=is_causal, HAS_W=has_w, PROB_SCALE=mode == "prob_scale", HAS_BIAS=has_bias,
-                 VARLEN=varlen is not None, DOT_F32=INTERPRETED,
+                 POS_SCALE=scale > 0, VARLEN=varlen is not None, USE_TMA=use_tma, DOT_F32=INTERPRETED,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return args, const
 
 
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return None if INTERPRETED else torch.cuda.get_device_capability(device)
+
+
 def _launch(args: dict, const: dict, device: torch.device, num_q_tiles_of, programs_y: int) -> None:
-    capability = None if INTERPRETED else torch.cuda.get_device_capability(device)
-    kernel = _tuned_kernel(capability)
+    kernel = _tuned_kernel(_capability(device))
     grid = lambda meta: (num_q_tiles_of(meta["BLOCK_M"]), programs_y)  # noqa: E731
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](**args, **const)
@@ -409,9 +537,9 @@ def rebalanced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: O
     if out.numel() == 0:
         return out
     if w is not None:
-        w = w.contiguous()  # (B, Lk) rows are read as unit-stride vectors
         gen_ranges = gen_ranges.contiguous()
-    args, const = kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode, out)
+    args, const = kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal, scale, mode, out,
+                                   capability=_capability(q.device))
     _launch(args, const, q.device, lambda block_m: triton.cdiv(lq, block_m), b * hq)
     return out
 
@@ -512,12 +640,12 @@ def rebalanced_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if out.numel() == 0 or n_seq == 0 or max_seqlen_q == 0:
         return out
     if w is not None:
-        w = w.contiguous()
         gen_ranges = gen_ranges.contiguous()
     as4 = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731  (total, H, D) -> (1, H, total, D) view
     args, const = kernel_arguments(as4(q), as4(k), as4(v), None if w is None else w.unsqueeze(0), gen_ranges, None,
                                    is_causal, scale, mode, as4(out),
-                                   varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                                   varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                                   capability=_capability(q.device))
     _launch(args, const, q.device, lambda block_m: triton.cdiv(max_seqlen_q, block_m), n_seq * hq)
     return out
 

@@ -40,7 +40,29 @@ _DEFAULT = {
 # fp32 operands use exact (non-tf32) dots, which need many more registers: small tiles only.
 _FP32 = [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 8, 2)]
 
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+def set_descriptor_blocks(nargs: dict) -> None:
+    """Config pre-hook: give the TMA descriptors (when the call uses them) the tile of the chosen
+    config; a descriptor's block is fixed when it is built, before the autotuner has chosen."""
+    if nargs.get("DESC_Q") is None:
+        return
+    rows = {"DESC_Q": nargs["BLOCK_M"], "DESC_K": nargs["BLOCK_N"], "DESC_V": nargs["BLOCK_N"]}
+    for name, r in rows.items():
+        desc = nargs[name]
+        desc.block_shape = [1, 1, r, desc.block_shape[-1]]
+
+
+def _config(bm, bn, warps, stages, ws=False) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=warps, num_stages=stages,
+                         pre_hook=set_descriptor_blocks)
+
+
+def shape_of(config: triton.Config) -> tuple:
+    """A config as its table entry ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, True])``."""
+    s = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return s + (True,) if config.kwargs.get("WARP_SPECIALIZE") else s
+
+
+INTERPRETER_CONFIG = _config(32, 16, 4, 1)
 
 AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "LQ_BUCKET", "LK_BUCKET"]
 
@@ -55,10 +77,6 @@ def seq_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(n), 64), 32768)
 
 
-def _config(bm, bn, warps, stages) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
 @functools.lru_cache(maxsize=None)
 def candidate_configs(capability: tuple[int, int] | None) -> list[triton.Config]:
     """Every configuration that may be tried on a GPU of this compute capability (None: interpreter)."""
@@ -66,7 +84,7 @@ def candidate_configs(capability: tuple[int, int] | None) -> list[triton.Config]
         return [INTERPRETER_CONFIG]
     table = _SM90 if capability[0] == 9 else _SM80 if capability[0] == 8 else _DEFAULT
     shapes = {s for rows in table.values() for s in rows} | set(_FP32)
-    return [_config(*s) for s in sorted(shapes, reverse=True)]
+    return [_config(*s) for s in sorted(shapes, key=lambda s: (*s[:4], len(s)), reverse=True)]
 
 
 def prune_for(capability: tuple[int, int] | None):
@@ -83,7 +101,7 @@ def prune_for(capability: tuple[int, int] | None):
         else:
             wanted = set(table[head_dim_class(max(args["BLOCK_D"], args["BLOCK_DV"]))])
         lq = args["Lq"]
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        kept = [c for c in configs if shape_of(c) in wanted]
         # Short query sequences waste most of a 128-row tile: prefer the 64-row ones when any is left.
         if lq <= 64:
             small = [c for c in kept if c.kwargs["BLOCK_M"] <= 64]
@@ -93,7 +111,7 @@ def prune_for(capability: tuple[int, int] | None):
     return prune
 
 
-def compile_report(capability: tuple[int, int], dtype: str, head_dim: int, config: tuple[int, int, int, int],
+def compile_report(capability: tuple[int, int], dtype: str, head_dim: int, config: tuple,
                    *, causal: bool = False, weights: bool = True, prob_scale: bool = False,
                    key_bias: bool = True) -> dict:
     """Compile the attention kernel ahead of time for a GPU that need not be present and report
@@ -101,8 +119,10 @@ def compile_report(capability: tuple[int, int], dtype: str, head_dim: int, confi
     Triton itself picks for the architecture; see `aot`).
 
     This is how the tables above were checked. ``dtype`` is "fp16", "bf16" or "fp32";
-    ``config`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. The call is a contiguous
-    ``(2, 4, 1000, head_dim)`` one (Lk = 1000 is no multiple of BLOCK_N, so key tiles are masked).
+    ``config`` is a table entry ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize])``. The
+    call is a contiguous
+    ``(2, 4, 1000, head_dim)`` one (Lk = 1000 is no multiple of BLOCK_N, so the masked tail is
+    compiled in; on sm90+ it loads through TMA descriptors, as the op would).
     Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the kernel with a Python function).
     """
     import torch
@@ -111,16 +131,18 @@ def compile_report(capability: tuple[int, int], dtype: str, head_dim: int, confi
 
     if attention.INTERPRETED:
         raise RuntimeError("compile_report needs TRITON_INTERPRET unset")
-    bm, bn, warps, stages = config
+    bm, bn, warps, stages, *ws = config
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     q = torch.empty(2, 4, 1000, head_dim, dtype=dt, device="meta")
     w = torch.empty(2, 1000, device="meta") if weights else None
     gen = torch.empty(2, 1, 2, dtype=torch.int32, device="meta") if weights else None
     bias = torch.empty(2, 1000, device="meta") if key_bias else None
     args, const = attention.kernel_arguments(q, q, q, w, gen, bias, causal, 0.1,
-                                             "prob_scale" if prob_scale else "key_scale", torch.empty_like(q))
-    const.update(BLOCK_M=bm, BLOCK_N=bn)
+                                             "prob_scale" if prob_scale else "key_scale", torch.empty_like(q),
+                                             capability=capability)
+    const.update(BLOCK_M=bm, BLOCK_N=bn, WARP_SPECIALIZE=bool(ws and ws[0]))
     const["MASK_KEYS"] = attention.mask_keys({**args, **const})
+    set_descriptor_blocks({**args, **const})
     fn = attention._rebalanced_attention_fwd
     sig, const, attrs = aot.specialise(fn, args, const)
     report = aot.analyse(aot.compile_for(fn, capability[0] * 10 + capability[1], const, sig, attrs,

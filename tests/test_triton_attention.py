@@ -628,3 +628,44 @@ def test_varlen_fake_and_compile():
     torch.library.opcheck(varlen_op.default, args, test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(lambda *a: varlen_op(*a) * 2.0, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*args), varlen_op(*args) * 2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The TMA-descriptor path (sm90+ on a GPU), run under the interpreter, which implements descriptors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tma_in_interpreter(monkeypatch):
+    if not attention.INTERPRETED or attention.TensorDescriptor is None:
+        pytest.skip("the interpreter runs the TMA path only when interpreting, with TensorDescriptor available")
+    monkeypatch.setattr(attention, "_TMA_IN_INTERPRETER", True)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", attention.MODES)
+def test_tma_path_matches_float64(tma_in_interpreter, layout, causal, mode):
+    """Descriptor coordinates (batch, KV head, key row), zero-filled padding of a 24-wide head dim
+    and of rows past Lk, GQA, all three program kinds (rows 0-31 plain, 32-63 all rebalanced,
+    64-79 straddling), the masked tail and a key bias."""
+    q, k, v = make_qkv(2, 4, 2, 80, 45, 24, 16, torch.bfloat16, layout, seed=21, spread=2.0)
+    gen = torch.Generator().manual_seed(22)
+    w = (0.5 + torch.rand(2, 45, generator=gen)).to(DEVICE)
+    bias = torch.randn(2, 45, generator=gen).to(DEVICE)
+    case = (q, k, v, w, as_ranges([[(32, 64), (70, 75)], [(0, 80)]]), bias, causal, 0.4, mode)
+    args, const = attention.kernel_arguments(*case, out=attention.empty_output(q, 16), capability=None)
+    assert const["USE_TMA"]
+    assert_close(op(*case), exact_attention(*case), torch.bfloat16)
+
+
+def test_tma_path_varlen(tma_in_interpreter):
+    gen = torch.Generator().manual_seed(23)
+    lq, lk = [20, 3, 37], [30, 40, 37]
+    q, k, v = packed(lq, 4, 32, torch.float16, gen), packed(lk, 2, 32, torch.float16, gen), packed(lk, 2, 32, torch.float16, gen)
+    w = (0.5 + torch.rand(sum(lk), generator=gen)).to(DEVICE)
+    gr = as_ranges([[(0, 20)], [(1, 2)], [(5, 37)]])
+    for causal in (False, True):
+        case = (q, k, v, cu(lq), cu(lk), 37, 40, w, gr, causal, 0.25, "key_scale")
+        assert_close(varlen_op(*case), exact_varlen(q, k, v, cu(lq), cu(lk), w, gr, causal, 0.25, "key_scale"),
+                     torch.float16)

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One command for whoever holds an H100 / H200: the CUDA tests, the headline kernel benchmark, one
+# end-to-end step, the README table; about 8 minutes. Run from anywhere inside the repository:
+#
+#     bash benchmarks/gpu_check.sh            # everything
+#     GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh   # print the steps and the environment, run nothing
+#
+# Results land in benchmarks/results/ in dar bench's usual format (plus gpu-check-<commit>.log);
+# commit them, and the regenerated README table, afterwards. Each step has its own time limit and
+# a failing step does not stop the others; the exit status is the number of failed steps.
+#
+# Python packages the machine lacks (diffusers, for the end-to-end step) are installed from wheels
+# in .whl/ at the repository root when that folder exists (docs/benchmarks.md says how to fetch
+# them). The project itself is installed editable without dependencies, so the machine's torch and
+# triton are the ones measured. When $OUT is set (the device tool's output folder), the log and
+# the result files are copied there too.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 99
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+RESULTS="$ROOT/benchmarks/results"
+DRY=${GPU_CHECK_DRY:-0}
+LOG="$RESULTS/gpu-check-$COMMIT.log"
+[ "$DRY" = 1 ] && LOG=$(mktemp)
+mkdir -p "$RESULTS"
+: > "$LOG"
+failed=0
+STARTED=$(date +%s)
+MARK=$(mktemp)  # results newer than this are this run's
+
+say() { echo "[gpu_check +$(( $(date +%s) - STARTED ))s] $*" | tee -a "$LOG"; }
+
+# step NAME SECONDS COMMAND...: run with a time limit, log everything, count failures.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  say "== $name (limit ${limit}s): $*"
+  if [ "$DRY" = 1 ]; then
+    return 0
+  fi
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    failed=$((failed + 1))
+    say "!! $name failed (exit $rc$([ "$rc" -eq 124 ] && echo ', time limit'))"
+  else
+    say "ok $name"
+  fi
+}
+
+say "commit $COMMIT ($(git log -1 --format=%cd --date=iso 2>/dev/null || echo '?'))$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ', with uncommitted changes')"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$LOG"
+
+# --- environment ------------------------------------------------------------------------------
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+  step "install carried wheels" 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/dar-gpu-site .whl/*.whl
+  export PYTHONPATH="/tmp/dar-gpu-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+step "install dar (editable, no dependencies)" 120 "$PY" -m pip install -q --no-index --no-deps \
+  --no-build-isolation -e .
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "triton", "diffusers", "transformers", "hypothesis", "pytest_benchmark"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:  # noqa: BLE001
+        print(name, "MISSING:", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+try:
+    import torch
+    print("cuda", torch.version.cuda, "| device", torch.cuda.get_device_name(0), "| capability",
+          torch.cuda.get_device_capability(0), "| cudnn", torch.backends.cudnn.version())
+except Exception as exc:  # noqa: BLE001
+    print("torch.cuda unusable:", exc)
+EOF
+
+# The kernels must run compiled, never interpreted; hypothesis keeps its CI example counts.
+unset TRITON_INTERPRET
+export HYPOTHESIS_PROFILE=ci MPLBACKEND=Agg PYTHONUNBUFFERED=1
+
+# --- 1. every CUDA test: the kernel files (their cuda-only tests run here, the rest on the GPU
+# instead of the interpreter), then every other test marked for CUDA -------------------------
+KERNEL_TESTS=$(ls tests/test_triton_*.py tests/test_varlen*.py 2>/dev/null | tr '\n' ' ')
+CUDA_TESTS=$(grep -l -E "cuda_only|requires_cuda|torch\.cuda\.is_available\(\)" tests/test_*.py 2>/dev/null \
+  | grep -v -E "tests/test_triton_|tests/test_varlen" | tr '\n' ' ')
+# shellcheck disable=SC2086
+step "kernel tests on the GPU" 210 "$PY" -m pytest $KERNEL_TESTS -q -p no:cacheprovider -x --durations=5
+if [ -n "$CUDA_TESTS" ]; then
+  # shellcheck disable=SC2086
+  step "other CUDA tests" 90 "$PY" -m pytest $CUDA_TESTS -q -p no:cacheprovider -k "cuda"
+fi
+
+# --- 2. headline kernel benchmark: Qwen-Image-Edit 1-3 references (L 8392 / 12488 / 16584),
+# bf16, D 128, DAR triton / torch / flex against plain SDPA (flash, cuDNN, efficient) and plain
+# FlexAttention ------------------------------------------------------------------------------
+step "kernel benchmark (qwen-edit)" 200 "$PY" benchmarks/run.py kernels --preset qwen-edit \
+  --impl dar-triton --impl dar-torch --impl dar-flex --impl sdpa-flash --impl sdpa-cudnn \
+  --impl sdpa-efficient --impl flex --warmup 5 --reps 20 --no-plot
+
+# --- 3. one end-to-end denoising step (Qwen-Image-Edit, random weights, DAR triton vs off) ----
+step "end-to-end step (qwen-image-edit, triton)" 150 "$PY" benchmarks/run.py e2e --model qwen-image-edit \
+  --backend triton --warmup 1 --reps 2
+
+# --- 4. README table from benchmarks/results ---------------------------------------------------
+step "README performance table" 30 "$PY" benchmarks/make_table.py --readme README.md
+
+say "done in $(( $(date +%s) - STARTED ))s, $failed step(s) failed; results in benchmarks/results/, log $LOG"
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] && [ "$DRY" != 1 ]; then
+  cp "$LOG" "$OUT"/ 2>/dev/null
+  # the newest results of this run (dar bench names them <kind>-<device>-<commit>.*)
+  find "$RESULTS" -newer "$MARK" -type f \( -name '*.json' -o -name '*.md' \) -exec cp {} "$OUT"/ \; 2>/dev/null
+  cp README.md "$OUT"/README.md 2>/dev/null
+fi
+exit "$failed"
