@@ -293,53 +293,63 @@ def _rebalanced_attention_fwd(
     bias_row = BIAS + b64 * stride_biasb if HAS_BIAS else BIAS
     o_ptrs = (o_base + off_h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
               + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
-    # Which rows DAR rebalances decides the loop, once per program. The three kinds run one after
-    # the other, and the program's kind gives all its full tiles to one of them (the other two get
-    # empty ranges): sequential loops, because ptxas serialised every wgmma (C7515) when each kind
-    # had its loop in its own branch. The range ends go through a warp vote so that ptxas knows
-    # them to be warp-uniform and keeps the loops' addressing in uniform registers.
-    if HAS_W:
-        row_on = _rebalanced_rows(GEN, stride_gb, stride_gg, G, off_b, rows) & row_ok
-        n_on = tl.sum(row_on.to(tl.int32), 0)
-        none_on = _warp_uniform(n_on == 0, DOT_F32)
-        all_on = _warp_uniform(n_on == tl.minimum(seq_q - m0, BLOCK_M), DOT_F32)
-        end_plain = tl.where(none_on, full, 0)
-        end_weighted = tl.where(all_on, full, 0)
-        end_per_row = tl.where(none_on | all_on, 0, full)
-        TAIL_KIND: tl.constexpr = _PER_ROW
-    else:
-        row_on = row_ok
-        end_plain = full
-        TAIL_KIND: tl.constexpr = _PLAIN
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     diag_rows = rows + shift
-    acc, l_i, m_i = _attend(
-        acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
-        diag_rows, 0, end_plain, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
-        _PLAIN, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
-        BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
     if HAS_W:
+        row_on = _rebalanced_rows(GEN, stride_gb, stride_gg, G, off_b, rows) & row_ok
+    else:
+        row_on = row_ok
+    if USE_TMA:
+        # Which rows DAR rebalances decides the loop, once per program. The three kinds run one
+        # after the other, and the program's kind gives all its full tiles to one of them (the
+        # other two get empty ranges): sequential loops, because ptxas serialised every wgmma
+        # (C7515) when each kind had its loop in its own branch. The range ends go through a warp
+        # vote so that ptxas knows them to be warp-uniform and keeps the loops' addressing in
+        # uniform registers.
+        if HAS_W:
+            n_on = tl.sum(row_on.to(tl.int32), 0)
+            none_on = _warp_uniform(n_on == 0, DOT_F32)
+            all_on = _warp_uniform(n_on == tl.minimum(seq_q - m0, BLOCK_M), DOT_F32)
+            end_plain = tl.where(none_on, full, 0)
+            end_weighted = tl.where(all_on, full, 0)
+            end_per_row = tl.where(none_on | all_on, 0, full)
+        else:
+            end_plain = full
         acc, l_i, m_i = _attend(
             acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
-            diag_rows, 0, end_weighted, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
-            _WEIGHTED, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
+            diag_rows, 0, end_plain, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
+            _PLAIN, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
             BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+        if HAS_W:
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
+                diag_rows, 0, end_weighted, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn,
+                qk_scale, _WEIGHTED, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM,
+                HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
+                diag_rows, 0, end_per_row, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn,
+                qk_scale, _PER_ROW, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM,
+                HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+        if MASK_KEYS:
+            # The peeled tail: the partial last key tile and the causal diagonal's tiles, masked,
+            # with the per-row rule (correct for every kind of program).
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, k_head + full.to(tl.int64) * stride_kn, v_head + full.to(tl.int64) * stride_vn,
+                DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on, diag_rows, full, hi, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
+                _PER_ROW if HAS_W else _PLAIN, True, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, False)
+    else:
+        # Pointer path (pre-Hopper GPUs, the interpreter): one loop over every key tile, masked
+        # throughout when any tile needs it, with the per-row rule when there are weights. On sm80
+        # the specialised loops and the peeled tail ran out of registers (255 and spills).
         acc, l_i, m_i = _attend(
             acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
-            diag_rows, 0, end_per_row, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
-            _PER_ROW, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
-    if MASK_KEYS:
-        # The peeled tail: the partial last key tile and the causal diagonal's tiles, masked, with
-        # the per-row rule (correct for every kind of program).
-        acc, l_i, m_i = _attend(
-            acc, l_i, m_i, q, k_head + full.to(tl.int64) * stride_kn, v_head + full.to(tl.int64) * stride_vn,
-            DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on, diag_rows, full, hi, seq_k,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale, TAIL_KIND, True, USE_TMA, IS_CAUSAL,
-            PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32,
-            DOT_PRECISION, False)
+            diag_rows, 0, hi, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
+            _PER_ROW if HAS_W else _PLAIN, MASK_KEYS, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
 
     # Epilogue: normalise; rows that saw no allowed key have l = 0 and acc = 0 and output 0.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]

@@ -16,21 +16,26 @@ import functools
 import triton
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded-head-dim class, preferred first. Every entry
-# was compiled for its architecture with Triton's ahead-of-time compiler and checked with
-# `ptxas -v` (`compile_report` below; bf16, key weights + key bias + key masking, non-causal): no
-# register spills and shared memory within the limit (227 KiB sm90, 163 KiB sm80; sm86/sm89 have
-# 99 KiB and the autotuner drops entries that do not fit). Causal masking adds registers: sm90
-# (128, 128, 8, 2) at D=128 spills 252 B causal, so it is not the preferred entry; the preferred
-# D=128 entries are checked causal by tests/test_triton_attention.py. Not yet timed on hardware.
+# was compiled for its architecture with Triton's ahead-of-time compiler (`compile_report` below;
+# bf16, key weights + key bias + masked tail, causal and not): no register spills and shared memory
+# within the limit (227 KiB sm90, 163 KiB sm80; sm86/sm89 have 99 KiB and the autotuner drops
+# entries that do not fit). sm90, Triton 3.8.0: 128x128 tiles need 8 warps (with 4 they spill, 56-1032
+# B); (128, 128, 8, 3) at D=128 uses exactly the 227 KiB. Warp-specialised loops
+# (`tl.range(warp_specialize=True)`, 4 warps) do not compile with the kernel's rank-4 TMA
+# descriptors in Triton 3.8.0 (its NVGPUWarpSpecialization pass fails: "descriptor block and tensor
+# must have the same number of elements"), so the table has none; a config may set
+# WARP_SPECIALIZE (a fifth entry, True) once Triton accepts it. Not yet timed on hardware.
 _SM90 = {
     64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
-    256: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
 }
+# sm8x runs the pointer path (one loop, masked throughout when needed), checked causal + prob_scale +
+# key bias with Triton 3.8.0: 128x64 tiles at D=128 and 128x32 at D=256 spill there (16-112 B).
 _SM80 = {
     64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
-    256: [(128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+    128: [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 2)],
 }
 _DEFAULT = {
     64: [(64, 64, 4, 2)],

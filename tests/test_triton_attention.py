@@ -392,7 +392,7 @@ def test_autotune_pruning_keeps_the_head_dim_row():
                                    (torch.float32, 128, 4096), (torch.float16, 128, 16)):
             q = torch.empty(0, dtype=dtype)
             kept = prune(configs, {"Q": q, "Lq": lq}, BLOCK_D=block_d, BLOCK_DV=block_d)
-            shapes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+            shapes = {autotune.shape_of(c) for c in kept}
             row = autotune._FP32 if dtype == torch.float32 else table[autotune.head_dim_class(block_d)]
             assert kept and shapes <= set(row)
             if lq <= 64 and any(s[0] <= 64 for s in row):
@@ -403,7 +403,7 @@ _COMPILE_CHECK = """
 import json
 from dar.kernels.autotune import compile_report, _SM90, _SM80
 print(json.dumps([compile_report((9, 0), "bf16", 128, _SM90[128][0], causal=True),
-                  compile_report((8, 0), "fp16", 80, _SM80[128][0], prob_scale=True)]))
+                  compile_report((8, 0), "bf16", 128, _SM80[128][0], prob_scale=True, causal=True)]))
 """
 
 
