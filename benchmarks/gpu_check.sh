@@ -76,6 +76,14 @@ except Exception as exc:  # noqa: BLE001
     print("torch.cuda unusable:", exc)
 EOF
 
+# dar's triton backend needs triton >= 3.7 (dar/backends/triton.py, what CI covers); an older one
+# (the lent H200 image had 3.6.0) leaves dar-triton "unavailable" in the benchmark, though the
+# kernel tests, which call the kernels directly, still run. A triton wheel (~190 MB) is too large
+# for the device tool's 64 MiB carry, so say it loudly rather than find out from the table.
+"$PY" -c "import sys, triton; v = tuple(int(p) for p in triton.__version__.split('+')[0].split('.')[:2]); \
+sys.exit(0 if v >= (3, 7) else 1)" 2>/dev/null || say "WARNING: triton $("$PY" -c 'import triton; print(triton.__version__)' \
+2>/dev/null) < 3.7: the DAR triton backend refuses it; dar-triton rows will read 'unavailable'"
+
 # The kernels must run compiled, never interpreted; hypothesis keeps its CI example counts.
 unset TRITON_INTERPRET
 export HYPOTHESIS_PROFILE=ci MPLBACKEND=Agg PYTHONUNBUFFERED=1
