@@ -403,7 +403,7 @@ def markdown(report: dict) -> str:
                 f"{'-' if ratio is None else f'{ratio:.2f}x'} | {lp.get('mma', '-')} | {lp.get('utmaldg', '-')} | "
                 f"{lp.get('ldgsts', '-')} | {lp.get('ldg', '-')} | {lp.get('fsel', '-')} | {lp.get('mufu', '-')} | "
                 f"{len(r['mma_loops'])} | {r['registers']} | {r['spill_stores']} | {r['shared_bytes'] / 1024:.1f} | "
-                f"{'YES' if r['wgmma_serialized'] else 'no'} |")
+                f"{ {True: 'YES', False: 'no'}.get(r.get('wgmma_serialized'), '-') } |")
         lines.append("")
     if report["errors"]:
         lines += ["## Variants that did not compile", ""]
