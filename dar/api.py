@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from . import delegate, parallel
+from .autocast import outside_autocast
 from .backends import select_backend, warn_once
 from .call import make_call
 from .config import DARConfig
 from .layout import TokenLayout
 
 
+@outside_autocast
 def compute_key_weights(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout | list[TokenLayout],
                         cfg: DARConfig | None = None, attn_mask: torch.Tensor | None = None,
                         scale: float | None = None, *, is_causal: bool = False,
@@ -30,6 +32,7 @@ def compute_key_weights(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout | 
     return select_backend(backend, call).key_weights(call)
 
 
+@outside_autocast
 def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   layout: TokenLayout | list[TokenLayout], cfg: DARConfig | None = None,
                   attn_mask: torch.Tensor | None = None, scale: float | None = None, *,

@@ -1,6 +1,6 @@
 """Properties every backend shares, each pinned on every backend that can run on the CPU: exact
 float32 weights, float64 precision, weights outside autograd, no_grad inputs that require grad, and
-reference ranges that overlap the generation ranges (docs/semantics.md)."""
+reference ranges that overlap the generation ranges, indifference to torch.autocast (docs/semantics.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 
 import dar
 from dar.backends import get_backend
+from dar.call import make_call
+from dar.scoring import sampled_attention_mass, weights_from_mass
 from oracle import dar_float64, stable_keys
 from tolerances import assert_close
 
@@ -94,3 +96,29 @@ def test_reference_ranges_may_overlap_generation_ranges(backend, lq):
     out, w = dar.dar_attention(q, k, v, lay, cfg, backend=backend, return_weights=True)
     np.testing.assert_array_equal(w.numpy(), w_ref.astype(np.float32))
     assert_close(out, out_ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_changes_nothing(backend, dtype):
+    # Models (BAGEL) call attention inside torch.autocast(bfloat16), which recasts float32 matmuls.
+    # DAR's functions run with autocast off: weights, output and its dtype are those outside autocast.
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(1, 2, 16, 16, generator=g, dtype=torch.float64) * 2).to(dtype)
+    k = torch.randn(1, 1, 48, 16, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(1, 1, 48, 16, generator=g, dtype=torch.float64).to(dtype)
+    _available(backend, q)
+    lay = dar.TokenLayout(ref=[(0, 48)], gen=[(0, 16)])
+    cfg = dar.DARConfig(gamma=0.5, num_samples=4)
+    call = make_call(q, k, None, lay, cfg, None, None, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # The case is sensitive: autocast'ed scoring gives other weights than the plain one.
+        cast = weights_from_mass(sampled_attention_mass(call), call.plan.tensors(q.device).key_groups(48), None,
+                                 call.plan.num_groups, cfg)[0]
+        w_cast = dar.compute_key_weights(q, k, lay, cfg, backend=backend)
+        out_cast, w_cast2 = dar.dar_attention(q, k, v, lay, cfg, backend=backend, return_weights=True)
+    w = dar.compute_key_weights(q, k, lay, cfg, backend=backend)
+    out = dar.dar_attention(q, k, v, lay, cfg, backend=backend)
+    assert not torch.equal(cast, w)
+    assert torch.equal(w_cast, w) and torch.equal(w_cast2, w)
+    assert out_cast.dtype == dtype and torch.equal(out_cast, out)

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from ..autocast import outside_autocast
 from ..backends import BACKENDS
 from . import reference as _reference
 from . import torch_backend as _torch
@@ -75,12 +76,7 @@ def _weights(impl, call: VarlenCall, head_group) -> torch.Tensor:
     return impl.key_weights(call) if head_group is None else _torch.key_weights(call, head_group)
 
 
-def _no_autocast(q: torch.Tensor):
-    """Run with autocast off: models such as BAGEL call attention inside ``torch.autocast``, which would
-    otherwise recast the float32 scoring matmuls to half precision and change the statistics."""
-    return torch.autocast(device_type=q.device.type, enabled=False)
-
-
+@outside_autocast
 def compute_key_weights_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, layouts,
                                cfg=None, softmax_scale: float | None = None, causal: bool = False, *,
@@ -96,10 +92,10 @@ def compute_key_weights_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: t
     impl = _select(backend, call)
     if not call.plan.active:
         return torch.ones(k.shape[0], dtype=torch.float32, device=q.device)
-    with _no_autocast(q):
-        return _weights(impl, call, head_group)
+    return _weights(impl, call, head_group)
 
 
+@outside_autocast
 def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, layouts, cfg=None,
                          softmax_scale: float | None = None, causal: bool = False, *, backend: str = "auto",
@@ -138,9 +134,8 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     call = make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
                             softmax_scale, causal)
     impl = _select(backend, call)
-    with _no_autocast(q):
-        w = _weights(impl, call, head_group) if call.plan.active else None
-        out = impl.attention(call, w)
+    w = _weights(impl, call, head_group) if call.plan.active else None
+    out = impl.attention(call, w)
     if return_weights:
         if w is None:
             w = torch.ones(k.shape[0], dtype=torch.float32, device=q.device)
