@@ -538,7 +538,9 @@ def rebalanced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: O
 
     q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv): any strides, fp16/bf16/fp32.
     w (B, Lk) float32 and gen_ranges (B, G, 2) int32 (half-open rebalanced query ranges, (0, 0)
-    padding), both None for plain attention. key_bias (B, Lk) float32 additive, -inf = padded key.
+    padding), both None for plain attention; w >= 0 (prob_scale: a key with w = 0 gets probability
+    0, and a row whose every key has w = 0 averages them instead of outputting 0; DAR's weights are
+    never 0). key_bias (B, Lk) float32 additive, -inf = padded key.
     Returns (B, Hq, Lq, Dv) in q's dtype, laid out like q (`empty_output`).
     """
     _check(q, k, v, w, gen_ranges, key_bias, mode)
