@@ -8,7 +8,8 @@
 - `dar.kernels.aot`: ahead-of-time compilation for a GPU that need not be present, and reading
   the resulting SASS (the static report, `dar bench static`).
 
-Importing this package does not import triton; the submodules do (and raise ImportError without it).
+Importing this package does not import triton; the submodules do (and raise ImportError without it, or
+with a triton older than `dar.kernels.triton_version.MIN_TRITON`).
 """
 
-__all__ = ["aot", "attention", "autotune", "scoring"]
+__all__ = ["aot", "attention", "autotune", "scoring", "triton_version"]

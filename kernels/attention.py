@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_version  # noqa: F401  (an ImportError on a triton older than the kernels need)
+
 from .autotune import AUTOTUNE_KEY, candidate_configs, prune_for, seq_bucket
 
 LOG2E = 1.4426950408889634  # the kernel works in base 2: exp(x) = exp2(x * log2(e))

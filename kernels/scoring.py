@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_version  # noqa: F401  (an ImportError on a triton older than the kernels need)
+
 from dar.scoring import DEGENERATE_SPAN
 
 from . import scoring_autotune as tuning

@@ -16,15 +16,6 @@ try:
 except ImportError as exc:  # re-raised as a plain ImportError: dar.backends records it as "unavailable"
     raise ImportError(f"the triton backend needs the `triton` package ({exc})") from exc
 
-# The kernels use Triton APIs (triton.knobs, ...) that older releases lack; 3.7.1 is the oldest CI runs them on
-# (with torch 2.13). Older tritons come with older torches (torch 2.5.1 brings 3.1.0): the backend is then
-# unavailable, and says why, rather than failing somewhere inside a kernel.
-MIN_TRITON = (3, 7)
-_found = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
-if _found < MIN_TRITON:
-    raise ImportError(f"the triton backend needs triton >= {'.'.join(map(str, MIN_TRITON))}, found "
-                      f"{triton.__version__} (it comes with torch; torch >= 2.13 brings a recent enough one)")
-
 from ..call import DARCall
 from ..kernels import attention as _attention
 from ..kernels.scoring import key_weights as _key_weights_kernel
