@@ -12,7 +12,9 @@ FlashAttention, cuDNN, SageAttention, a diffusers attention backend — at that 
 the scoring. `AttentionKernel` describes such a kernel (the callable and what it accepts);
 `attention` runs one call through it. The rebalanced and the plain query rows take at most two
 kernel calls (one when every row is rebalanced); a call the kernel cannot express is reported by
-`unsupported` so the caller can fall back once, saying why.
+`unsupported` so the caller can fall back once, saying why. `QueryRows` says which query rows are
+rebalanced: the call's plan by default, or the caller's own (the packed API's padded frame, where a
+sequence's rows sit at an offset only the device knows).
 
 Memory: ``K'`` is built in one pass (``w`` applied in float32, rounded once to k's dtype): a
 transient ``B x Hk x Lk x D`` tensor, the size of ``k``. The one-call forms used for causal masks
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 
 from .call import DARCall
 
-__all__ = ["AttentionKernel", "as_kernel", "attention", "plain", "scaled_keys", "unsupported"]
+__all__ = ["AttentionKernel", "QueryRows", "as_kernel", "attention", "plain", "plan_rows", "scaled_keys",
+           "unsupported"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +88,27 @@ def as_kernel(attention_fn) -> AttentionKernel:
 
 
 # ---------------------------------------------------------------------------------------------
-# Which form a call takes
+# Which rows are rebalanced, and which form a call takes
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryRows:
+    """The rebalanced query rows of a call, as the delegate forms need them.
+
+    shared: the query ranges every rebalancing batch row has, as host ints (what a split into two
+        kernel calls cuts along), or None when they differ across the batch.
+    lq: the number of query rows of the call's q.
+    indicator: returns the ``(B, Lq)`` bool of rebalanced rows on the device; only the one-call forms
+        that mix rebalanced and plain rows call it.
+    """
+
+    shared: tuple[tuple[int, int], ...] | None
+    lq: int
+    indicator: Callable[[], torch.Tensor]
+
+    @property
+    def every(self) -> bool:
+        return self.shared == ((0, self.lq),)
 
 
 def _shared_rows(call: DARCall):
@@ -105,11 +128,17 @@ def _shared_rows(call: DARCall):
     return shared
 
 
+def plan_rows(call: DARCall) -> QueryRows:
+    """The rows the call's plan rebalances (its ``gen`` ranges, or every row for ``queries="all"``)."""
+    lq = call.plan.lq
+    return QueryRows(_shared_rows(call), lq, lambda: call.plan.tensors(call.q.device).rebalanced_rows(lq))
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _form(call: DARCall, kernel: AttentionKernel) -> tuple[str, int]:
+def _form(call: DARCall, kernel: AttentionKernel, rows: QueryRows) -> tuple[str, int]:
     """(form, widened head dim) for an active call.
 
     Forms: ``keys`` (one call on K'), ``keys_split`` (rebalanced rows on K', plain rows on K),
@@ -117,14 +146,13 @@ def _form(call: DARCall, kernel: AttentionKernel) -> tuple[str, int]:
     bias ln w), ``bias_split``, ``column`` (one call, ``q' = [q, r]``, ``k' = [k, ln w / scale]``),
     with r the row indicator.
     """
-    rows = _shared_rows(call)
-    every_row = rows == ((0, call.plan.lq),)
+    every_row = rows.every
     causal = call.mask.is_causal
     d, dv = call.q.shape[-1], call.v.shape[-1]
     if call.cfg.mode == "key_scale":
         if every_row:
             return "keys", d
-        if rows is not None and not causal:
+        if rows.shared is not None and not causal:
             return "keys_split", d
         width = 2 * d
         form = "keys_fused"
@@ -134,7 +162,7 @@ def _form(call: DARCall, kernel: AttentionKernel) -> tuple[str, int]:
         # ln w there and passes the caller's mask and is_causal as they are.
         mask = call.mask.mask
         per_row_mask = mask is not None and mask.size(2) > 1
-        if kernel.takes_bias and not causal and not per_row_mask and (every_row or rows is not None):
+        if kernel.takes_bias and not causal and not per_row_mask and rows.shared is not None:
             return ("bias" if every_row else "bias_split"), d
         width = d + 1
         form = "column"
@@ -143,11 +171,14 @@ def _form(call: DARCall, kernel: AttentionKernel) -> tuple[str, int]:
     return form, _round_up(width, kernel.head_dim_multiple)
 
 
-def unsupported(call: DARCall, kernel: AttentionKernel) -> str | None:
-    """Why ``kernel`` cannot run this call's rebalanced attention, or None when it can."""
+def unsupported(call: DARCall, kernel: AttentionKernel, rows: QueryRows | None = None) -> str | None:
+    """Why ``kernel`` cannot run this call's rebalanced attention, or None when it can.
+
+    ``rows``: the rebalanced rows when they are not the plan's (`QueryRows`).
+    """
     if not call.plan.active:
         return None
-    form, width = _form(call, kernel)
+    form, width = _form(call, kernel, plan_rows(call) if rows is None else rows)
     if kernel.max_head_dim is not None and width > kernel.max_head_dim:
         what = ("the causal / per-row key_scale form doubles the head dim" if form == "keys_fused"
                 else "prob_scale without an additive mask needs one more head-dim column")
@@ -223,10 +254,9 @@ def pad_columns(t: torch.Tensor, cols: list[torch.Tensor], width: int) -> torch.
     return F.pad(cat, (0, pad)) if pad else cat
 
 
-def _indicator(call: DARCall, dtype: torch.dtype) -> torch.Tensor:
+def _indicator(rows: QueryRows, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, Lq, 1): 1 on rebalanced query rows, 0 elsewhere."""
-    pt = call.plan.tensors(call.q.device)
-    return pt.rebalanced_rows(call.plan.lq)[:, None, :, None].to(dtype)
+    return rows.indicator()[:, None, :, None].to(dtype)
 
 
 def _signed(call: DARCall) -> tuple[torch.Tensor, float]:
@@ -275,10 +305,12 @@ def plain(call: DARCall, kernel: AttentionKernel) -> torch.Tensor:
     return kernel.fn(q, call.k, call.v, attn_mask=call.mask.mask, scale=scale, is_causal=call.mask.is_causal)
 
 
-def attention(call: DARCall, weights: torch.Tensor | None, kernel: AttentionKernel) -> torch.Tensor:
+def attention(call: DARCall, weights: torch.Tensor | None, kernel: AttentionKernel,
+              rows: QueryRows | None = None) -> torch.Tensor:
     """Step 7 of docs/semantics.md through ``kernel``; ``weights=None`` (or an inactive plan) is plain.
 
-    Check `unsupported` first: a form the kernel cannot take raises inside the kernel.
+    ``rows``: the rebalanced query rows when they are not the plan's (`QueryRows`). Check
+    `unsupported` first: a form the kernel cannot take raises inside the kernel.
     """
     if weights is None or not call.plan.active:
         return plain(call, kernel)
@@ -286,21 +318,22 @@ def attention(call: DARCall, weights: torch.Tensor | None, kernel: AttentionKern
     k, v, mask = call.k, call.v, call.mask.mask
     if kernel.upcast and q.dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    form, width = _form(call, kernel)
-    rows = _shared_rows(call)
+    if rows is None:
+        rows = plan_rows(call)
+    form, width = _form(call, kernel, rows)
     dv = v.shape[-1]
     if form == "keys":
         out = kernel.fn(q, scaled_keys(k, weights), v, attn_mask=mask, scale=scale, is_causal=call.mask.is_causal)
     elif form == "keys_split":
-        out = _split(kernel, q, v, scale, call.plan.lq, rows, (scaled_keys(k, weights), mask), (k, mask))
+        out = _split(kernel, q, v, scale, rows.lq, rows.shared, (scaled_keys(k, weights), mask), (k, mask))
     elif form in ("bias", "bias_split"):
         bias = _with_bias(mask, _log_weights(call, weights)[:, None, None, :], q.dtype)
         if form == "bias":
             out = kernel.fn(q, k, v, attn_mask=bias, scale=scale, is_causal=False)
         else:
-            out = _split(kernel, q, v, scale, call.plan.lq, rows, (k, bias), (k, mask))
+            out = _split(kernel, q, v, scale, rows.lq, rows.shared, (k, bias), (k, mask))
     else:
-        ind = _indicator(call, q.dtype)
+        ind = _indicator(rows, q.dtype)
         if form == "keys_fused":
             q2 = pad_columns(q * ind, [q * (1 - ind)], width)
             k2 = pad_columns(scaled_keys(k, weights), [k], width)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dar
 from oracle import stable_keys
@@ -175,6 +176,43 @@ def test_torch_backend_has_gradients():
     out = _call(q=q, k=k, v=v, cfg=dar.DARConfig(gamma=0.5, num_samples=2), backend="torch")
     out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("mode", ["key_scale", "prob_scale"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_path_stays_on_sdpa_fused_kernel(mode, causal):
+    # The packed torch path attends through the dense torch backend's delegate kernel: every SDPA call
+    # keeps q, k and v at one head dim (SDPA's CPU flash kernel, not math), and no op makes a tensor
+    # of Lq x Lk (here 11 x 11; head dims and samples stay below 11). SDPA's math kernel would show as
+    # bmm / softmax on 11 x 11 and no fused SDPA op.
+    lens = [10, 11]
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(21, 4, 4, generator=g), torch.randn(21, 2, 4, generator=g), torch.randn(21, 2, 4, generator=g)
+    lays = [dar.TokenLayout(ref=[(0, 4)], gen=[(4, 10)]), dar.TokenLayout(ref=[(0, 5)], gen=[(5, 11)])]
+    seen, square = [], []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "scaled_dot_product" in str(func):
+                seen.append((str(func), args[0].shape[-1], args[1].shape[-1], args[2].shape[-1]))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and min(t.shape[-2:]) >= 11:
+                    square.append((str(func), tuple(t.shape)))
+            return out
+
+    for queries in ("generation", "all"):
+        seen.clear()
+        cfg = dar.DARConfig(num_samples=3, gamma=0.5, mode=mode, queries=queries)
+        with Spy():
+            out = dar.dar_attention_varlen(q, k, v, cu(lens), cu(lens), 11, 11, lays, cfg, causal=causal,
+                                           backend="torch")
+        ref = dar.dar_attention_varlen(q, k, v, cu(lens), cu(lens), 11, 11, lays, cfg, causal=causal,
+                                       backend="reference")
+        torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+        assert seen and all(d == dk == dv for _, d, dk, dv in seen), seen
+        assert all("flash" in name for name, *_ in seen), seen
+        assert not square, square
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -49,20 +49,6 @@ def _sdpa(sdp: str | None):
     return sdpa
 
 
-_PLAIN_SDPA = _sdpa(None)
-
-
-def sdpa(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
-    """SDPA with GQA and float masks cast to q's dtype, positional form (used by dar.varlen)."""
-    return _PLAIN_SDPA(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal)
-
-
-def _pad_last(t: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
-    """``extra`` columns appended to the head dim, zero-padded to a multiple of 8 (used by dar.varlen)."""
-    width = -(-(t.shape[-1] + sum(e.shape[-1] for e in extra)) // 8) * 8
-    return delegate.pad_columns(t, extra, width)
-
-
 def sdpa_kernel(device_type: str, sdp: str | None = None) -> delegate.AttentionKernel:
     """SDPA (optionally one of its kernels) as a `dar.delegate.AttentionKernel` on ``device_type``.
 

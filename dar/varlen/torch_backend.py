@@ -2,7 +2,8 @@
 
 The N sequences are gathered into padded ``(N, H, L, D)`` tensors with index tensors computed on the
 device from ``cu_seqlens`` and the host ints ``max_seqlen_*``; the padded problem is then exactly
-the dense one, solved with SDPA (any device, autograd) as the dense torch backend does, and the
+the dense one: the scoring is `dar.scoring`'s, and the attention is the dense torch backend's
+(`dar.delegate` with SDPA as the kernel, so SDPA's fused kernels run it; any device, autograd). The
 result is gathered back to the packed rows. Nothing ``Lq x Lk`` is built.
 
 Frames (where sequence ``n``'s rows sit in the padded tensors):
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import scoring
-from ..backends.torch import _pad_last, sdpa
+from .. import delegate, scoring
+from ..backends import get_backend
+from ..call import DARCall
+from ..masks import MaskSpec
 from .call import VarlenCall
 
 NEG_INF = float("-inf")
@@ -76,6 +79,28 @@ class _Frame:
         """(N, Lk) -> (total_k,)."""
         return w[self.seq_of_k, self.k_col]
 
+    def dense_call(self, call: VarlenCall) -> DARCall:
+        """The padded problem as a dense call: padded keys masked out (not causal), or SDPA's top-left
+        causal rule on the square frame. Its plan is the packed call's (query coordinates)."""
+        q, k = self.queries(call.q), self.keys(call.k)
+        mask = None if call.causal else self.key_valid[:, None, None, :]
+        spec = MaskSpec(mask, call.causal, q.shape[0], self.lq, self.lk)
+        return DARCall(q, k, self.keys(call.v), call.layouts, call.cfg, spec, call.scale, call.plan)
+
+    def rows(self, call: VarlenCall, dense: DARCall) -> delegate.QueryRows:
+        """The rebalanced rows in the padded frame. Not causal, row ``p`` is query ``p``: the plan's.
+        Causal, sequence ``n``'s queries sit ``Lk_n - Lq_n`` rows down, an offset only the device knows:
+        no shared ranges (unless every row is rebalanced), and the indicator gathered on the device."""
+        rows = delegate.plan_rows(dense)
+        if not call.causal:
+            return rows
+
+        def indicator() -> torch.Tensor:
+            on = call.plan.tensors(call.q.device).rebalanced_rows(max(call.max_seqlen_q, 1))  # (N, max_seqlen_q)
+            return on.gather(1, self.row_query.clamp(max=on.shape[1] - 1)) & self.row_valid  # (N, Lq')
+
+        return delegate.QueryRows(((0, self.lq),) if rows.every else None, self.lq, indicator)
+
 
 def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
     """(N, Lk) float32 attention mass of each sequence's sampled queries (steps 3-4)."""
@@ -115,31 +140,15 @@ def key_weights(call: VarlenCall, head_group=None) -> torch.Tensor:
 
 
 def attention(call: VarlenCall, weights: torch.Tensor | None) -> torch.Tensor:
-    """(total_q, Hq, Dv) in q's dtype (step 7) on the padded frame."""
+    """(total_q, Hq, Dv) in q's dtype (step 7) on the padded frame, through the dense torch backend's
+    delegate kernel (SDPA)."""
     q, k, v = call.q, call.k, call.v
     if q.shape[0] == 0 or k.shape[0] == 0 or call.max_seqlen_k == 0:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
     fr = _Frame(call)
-    qp, kp, vp = fr.queries(q), fr.keys(k), fr.keys(v)
-    mask = None if call.causal else fr.key_valid[:, None, None, :]
+    dense = fr.dense_call(call)
+    kernel = get_backend("torch").kernel(dense)
     if weights is None or not call.plan.active:
-        return fr.unpad_out(sdpa(qp, kp, vp, mask, call.causal, call.scale))
+        return fr.unpad_out(delegate.plain(dense, kernel))
     w = weights[fr.key_index].masked_fill(~fr.key_valid, 1.0)  # (N, Lk): padded keys weigh 1
-    pt = call.plan.tensors(q.device)
-    on = pt.rebalanced_rows(max(call.max_seqlen_q, 1))  # (N, max_seqlen_q), query coordinates
-    on = on.gather(1, fr.row_query.clamp(max=on.shape[1] - 1)) & fr.row_valid  # (N, Lq') padded frame
-    ind = on[:, None, :, None].to(q.dtype)
-    if call.cfg.mode == "prob_scale":
-        # One extra head-dim column: scale * <[q, ind], [k, ln w / scale]> = scale * <q, k> + ind * ln w.
-        lw = (torch.log(w) / call.scale)[:, None, :, None].to(k.dtype).expand(*kp.shape[:3], 1)
-        out = sdpa(_pad_last(qp, [ind.expand(*qp.shape[:3], 1)]), _pad_last(kp, [lw]), vp, mask, call.causal,
-                   call.scale)
-        return fr.unpad_out(out)
-    kw = kp * w[:, None, :, None].to(k.dtype)
-    if all(r == ((0, call.max_seqlen_q),) for r in call.plan.gen_ranges if r):
-        # queries="all": every row of every active sequence is rebalanced (inactive ones have w = 1).
-        return fr.unpad_out(sdpa(qp, kw, vp, mask, call.causal, call.scale))
-    # key_scale on some rows: [q * ind, q * (1 - ind)] . [k * w, k] in one SDPA call.
-    q2 = torch.cat([qp * ind, qp * (1 - ind)], dim=-1)
-    k2 = torch.cat([kw, kp], dim=-1)
-    return fr.unpad_out(sdpa(q2, k2, vp, mask, call.causal, call.scale))
+    return fr.unpad_out(delegate.attention(dense, w, kernel, fr.rows(call, dense)))
