@@ -14,6 +14,12 @@ import functools
 import torch
 
 
+# Device types with autocast, decided once at import: torch.amp.is_autocast_available is a C builtin that dynamo
+# cannot trace on torch 2.5, whereas a membership test on this frozenset folds away.
+_AUTOCAST_DEVICES = frozenset(
+    d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla") if torch.amp.is_autocast_available(d))
+
+
 def outside_autocast(fn):
     """``fn(q, ...)`` run with autocast off on q's device type (a no-op when autocast is off).
 
@@ -24,7 +30,7 @@ def outside_autocast(fn):
 
     @functools.wraps(fn)
     def run(q, *args, **kwargs):
-        if isinstance(q, torch.Tensor) and torch.amp.is_autocast_available(q.device.type):
+        if isinstance(q, torch.Tensor) and q.device.type in _AUTOCAST_DEVICES:
             with torch.autocast(device_type=q.device.type, enabled=False):
                 return fn(q, *args, **kwargs)
         return fn(q, *args, **kwargs)
