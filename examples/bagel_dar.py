@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
+
+from dar_ab import add_dar_options, off_on
 
 
 def parse_args(argv=None):
@@ -25,14 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="num_timesteps")
     p.add_argument("--cfg-text-scale", type=float, default=4.0)
     p.add_argument("--cfg-img-scale", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gamma", type=float, default=0.15)
-    p.add_argument("--tau-high", type=float, default=0.7)
-    p.add_argument("--tau-low", type=float, default=0.3)
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"))
-    p.add_argument("--heatmap-step", type=int, default=None, help="step drawn in the heatmaps (default: middle)")
-    p.add_argument("--out", default="bagel_dar", help="output folder")
+    # BAGEL's attention is packed (varlen): no flex path; the model is placed by the loader.
+    add_dar_options(p, "bagel_dar", backends=("auto", "triton", "torch", "reference"), offload=False)
     return p.parse_args(argv)
 
 
@@ -40,8 +35,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from PIL import Image
-
-    import dar
 
     module, _, fn = args.loader.partition(":")
     inferencer = getattr(importlib.import_module(module), fn)()
@@ -53,26 +46,8 @@ def main(argv=None) -> int:
                                               cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale)
         return out[-1]
 
-    off = generate()
-    cfg = dar.DARConfig(gamma=args.gamma, tau_high=args.tau_high, tau_low=args.tau_low, num_samples=args.num_samples)
-    step = args.steps // 2 if args.heatmap_step is None else args.heatmap_step
-    recorder = dar.Recorder(steps=[step])
-    with dar.rebalanced(inferencer, cfg, backend=args.backend, recorder=recorder):
-        on = generate()
-
-    os.makedirs(args.out, exist_ok=True)
-    off.save(os.path.join(args.out, "dar_off.png"))
-    on.save(os.path.join(args.out, "dar_on.png"))
-    pair = Image.new("RGB", (off.width + on.width, max(off.height, on.height)), "white")
-    pair.paste(off, (0, 0))
-    pair.paste(on, (off.width, 0))
-    pair.save(os.path.join(args.out, "off_vs_on.png"))
     # Each reference is written as VAE then ViT tokens: the maps come in that order per image.
-    recorder.plot_heatmaps(images=[im for im in refs for _ in ("vae", "vit")],
-                           path=os.path.join(args.out, "heatmaps.png"), step=step, row=0)
-    print(recorder.summary(group_by="layer"))
-    print(f"wrote {args.out}/off_vs_on.png (left: DAR off, right: DAR on) and {args.out}/heatmaps.png")
-    return 0
+    return off_on(inferencer, generate, [im for im in refs for _ in ("vae", "vit")], args)
 
 
 if __name__ == "__main__":
