@@ -318,16 +318,7 @@ def enable(target, config=None, *, layout_fn=None, layers=None, steps=None, reco
             state.configure(settings, layers)
             return state.owner
         handle = DARHandle(target, StepClock(per_forward=False))
-        state = BagelState(model, handle.clock)
-        state.install(model)
-        try:
-            state.configure(settings, layers)
-        except BaseException:
-            state.remove()
-            raise
-        state.owner = handle
-        handle.states.append(state)
-        _states[model] = state
+        handle.attach(BagelState(model, handle.clock), model, settings, layers, _states)
         return handle
 
 

@@ -159,16 +159,7 @@ def is_enabled(target) -> bool:
 
 
 def _attach(handle: DARHandle, model, settings, layers) -> None:
-    state = ModelState(model, handle.clock)
-    state.install(model)
-    try:
-        state.configure(settings, layers)
-    except BaseException:
-        state.remove()
-        raise
-    state.owner = handle
-    handle.states.append(state)
-    _models[model] = state
+    handle.attach(ModelState(model, handle.clock), model, settings, layers, _models)
 
 
 def _detach_all(handle: DARHandle) -> None:

@@ -309,6 +309,20 @@ class DARHandle:
     def reset_steps(self) -> None:
         self.clock.reset()
 
+    def attach(self, state: ModelState, model, settings: Settings, layers, registry: dict) -> ModelState:
+        """Install ``state`` on ``model`` and configure it (uninstalled again if configuring raises), then
+        own it and record it as ``registry[model]``: one place for every binding (diffusers, BAGEL)."""
+        state.install(model)
+        try:
+            state.configure(settings, layers)
+        except BaseException:
+            state.remove()
+            raise
+        state.owner = self
+        self.states.append(state)
+        registry[model] = state
+        return state
+
     def disable(self) -> None:
         from .. import disable  # the routing dispatcher: this handle may belong to another binding (BAGEL)
 

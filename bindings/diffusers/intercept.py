@@ -180,6 +180,22 @@ def _context_parallel_length(active, frame, q, k) -> int | None:
     return split.text + split.image
 
 
+def _rebalancing():
+    """``(active, frame)`` of an attention call an enabled model may rebalance, else None: no enabled model
+    is running, or its calls or this layer are not rebalanced (accounted for with `passed`)."""
+    hit = context.current()
+    if hit is None:
+        return None
+    active, frame = hit
+    if not active.rebalanced:
+        passed(active, frame, active.reason)
+        return None
+    if not frame.selected:
+        passed(active, frame, "layer not selected")
+        return None
+    return hit
+
+
 def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsupported=None, route=None):
     """A stand-in for an attention function that rebalances the calls of enabled models.
 
@@ -192,16 +208,10 @@ def _make_interceptor(original, names, positional, defaults, *, blhd: bool, unsu
     """
 
     def interceptor(*args, **kwargs):
-        hit = context.current()
+        hit = _rebalancing()
         if hit is None:
             return original(*args, **kwargs)
         active, frame = hit
-        if not active.rebalanced:
-            passed(active, frame, active.reason)
-            return original(*args, **kwargs)
-        if not frame.selected:
-            passed(active, frame, "layer not selected")
-            return original(*args, **kwargs)
         a = _bind(names, positional, defaults, args, kwargs)
         if a is None:
             passed(active, frame, "arguments that do not match the attention function's signature", warn="bind")
@@ -323,16 +333,10 @@ def make_varlen_interceptor(original):
     """
 
     def interceptor(*args, **kwargs):
-        hit = context.current()
+        hit = _rebalancing()
         if hit is None:
             return original(*args, **kwargs)
         active, frame = hit
-        if not active.rebalanced:
-            passed(active, frame, active.reason)
-            return original(*args, **kwargs)
-        if not frame.selected:
-            passed(active, frame, "layer not selected")
-            return original(*args, **kwargs)
         a = _bind(_VARLEN_NAMES, len(_VARLEN_NAMES), _VARLEN_DEFAULTS, args, kwargs)
         if a is None or any(name not in a for name in _VARLEN_NAMES[:7]):
             passed(active, frame, "arguments that do not match flash_attn_varlen_func's signature", warn="bind")
