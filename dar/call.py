@@ -34,11 +34,12 @@ class DARCall:
         return self.q.shape[1] // self.k.shape[1]
 
 
-def _check_tensor(name: str, t) -> None:
+def _check_tensor(name: str, t, dims: int = 4, form: str = "(B, H, L, D) like SDPA") -> None:
+    """``t`` is a float tensor of ``dims`` dims; shared with the packed API (3-D, flash-attn's form)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, H, L, D) like SDPA, got shape {tuple(t.shape)}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {form}, got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 

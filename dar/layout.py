@@ -112,17 +112,23 @@ class TokenLayout:
                 raise ValueError(f"{where}.gen range {(s, e)} exceeds the number of queries Lq={lq}")
 
 
-def resolve_layouts(layout, batch: int, lq: int, lk: int) -> tuple[TokenLayout, ...]:
-    """One validated `TokenLayout` per batch row from a single layout or a list of ``batch`` of them."""
+def resolve_layouts(layout, batch: int, lq: int, lk: int, name: str = "layout",
+                    count: str | None = None) -> tuple[TokenLayout, ...]:
+    """One validated `TokenLayout` per batch row from a single layout or a list of ``batch`` of them.
+
+    Shared with the packed API, where the rows are sequences: ``name`` is the argument named in
+    messages, ``count`` says where ``batch`` comes from (default: the batch size B).
+    """
     if isinstance(layout, TokenLayout):
-        layout.check_bounds(lq, lk)
+        layout.check_bounds(lq, lk, where=name)
         return (layout,) * batch
     if isinstance(layout, (list, tuple)):
         if len(layout) != batch:
-            raise ValueError(f"layout is a list of {len(layout)} TokenLayouts but the batch size B is {batch}")
+            count = f"the batch size B is {batch}" if count is None else count
+            raise ValueError(f"{name} is a list of {len(layout)} TokenLayouts but {count}")
         for i, lay in enumerate(layout):
             if not isinstance(lay, TokenLayout):
-                raise TypeError(f"layout[{i}] must be a dar.TokenLayout, got {type(lay).__name__}")
-            lay.check_bounds(lq, lk, where=f"layout[{i}]")
+                raise TypeError(f"{name}[{i}] must be a dar.TokenLayout, got {type(lay).__name__}")
+            lay.check_bounds(lq, lk, where=f"{name}[{i}]")
         return tuple(layout)
-    raise TypeError(f"layout must be a dar.TokenLayout or a list of B of them, got {type(layout).__name__}")
+    raise TypeError(f"{name} must be a dar.TokenLayout or a list of them, got {type(layout).__name__}")

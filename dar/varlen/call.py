@@ -17,9 +17,9 @@ import dataclasses
 
 import torch
 
-from ..call import FLOAT_DTYPES, check_heads_and_kinds, resolve_scale
+from ..call import _check_tensor, check_heads_and_kinds, resolve_scale
 from ..config import DARConfig
-from ..layout import TokenLayout
+from ..layout import TokenLayout, resolve_layouts
 from ..plan import DARPlan, make_plan
 from ..scalars import as_int
 
@@ -55,15 +55,6 @@ class VarlenCall:
         return self.q.shape[1] // self.k.shape[1]
 
 
-def _check_packed(name: str, t, what: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D {what} like flash_attn_varlen_func, got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
 def _check_cu(name: str, cu, device: torch.device) -> None:
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -80,20 +71,6 @@ def _check_max(name: str, value) -> int:
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
-
-
-def _resolve(layouts, n: int, max_q: int, max_k: int) -> tuple[TokenLayout, ...]:
-    if isinstance(layouts, TokenLayout):
-        layouts = [layouts] * n
-    if not isinstance(layouts, (list, tuple)):
-        raise TypeError(f"layouts must be a list of N dar.TokenLayout (one per sequence), got {type(layouts).__name__}")
-    if len(layouts) != n:
-        raise ValueError(f"layouts has {len(layouts)} TokenLayouts but cu_seqlens_q describes N = {n} sequences")
-    for i, lay in enumerate(layouts):
-        if not isinstance(lay, TokenLayout):
-            raise TypeError(f"layouts[{i}] must be a dar.TokenLayout, got {type(lay).__name__}")
-        lay.check_bounds(max_q, max_k, where=f"layouts[{i}]")
-    return tuple(layouts)
 
 
 def _host_lengths(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, max_q: int, max_k: int,
@@ -127,10 +104,10 @@ def make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     back (a host synchronisation), so there the caller guarantees, as for flash-attn, that
     ``cu_seqlens`` and ``max_seqlen_*`` are consistent and that each layout fits its sequence.
     """
-    _check_packed("q", q, "(total_q, Hq, D)")
-    _check_packed("k", k, "(total_k, Hk, D)")
+    _check_tensor("q", q, 3, "(total_q, Hq, D) like flash_attn_varlen_func")
+    _check_tensor("k", k, 3, "(total_k, Hk, D) like flash_attn_varlen_func")
     if v is not None:
-        _check_packed("v", v, "(total_k, Hk, Dv)")
+        _check_tensor("v", v, 3, "(total_k, Hk, Dv) like flash_attn_varlen_func")
     if cfg is None:
         cfg = DARConfig()
     if not isinstance(cfg, DARConfig):
@@ -153,7 +130,7 @@ def make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     n = cu_seqlens_q.shape[0] - 1
-    lays = _resolve(layouts, n, max_q, max_k)
+    lays = resolve_layouts(layouts, n, max_q, max_k, "layouts", f"cu_seqlens_q describes N = {n} sequences")
     lengths = None
     if cu_seqlens_q.device.type == "cpu" and not torch.compiler.is_compiling():
         lengths = _host_lengths(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_q, max_k, lays)
