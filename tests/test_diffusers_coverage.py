@@ -30,6 +30,9 @@ LAYOUT_TESTS = {
     "Flux3Transformer2DModel": [("test_pipeline_multiref", "test_flux3_references")],
     "BriaFiboTransformer2DModel": [("test_pipeline_multiref", "test_bria_fibo_edit_ids")],
     "OmniGenTransformer2DModel": [("test_diffusers_binding", "test_matches_reference_on_captured_calls")],
+    "GlmImageTransformer2DModel": [("test_pipeline_multiref", "test_glm_image_kv_cache_pipeline")],
+    "ZImageTransformer2DModel": [("test_pipeline_multiref", "test_zimage_omni_pipeline")],
+    "BriaFibo2Transformer2DModel": [("test_pipeline_multiref", "test_bria_fibo2_edit_pipeline")],
 }
 
 
@@ -92,7 +95,7 @@ def test_supported_classes_resolve_to_their_family():
             assert fam is not None and callable(fam.derive), name
 
 
-@pytest.mark.parametrize("name", ["WanVACETransformer3DModel", "GlmImageTransformer2DModel"])
+@pytest.mark.parametrize("name", ["WanVACETransformer3DModel", "LTX2VideoTransformer3DModel"])
 def test_enable_names_the_reason_for_an_unsupported_model(name):
     import dar
 

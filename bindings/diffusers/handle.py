@@ -33,7 +33,7 @@ class Settings:
     backend: str
     layout_fn: Callable  # (model, call_kwargs, memo) -> Derived | NoLayout | UserLayouts | None
     family: str
-    after: Callable | None  # (model, memo, output) after each forward, for layouts that span forwards
+    after: Callable | None  # (model, call_kwargs, memo, output) after every forward, selected step or not
     steps: StepFilter
     recorder: object | None
 
@@ -240,9 +240,11 @@ class ModelState:
 
     @torch.compiler.disable
     def _forward_exit(self, module, args, kwargs, output):
+        # Runs on every forward, whether its step is selected or not: a KV cache filled at an unselected
+        # step is read at selected ones.
         after = self.settings.after if self.settings is not None else None
         if after is not None:
-            after(module, self.memo, output)
+            after(module, call_kwargs(module, args, kwargs), self.memo, output)
         stack = context.calls_stack()
         for i in range(len(stack) - 1, -1, -1):
             if stack[i].state is self:

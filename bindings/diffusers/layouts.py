@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import weakref
 
 import torch
@@ -342,9 +343,12 @@ def _flux2_extract(lays, n_txt: int, n_img: int, n_ref: int, memo: dict):
                    (((n_ref, n_ref), "reference self-attention of the KV-cache extract pass"),))
 
 
-def flux2_after(model, memo: dict, output) -> None:
+def flux2_after(model, kw: dict, memo: dict, output) -> None:
     """After an extract forward: remember which reference images the returned KV cache holds."""
     pending = memo.pop("flux2_pending", None)
+    if pending is None and kw.get("kv_cache_mode") == "extract":
+        flux_ids(model, kw, memo)  # an extract forward at an unselected step: its split is still needed
+        pending = memo.pop("flux2_pending", None)
     cache = output[1] if isinstance(output, tuple) and len(output) > 1 else getattr(output, "kv_cache", None)
     if pending is not None and cache is not None:
         memo.setdefault(_FLUX2_CACHES, weakref.WeakKeyDictionary())[cache] = pending
@@ -366,6 +370,204 @@ def _flux2_cached(kw: dict, memo: dict):
     lays = tuple(TokenLayout(ref=[(n_txt + s, n_txt + e) for s, e in refs], gen=[(n_txt, n_txt + n_img)],
                              image_shapes=grids) for refs, grids in rows)
     return Derived((((n_txt + n_img, n_txt + n_ref + n_img), lays),))
+
+
+_GLM_CACHES = "glm_kv_caches"  # memo entry: GlmImageKVCache -> per cached sample, its images in cache positions
+_GLM_WRITE = "condition image written into the KV cache (no generated queries)"
+_GLM_SKIP = "forward without the cached condition images (kv_caches mode 'skip': the unconditional pass)"
+
+
+def _glm_cache(kw: dict):
+    """``(kv_caches, its first layer's cache)`` of a GLM-Image forward, or None without a cache."""
+    caches = kw.get("kv_caches")
+    layers = getattr(caches, "caches", None)
+    return (caches, layers[0]) if layers else None
+
+
+def _glm_grid(model, hs: torch.Tensor) -> tuple[int, int]:
+    p = int(model.config.patch_size)
+    return int(hs.shape[-2]) // p, int(hs.shape[-1]) // p
+
+
+def glm_image(model, kw: dict, memo: dict):
+    """Layouts of a GLM-Image forward, by the mode of its ``kv_caches``.
+
+    GlmImagePipeline runs one ``"write"`` forward per condition image (keys and values stored in the
+    cache; `glm_image_after` records where each image lands), then denoises with ``"read"`` forwards
+    (keys ``[cached images, text, image]``, queries ``[text, image]``: ``Lq != Lk``) and, for
+    classifier-free guidance, ``"skip"`` forwards that do not see the cache."""
+    hs, ehs, got = kw.get("hidden_states"), kw.get("encoder_hidden_states"), _glm_cache(kw)
+    if hs is None or ehs is None or got is None:
+        return None
+    caches, layer = got
+    h, w = _glm_grid(model, hs)
+    n_txt, n_img = int(ehs.shape[1]), h * w
+    seq = n_txt + n_img
+    if layer.mode == "write":
+        return Derived((), (((seq, seq), _GLM_WRITE),))
+    if layer.mode == "skip":
+        return Derived((), (((seq, seq), _GLM_SKIP),))
+    if layer.mode != "read" or not layer.k_caches:
+        return None
+    cached = [int(k.shape[1]) for k in layer.k_caches]
+    samples = memo.get(_GLM_CACHES, {}).get(caches)
+    if samples is None or len(samples) < len(cached) or any(
+            rec is None or not rec or rec[-1][1] != n for rec, n in zip(samples, cached)):
+        return NoLayout("the KV cache was filled while DAR was not enabled on this model, so the cached condition "
+                        "images are unknown; enable DAR before the pipeline call")
+    batch, n = int(hs.shape[0]), len(cached)
+    if n != 1 and batch % n:
+        return NoLayout(f"{n} cached samples do not divide the batch of {batch}", warn=False)  # the model raises
+    # As GlmImageLayerKVCache.get: one cached sample serves every row, else row b reads sample b // (batch / n).
+    rows = [samples[0 if n == 1 else b // (batch // n)] for b in range(batch)]
+    lays = tuple(TokenLayout(ref=[(s, e) for s, e, _ in rec], gen=[(n_txt, seq)],
+                             image_shapes=[grid for _, _, grid in rec]) for rec in rows)
+    return Derived((((seq, cached[0] + seq), lays),))
+
+
+def glm_image_after(model, kw: dict, memo: dict, output) -> None:
+    """After a ``"write"`` forward: record where its image landed in the cache of the current sample.
+
+    The cache concatenates each write's ``[text, image]`` keys; a record that does not end where the
+    cache did before this write (a cache cleared and refilled, or filled partly without DAR) is
+    dropped, so a read never uses a stale split."""
+    hs, ehs, got = kw.get("hidden_states"), kw.get("encoder_hidden_states"), _glm_cache(kw)
+    if hs is None or ehs is None or got is None or got[1].mode != "write":
+        return
+    caches, layer = got
+    idx = int(layer.current_sample_idx)
+    if idx >= len(layer.k_caches):
+        return
+    h, w = _glm_grid(model, hs)
+    end = int(layer.k_caches[idx].shape[1])
+    start = end - h * w
+    before = start - int(ehs.shape[1])
+    samples = memo.setdefault(_GLM_CACHES, weakref.WeakKeyDictionary()).setdefault(caches, [])
+    samples.extend([None] * (idx + 1 - len(samples)))
+    rec = samples[idx]
+    if before == 0:
+        rec = []
+    elif rec is None or not rec or rec[-1][1] != before:
+        rec = None
+    samples[idx] = None if rec is None else rec + [(start, end, (h, w))]
+
+
+_REFINERS = "refiner layer before the joint layers (DAR rebalances the joint layers)"
+
+
+def _zimage_pad(n: int, multiple: int) -> int:
+    return n + (-n) % multiple
+
+
+def _zimage_row(caps, xs, sigs, noise, p: int, pf: int, multiple: int):
+    """``(TokenLayout, cap_len, x_len, sig_len)`` of one omni-mode row ``[captions, images, SigLIP]``.
+
+    Each item is padded to ``multiple`` tokens (a missing image or SigLIP item is ``multiple`` padding
+    tokens). The images whose noise-mask value is 1 are generated; those with 0 are references, each
+    as its VAE tokens and, in the SigLIP part, its SigLIP tokens (two ranges per reference image)."""
+    cap_len = sum(_zimage_pad(int(c.shape[0]), multiple) for c in caps)
+    gen, refs, grids, pos = [], [], [], cap_len
+    for x, noisy in zip(xs, noise):
+        if x is None:
+            pos += multiple
+            continue
+        f, h, w = int(x.shape[1]) // pf, int(x.shape[2]) // p, int(x.shape[3]) // p
+        if noisy:
+            gen.append((pos, pos + f * h * w))
+        else:
+            refs.append((pos, pos + f * h * w))
+            grids.append((f * h, w))
+        pos += _zimage_pad(f * h * w, multiple)
+    x_len = pos - cap_len
+    for sig, noisy in zip(sigs or (), noise):
+        if sig is None:
+            pos += multiple
+            continue
+        h, w = int(sig.shape[0]), int(sig.shape[1])
+        if not noisy:
+            refs.append((pos, pos + h * w))
+            grids.append((h, w))
+        pos += _zimage_pad(h * w, multiple)
+    return TokenLayout(ref=refs, gen=gen, image_shapes=grids or None), cap_len, x_len, pos - cap_len - x_len
+
+
+def zimage_omni(model, kw: dict, memo: dict):
+    """Layouts of a Z-Image forward in omni mode (``x`` a list of image lists per sample).
+
+    Each row is ``[captions, images, SigLIP tokens]``, every item padded to the model's multiple, rows
+    padded to the longest (the model masks the padding). Before the joint layers, refiner layers
+    attend within the images, the captions and the SigLIP tokens separately; they pass unchanged.
+    Basic mode (one image per sample: text-to-image, img2img, inpainting) has no references."""
+    xs, caps, sigs, noise = kw.get("x"), kw.get("cap_feats"), kw.get("siglip_feats"), kw.get("image_noise_mask")
+    if not xs or not isinstance(xs[0], list) or caps is None or noise is None:
+        return None
+    multiple = int(getattr(sys.modules[type(model).__module__], "SEQ_MULTI_OF", 32))
+    p, pf = int(kw.get("patch_size", 2)), int(kw.get("f_patch_size", 1))
+    # As the model: SigLIP tokens join the sequence when the first sample has them and the model embeds them.
+    with_sig = sigs is not None and sigs[0] is not None and getattr(model, "siglip_embedder", None) is not None
+    rows = [_zimage_row(caps[i], xs[i], sigs[i] if with_sig else None, noise[i], p, pf, multiple)
+            for i in range(len(xs))]
+    if not any(lay.ref and lay.gen for lay, *_ in rows):
+        return None
+    seq = max(c + x + s for _, c, x, s in rows)
+    passes = {(n, n): _REFINERS for n in (max(r[k] for r in rows) for k in (1, 2, 3)) if n}
+    return joint([lay for lay, *_ in rows], seq, tuple(passes.items()))
+
+
+def _merged_passes(*pairs) -> tuple:
+    """``((Lq, Lk), reason)`` pairs with one entry per shape (reasons of coinciding shapes joined)."""
+    out: dict = {}
+    for shape, reason in pairs:
+        if reason not in out.get(shape, ""):
+            out[shape] = f"{out[shape]}; or {reason}" if shape in out else reason
+    return tuple(out.items())
+
+
+def _fibo2_gist_counts(model, mask, text_len: int, batch: int) -> tuple[int, ...]:
+    cfg = model.config
+    lengths = [text_len] * batch if mask is None else mask.sum(dim=1).tolist()
+    count = sys.modules[type(model).__module__].compute_gist_count  # the model's own rule
+    return tuple(count(lengths, min_gist=cfg.min_num_gist_tokens, max_gist=cfg.max_num_gist_tokens,
+                       gist_step=cfg.gist_step, min_text_len=cfg.gist_min_text_len,
+                       max_text_len=cfg.gist_max_text_len))
+
+
+def bria_fibo2(model, kw: dict, memo: dict):
+    """Layouts of a Bria Fibo 2.0 forward with ``context_latents`` (the images to edit).
+
+    The joint sequence is ``[gist, image, context images]``, or ``[image, context images, gist]``
+    when the batch's prompts get different gist counts (the shorter ones padded and masked). The
+    gist count per prompt follows from its text length (``encoder_attention_mask``) by the model's
+    own rule. The other calls (the noise refiner over ``[image, context]``, the Perceiver's gist
+    tokens, the injection blocks' cross-attention to the text) pass unchanged."""
+    hs, ehs, ctx = kw.get("hidden_states"), kw.get("encoder_hidden_states"), kw.get("context_latents")
+    if hs is None or ehs is None or not ctx:
+        return None
+    p = int(model.config.patch_size)
+    mask, batch, text_len = kw.get("encoder_attention_mask"), int(hs.shape[0]), int(ehs.shape[2])
+    if mask is None:
+        counts = _fibo2_gist_counts(model, None, text_len, batch)
+    else:  # a host read of the mask, once per pipeline call (the pipeline builds it once)
+        counts = _cached(memo, "fibo2_gist", mask, (text_len,),
+                         lambda: _fibo2_gist_counts(model, mask, text_len, batch))
+    n_gist = max(counts)
+    n_img = (int(hs.shape[2]) // p) * (int(hs.shape[3]) // p)
+    grids = [(int(c.shape[2]) // p, int(c.shape[3]) // p) for c in ctx]
+    start = 0 if min(counts) < n_gist else n_gist
+    refs, pos = [], start + n_img
+    for h, w in grids:
+        refs.append((pos, pos + h * w))
+        pos += h * w
+    seq = n_gist + pos - start
+    if text_len == seq and model.config.injection_layer_ids:
+        return NoLayout(f"the text has as many tokens ({text_len}) as the joint sequence, so the injection blocks' "
+                        f"cross-attention to it cannot be told apart from the joint attention")
+    layout = TokenLayout(ref=refs, gen=[(start, start + n_img)], image_shapes=grids)
+    passes = _merged_passes(((seq - n_gist, seq - n_gist), _REFINERS),
+                            ((n_gist, text_len), "Perceiver: the gist tokens read the text"),
+                            ((n_gist, n_gist), "Perceiver: self-attention of the gist tokens"),
+                            ((seq, text_len), "cross-attention of an injection block to the text (no reference keys)"))
+    return joint((layout,) * batch, seq, passes)
 
 
 def omnigen(model, kw: dict, memo: dict):
@@ -400,7 +602,8 @@ def omnigen(model, kw: dict, memo: dict):
 @dataclasses.dataclass(frozen=True)
 class Family:
     """An automatic layout rule: ``derive(model, call_kwargs, memo)`` and an optional
-    ``after(model, memo, output)`` run after each forward."""
+    ``after(model, call_kwargs, memo, output)`` run after every forward (for layouts that span
+    forwards: a KV cache filled by one forward and read by later ones)."""
 
     name: str
     derive: object
@@ -419,6 +622,9 @@ def _families():
         ("transformer_flux2", "Flux2Transformer2DModel", Family("flux2", flux_ids, flux2_after)),
         ("transformer_flux", "FluxTransformer2DModel", Family("flux", flux_ids)),
         ("transformer_bria_fibo", "BriaFiboTransformer2DModel", Family("bria_fibo", flux_ids)),
+        ("transformer_glm_image", "GlmImageTransformer2DModel", Family("glm_image", glm_image, glm_image_after)),
+        ("transformer_z_image", "ZImageTransformer2DModel", Family("zimage", zimage_omni)),
+        ("transformer_bria_fibo2", "BriaFibo2Transformer2DModel", Family("bria_fibo2", bria_fibo2)),
         ("transformer_omnigen", "OmniGenTransformer2DModel", Family("omnigen", omnigen)),
     )
 
@@ -457,12 +663,6 @@ NOT_MULTI_REFERENCE = "not multi-reference"
 NOT_YET = "not yet supported"
 NOT_SUPPORTED: dict[str, tuple[str, str]] = {
     # Multi-reference models without a layout rule yet.
-    "GlmImageTransformer2DModel": (NOT_YET, "condition images are written into a KV cache by separate forwards "
-                                   "and read by the denoising forwards; rule not written yet"),
-    "ZImageTransformer2DModel": (NOT_YET, "omni mode: per-sample lists of captions, images and SigLIP tokens; rule "
-                                 "not written yet"),
-    "BriaFibo2Transformer2DModel": (NOT_YET, "context images after the target, gist tokens first or last; rule not "
-                                    "written yet"),
     "WanVACETransformer3DModel": (NOT_YET, "WanVACEPipeline prepends reference_images as latent frames but does not "
                                   "pass their count to the transformer, so the layout cannot be derived from its "
                                   "arguments; use layout_fn with the number of reference frames"),
