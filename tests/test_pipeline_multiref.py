@@ -29,7 +29,9 @@ import dar
 from dar import TokenLayout
 from test_diffusers_binding import capture, plain, reference
 
-CFG = dar.DARConfig(gamma=0.5, num_samples=8)
+# One min-max group per reference range, so the checks tell apart layouts that cover the same keys
+# but split them into images differently.
+CFG = dar.DARConfig(gamma=0.5, num_samples=8, normalize="per_image")
 HEAD_DIM = 128  # FLUX.1 / FLUX.2 attention head size
 
 
@@ -66,7 +68,7 @@ def verify(run, pipe, namespaces, expected: dict, counts: dict):
     assert len(rebalanced) == counts["rebalanced"]
     for c in rebalanced:
         layouts = expected[(c.q.shape[2], c.k.shape[2])]
-        want = reference(c, layouts(c) if callable(layouts) else layouts)
+        want = reference(c, layouts(c) if callable(layouts) else layouts, CFG)
         torch.testing.assert_close(c.out, want, rtol=2e-5, atol=2e-5)
         assert (want - plain(c)).abs().max() > 1e-4  # the call really was rebalanced
     for c in calls:
@@ -436,10 +438,11 @@ def test_glm_image_kv_cache_pipeline():
     prior_images = [torch.randint(0, 64, (40,), generator=gen) for _ in range(2)]
     prior, prompt, negative = torch.randint(0, 64, (2, 16), generator=gen), torch.randn(2, 5, 32), torch.randn(2, 5, 32)
 
-    def run():
+    def run(**kw):
         return pipe(image=images, prompt_embeds=prompt, negative_prompt_embeds=negative, prior_token_ids=prior,
                     prior_token_image_ids=prior_images, source_image_grid_thw=grids, height=16, width=16,
-                    num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+                    num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+                    **kw).images
 
     # Each row's cache holds its images in write order; the read call's keys are [cache 40, text 5,
     # target 16] (Lk = 61) and its queries [text 5, target 16] (Lq = 21).
@@ -451,12 +454,18 @@ def test_glm_image_kv_cache_pipeline():
                                         "unconditional pass)": 2}})
 
     # The writes run before the step counter restarts, so a step filter may leave them out: they are
-    # still recorded, and the selected read is rebalanced without a warning.
+    # still recorded, and the selected read is rebalanced without a warning. Two images per prompt
+    # (no guidance): rows 0-1 read the first prompt's cached images, rows 2-3 the second's.
     rec = dar.Recorder()
-    with dar.rebalanced(pipe, CFG, steps=[1], recorder=rec), warnings.catch_warnings():
+    with dar.rebalanced(pipe, CFG, steps=[1], recorder=rec), warnings.catch_warnings(), \
+            capture(type("Case", (), {"namespace": vars(mod), "name": "dispatch_attention_fn"})) as calls:
         warnings.simplefilter("error")
-        run()
+        run(num_images_per_prompt=2, guidance_scale=1.0)
     assert rec.call_counts().rebalanced == 1
+    plain_read, rebalanced_read = [c for c in calls if (c.q.shape[2], c.k.shape[2]) == (21, 61)]
+    torch.testing.assert_close(plain_read.out, plain(plain_read), rtol=1e-5, atol=1e-6)  # step 0: filtered out
+    torch.testing.assert_close(rebalanced_read.out, reference(rebalanced_read, [rows[0]] * 2 + [rows[1]] * 2, CFG),
+                               rtol=2e-5, atol=2e-5)
 
 
 def test_glm_image_cache_filled_without_dar_warns():
