@@ -584,3 +584,26 @@ def test_bria_fibo2_edit_pipeline():
                        "Perceiver: the gist tokens read the text": 4,
                        "Perceiver: self-attention of the gist tokens": 4,
                        "cross-attention of an injection block to the text (no reference keys)": 4}})
+
+
+def test_bria_fibo2_text_as_long_as_the_sequence_warns():
+    """When the text has exactly as many tokens as the joint sequence, an injection block's
+    cross-attention to it has the joint call's shape and cannot be told apart: the forward warns,
+    naming the model and why, and runs unchanged."""
+    mod = pytest.importorskip("diffusers.models.transformers.transformer_bria_fibo2", reason="this diffusers has no Fibo 2.0")
+
+    torch.manual_seed(0)
+    model = mod.BriaFibo2Transformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=1,
+                                            cap_feat_dim=8, injection_layer_ids=(1,), perceiver_num_layers=1,
+                                            min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+                                            gist_min_text_len=4, gist_max_text_len=12, axes_dims=(8, 12, 12)).eval()
+    # 16 text tokens -> 8 gist tokens; 4 image and 4 context tokens: a joint sequence of 16.
+    kwargs = dict(hidden_states=torch.randn(1, 4, 4, 4), timestep=torch.tensor([0.5]),
+                  encoder_hidden_states=torch.randn(1, 2, 16, 8), context_latents=[torch.randn(1, 4, 4, 4)],
+                  return_dict=False)
+    with torch.no_grad():
+        base = model(**kwargs)[0]
+        with dar.rebalanced(model, CFG):
+            with pytest.warns(UserWarning, match="BriaFibo2Transformer2DModel.*cannot be told apart"):
+                out = model(**kwargs)[0]
+    assert torch.equal(out, base)
