@@ -38,16 +38,19 @@ ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
 DIST = "dar-attention"
 
-TRANSFORMERS_TESTS = ["tests/test_transformers_*.py", "tests/test_diffusers_*.py", "tests/test_pipeline_*.py",
-                      "tests/test_compile*.py"]
+# transformers rows: its binding, compile, and the pipeline whose text encoder is a transformers model.
+TRANSFORMERS_TESTS = ["tests/test_transformers_*.py", "tests/test_compile*.py", "tests/test_pipeline_qwen_edit.py"]
 DIFFUSERS_TESTS = ["tests/test_diffusers_*.py", "tests/test_pipeline_*.py", "tests/test_parallel_diffusers*.py",
                    "tests/test_compile*.py"]
 MODEL_TESTS = ["tests/test_models_*.py", "tests/test_varlen*.py"]
 JUDGE_TESTS = ["tests/eval/test_eval_judges.py", "tests/eval/test_eval_secrets.py"]
-# torch's own rows: everything that runs torch (the evaluation toolkit is torch-free and needs no rerun), but the
-# full Qwen-Image-Edit pipeline, whose processor needs torchvision: no torchvision on this disk or index imports
-# beside the CPU build of torch 2.13 ("operator torchvision::nms does not exist").
-TORCH_TESTS = ["tests/test_*.py", "!tests/test_pipeline_qwen_edit.py"]
+# torch 2.13: the core, the kernels (interpreter) and compile, including a compiled diffusers transformer; the
+# library bindings are the library rows' business (and the full Qwen-Image-Edit pipeline needs a torchvision,
+# which no build on this disk or index provides beside the CPU build of torch 2.13).
+TORCH_TESTS = ["tests/test_*.py", "tests/test_diffusers_binding.py",
+               *(f"!tests/test_{name}" for name in ("diffusers_*.py", "pipeline_*.py", "parallel_*.py",
+                                                   "transformers_*.py", "models_*.py", "recorder.py", "demo.py",
+                                                   "examples.py", "cli.py"))]
 # The oldest torch cannot run the kernels (its triton is too old): the core, varlen and model bindings.
 OLD_TORCH_TESTS = ["tests/test_semantics.py", "tests/test_validation.py", "tests/test_sampling_and_plan.py",
                    "tests/test_compile.py", "tests/test_backend_availability.py",
@@ -140,9 +143,11 @@ def allowed(package: str, version: str) -> bool:
 
 
 def expand(patterns: list[str]) -> list[str]:
-    """The test files the patterns name; a pattern starting with ``!`` takes files out."""
+    """The test files the patterns name: ``!pattern`` takes files out, except those a plain pattern names
+    exactly (without wildcards)."""
+    exact = {str(ROOT / p) for p in patterns if not p.startswith("!") and not glob.has_magic(p)}
     files = {f for p in patterns if not p.startswith("!") for f in glob.glob(str(ROOT / p))}
-    files -= {f for p in patterns if p.startswith("!") for f in glob.glob(str(ROOT / p[1:]))}
+    files -= {f for p in patterns if p.startswith("!") for f in glob.glob(str(ROOT / p[1:]))} - exact
     return [os.path.relpath(f, ROOT) for f in sorted(files)]
 
 
