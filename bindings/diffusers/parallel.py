@@ -241,11 +241,23 @@ def rebalance(state, layouts, split: Split, q, k, v, attn_mask, scale, parallel_
         if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1:
             raise ValueError(f"dar: under context parallelism DAR takes key-padding masks (B, 1, 1, Lk); this call "
                              f"has attn_mask of shape {tuple(attn_mask.shape)}")
-        m = attn_mask[:, 0, 0, :].expand(b, k.shape[2])
+        local, total = k.shape[2], split.text + split.image
+        if attn_mask.shape[3] not in (local, total):
+            raise ValueError(f"dar: the key-padding mask has {attn_mask.shape[3]} keys; this rank holds {local} of "
+                             f"{total}, so it must have {local} (this rank's) or {total} (the whole sequence's)")
+        m = attn_mask[:, 0, 0, :].expand(b, attn_mask.shape[3])
         key_bias = m.float() if m.is_floating_point() else torch.zeros(m.shape, device=m.device).masked_fill(
             ~m, float("-inf"))
-        # Every rank's key mask in ring order (the flattened CP mesh's rank order): O(B * Lk_local) each.
-        key_bias = dp.gather_ranks(key_bias, cp._flattened_mesh.get_group(), dim=1)
+        if attn_mask.shape[3] == local:
+            # diffusers >= 0.39 splits the text mask with the tokens, so each rank's mask covers its own
+            # [text piece, image piece]. Every rank's key mask in ring order (the flattened CP mesh's rank
+            # order): O(B * Lk_local) each.
+            key_bias = dp.gather_ranks(key_bias, cp._flattened_mesh.get_group(), dim=1)
+        else:
+            # diffusers 0.38 builds the joint mask in global order [text, image] before its split hooks, while
+            # each rank's keys are [its text piece, its image piece]: put the mask in rank order here, no
+            # exchange. (diffusers' own attention applies that global mask to the rank-order keys.)
+            key_bias = torch.cat([key_bias[:, a:e] for f in range(split.world) for a, e in split.segments(f)], dim=1)
     ring, ulysses = int(cp.ring_degree), int(cp.ulysses_degree)
     groups = (cp._ulysses_mesh.get_group() if ulysses > 1 else None,
               cp._ring_mesh.get_group() if ring > 1 else None)
