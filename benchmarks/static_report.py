@@ -112,16 +112,19 @@ def attention_call(*, lq=L_PLAIN, lk=None, hq=24, hk=24, d=128, dv=None, batch=2
 LOOP_ORDER = {True: ("plain", "weighted", "per_row", "tail"), False: ("plain", "tail")}
 
 
-def attention_loops(loops, weights: bool) -> dict:
-    """Name the attention kernel's MMA loops (see LOOP_ORDER) and check their signatures."""
+def attention_loops(loops, weights: bool, folded: bool = False) -> dict:
+    """Name the attention kernel's MMA loops (see LOOP_ORDER) and check their signatures.
+    ``folded``: key_scale, whose all-rebalanced programs run the plain loop over K' = w * K, so its
+    "weighted" loop loads no weights."""
     names = LOOP_ORDER[weights][:len(loops)]
     named = dict(zip(names, loops))
     if len(loops) not in (len(LOOP_ORDER[weights]) - 1, len(LOOP_ORDER[weights])):
         raise RuntimeError(f"expected {LOOP_ORDER[weights]} loops, found {len(loops)}")
     w_loads = lambda lp: lp.count("LDGSTS") + lp.count("LDG.")  # noqa: E731  (K/V come by TMA on sm90+)
     if weights and "weighted" in named:
-        ok = (w_loads(named["weighted"]) > 0 and named["per_row"].count("FSEL") > named["weighted"].count("FSEL")
-              and w_loads(named["per_row"]) > 0)
+        # folded: the weighted loop is the plain loop on K' (with a key bias both load the bias)
+        ok = ((w_loads(named["weighted"]) == w_loads(named["plain"]) if folded else w_loads(named["weighted"]) > 0)
+              and named["per_row"].count("FSEL") > named["weighted"].count("FSEL") and w_loads(named["per_row"]) > 0)
         if not ok:
             raise RuntimeError("the weighted / per-row loops do not look like themselves: loop order changed?")
     return named
@@ -147,7 +150,8 @@ def attention_variant(name, description, *, config=ATTN_CONFIG, baseline="attn-p
         autotune.set_descriptor_blocks({**args, **const})
         return attention._rebalanced_attention_fwd, args, const
 
-    pick = lambda loops: attention_loops(loops, weights).get(loop)  # noqa: E731
+    folded = weights and call.get("mode", "key_scale") == "key_scale"
+    pick = lambda loops: attention_loops(loops, weights, folded).get(loop)  # noqa: E731
     return register(Variant(name, description, build, warps, stages, bn, baseline, pick))
 
 

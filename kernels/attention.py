@@ -17,10 +17,11 @@ in base 2. The host turns ``w`` into the per-key term the loop needs (``w * scal
 key_scale, ``log2 w`` for prob_scale), one ``(BLOCK_N,)`` float32 load per key tile. The program
 is specialised once, before its key loop, by what its rows are: all plain rows run the plain loop
 (the same code as plain flash attention), all rebalanced rows the weighted loop (one vector of
-per-key terms for every row), and only a program straddling the edge of a rebalanced range runs
-the loop that selects per row. Key tiles that need masking (the partial last tile, the tiles on
-the causal diagonal) are peeled off into a short masked loop after the main one, so the main loop
-carries no mask. On sm90+ K, V and Q arrive through TMA tensor descriptors (``USE_TMA``); older
+per-key terms for every row; for key_scale on the TMA path, the plain loop over ``K' = w * K``,
+which the host builds once per call, rounded to k's dtype), and only a program straddling the
+edge of a rebalanced range runs the loop that selects per row. Key tiles that need masking (the
+partial last tile, the tiles on the causal diagonal) are peeled off into a short masked loop after
+the main one, so the main loop carries no mask. On sm90+ K, V and Q arrive through TMA tensor descriptors (``USE_TMA``); older
 GPUs and the interpreter load through pointers.
 
 Output: ``(B, Hq, Lq, Dv)`` in q's dtype, laid out like q (see `empty_output`).
@@ -39,6 +40,7 @@ import triton.language as tl
 from . import triton_version  # noqa: F401  (an ImportError on a triton older than the kernels need)
 
 from .autotune import AUTOTUNE_KEY, candidate_configs, prune_for, seq_bucket
+from dar.delegate import scaled_keys
 
 LOG2E = 1.4426950408889634  # the kernel works in base 2: exp(x) = exp2(x * log2(e))
 _LOG2E = tl.constexpr(LOG2E)  # the same, readable from inside @triton.jit functions
@@ -143,10 +145,9 @@ def _attend(acc, l_i, m_i, q, k_tile, v_tile, desc_k, desc_v, kv_b, kv_h, kv_row
             if KIND == 0:
                 s = qk * qk_scale
             elif KIND == 1:
-                if PROB_SCALE:
-                    s = qk * qk_scale + wk[None, :]
-                else:
-                    s = qk * wk[None, :]
+                # key_scale's all-rebalanced programs run the plain loop over K' = w * K instead
+                tl.static_assert(PROB_SCALE, "the weighted loop is prob_scale's only")
+                s = qk * qk_scale + wk[None, :]
             else:
                 if PROB_SCALE:
                     s = qk * qk_scale + tl.where(row_on[:, None], wk[None, :], 0.0)
@@ -192,7 +193,7 @@ def _attend(acc, l_i, m_i, q, k_tile, v_tile, desc_k, desc_v, kv_b, kv_h, kv_row
 
 @triton.jit
 def _rebalanced_attention_fwd(
-    Q, K, V, WK, GEN, BIAS, Out, CU_Q, CU_K, DESC_Q, DESC_K, DESC_V,
+    Q, K, V, WK, GEN, BIAS, Out, CU_Q, CU_K, DESC_Q, DESC_K, DESC_V, DESC_KW,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -325,11 +326,20 @@ def _rebalanced_attention_fwd(
             _PLAIN, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
             BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
         if HAS_W:
-            acc, l_i, m_i = _attend(
-                acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
-                diag_rows, 0, end_weighted, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn,
-                qk_scale, _WEIGHTED, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM,
-                HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+            if PROB_SCALE:
+                acc, l_i, m_i = _attend(
+                    acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row,
+                    row_on, diag_rows, 0, end_weighted, seq_k, stride_kn, stride_kd, stride_vn, stride_vd,
+                    stride_biasn, qk_scale, _WEIGHTED, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE,
+                    BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+            else:
+                # key_scale, every row rebalanced: scale * <q, k_j> * w_j = scale * <q, w_j k_j>, so the
+                # plain loop over the host's K' = w * K (DESC_KW), the row max folding into exp2's FMA.
+                acc, l_i, m_i = _attend(
+                    acc, l_i, m_i, q, k_head, v_head, DESC_KW, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row,
+                    row_on, diag_rows, 0, end_weighted, seq_k, stride_kn, stride_kd, stride_vn, stride_vd,
+                    stride_biasn, qk_scale, _PLAIN, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE,
+                    BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
             acc, l_i, m_i = _attend(
                 acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
                 diag_rows, 0, end_per_row, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn,
@@ -486,8 +496,9 @@ def kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal: bool, scale: f
     Dense: the op's 4-D tensors. Packed: ``varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     max_seqlen_k)`` and (1, H, total, D) views of the packed tensors. ``w`` is turned here into
     the per-key term the kernel's loop uses: ``w * scale * log2 e`` (key_scale) or ``log2 w``
-    (prob_scale), one small elementwise op on the device. ``capability`` (None: interpreter)
-    decides between TMA descriptors and pointers.
+    (prob_scale), one small elementwise op on the device; on the TMA path key_scale also gets
+    ``K' = w * K`` (DESC_KW). ``capability`` (None: interpreter) decides between TMA descriptors
+    and pointers.
     """
     b, hq, lq, d = q.shape
     _, hk, lk, dv = v.shape
@@ -503,8 +514,16 @@ def kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal: bool, scale: f
     cu_q, cu_k, lq, lk = varlen if varlen is not None else (dummy, dummy, lq, lk)
     block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     use_tma = _use_tma(capability, q, k, v)
-    descs = dict(DESC_Q=_descriptor(q, block_d), DESC_K=_descriptor(k, block_d), DESC_V=_descriptor(v, block_dv)) \
-        if use_tma else dict(DESC_Q=None, DESC_K=None, DESC_V=None)
+    # key_scale on the TMA path: K' = w * K for the programs whose rows are all rebalanced (they run
+    # the plain loop over it). One extra read and write of k per call, a transient tensor the size
+    # of k, laid out like k, the product rounded once to k's dtype (`delegate.scaled_keys`).
+    kw = scaled_keys(k, w) if use_tma and has_w and mode == "key_scale" else None
+    if kw is not None and not _tma_capable(kw):  # k strided in a way its dense copy cannot be
+        use_tma, kw = False, None
+    descs = dict(DESC_Q=None, DESC_K=None, DESC_V=None, DESC_KW=None)
+    if use_tma:
+        descs.update(DESC_Q=_descriptor(q, block_d), DESC_K=_descriptor(k, block_d), DESC_V=_descriptor(v, block_dv),
+                     DESC_KW=None if kw is None else _descriptor(kw, block_d))
     names = ("stride_qb", "stride_qh", "stride_qm", "stride_qd", "stride_kb", "stride_kh", "stride_kn", "stride_kd",
              "stride_vb", "stride_vh", "stride_vn", "stride_vd", "stride_ob", "stride_oh", "stride_om", "stride_od")
     args = dict(Q=q, K=k, V=v, WK=WK, GEN=GEN, BIAS=BIAS, Out=out, CU_Q=cu_q, CU_K=cu_k, **descs,

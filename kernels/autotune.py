@@ -50,9 +50,12 @@ def set_descriptor_blocks(nargs: dict) -> None:
     config; a descriptor's block is fixed when it is built, before the autotuner has chosen."""
     if nargs.get("DESC_Q") is None:
         return
-    rows = {"DESC_Q": nargs["BLOCK_M"], "DESC_K": nargs["BLOCK_N"], "DESC_V": nargs["BLOCK_N"]}
+    rows = {"DESC_Q": nargs["BLOCK_M"], "DESC_K": nargs["BLOCK_N"], "DESC_V": nargs["BLOCK_N"],
+            "DESC_KW": nargs["BLOCK_N"]}
     for name, r in rows.items():
-        desc = nargs[name]
+        desc = nargs.get(name)
+        if desc is None:  # DESC_KW: only key_scale calls have K'
+            continue
         desc.block_shape = [1, 1, r, desc.block_shape[-1]]
 
 

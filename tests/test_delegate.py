@@ -21,7 +21,7 @@ import dar
 from dar import delegate
 from oracle import dar_float64, stable_keys
 from strategies import cases
-from tolerances import OUTPUT_TOL, THRESHOLD_MARGIN, assert_close
+from tolerances import OUTPUT_TOL, THRESHOLD_MARGIN, assert_close, key_scale_bound
 
 
 class Counting:
@@ -186,17 +186,6 @@ def test_negative_scale_matches_oracle(case):
     assert_close(out, out_ref, case.q.dtype)
 
 
-def _key_scale_bound(q, k, v, w, scale, u):
-    """Worst-case output error from rounding K' = w ⊙ K to a dtype with unit roundoff u
-    (docs/semantics.md, numerical notes): |Δo| <= (exp(2M) - 1) * (max v - min v) / 2 per row,
-    M = u * |scale| * max_j sum_d |q_d w_j k_jd|."""
-    qd, kd, vd = q.double(), k.double() * w.double()[:, None, :, None], v.double()
-    a = abs(scale) * (qd.abs() @ kd.abs().transpose(-1, -2))  # (B, H, Lq, Lk): fine at test sizes
-    m = u * a.amax(dim=-1, keepdim=True)
-    spread = (vd.amax(dim=2, keepdim=True) - vd.amin(dim=2, keepdim=True)) / 2
-    return torch.expm1(2 * m) * spread
-
-
 @pytest.mark.parametrize("seed", [0, 6, 8, 23, 28])  # no key near a threshold; bf16 K' failed 6 and 28
 def test_bf16_key_scale_error(seed):
     # Issue 15 item 8: large logits (spread 3) and gamma = 0.9, where bf16(w ⊙ K) moves logits most.
@@ -212,7 +201,7 @@ def test_bf16_key_scale_error(seed):
     # Where K' is rounded to bf16 (GPU kernels: upcast=False), the error stays within the documented bound.
     rounded = Counting(upcast=False)
     out_r = dar.dar_attention(q, k, v, lay, cfg, backend="torch", attention_fn=rounded.kernel)
-    bound = _key_scale_bound(q, k, v, w, q.shape[-1] ** -0.5, 2.0 ** -8)
+    bound = key_scale_bound(q, k, v, w, q.shape[-1] ** -0.5, 2.0 ** -8)
     err = (out_r.double() - torch.as_tensor(out_ref)).abs()
     assert (err <= atol + rtol * torch.as_tensor(out_ref).abs() + bound).all()
 
