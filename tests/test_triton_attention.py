@@ -440,8 +440,13 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available() or attention.INTERP
 def test_cuda_vs_sdpa(dtype, d, is_causal):
     q, k, v = make_qkv(2, 8, 2, 1000, 1000 if is_causal else 1531, d, d, dtype, "blhd", seed=d)
     w = (0.5 + torch.rand(2, k.shape[2])).cuda()
-    case = (q, k, v, w, as_ranges([[(100, 700)], [(0, 1000)]]), None, is_causal, 1 / math.sqrt(d), "key_scale")
-    assert_close(op(*case), sdpa_attention(*case), dtype)
+    gr = as_ranges([[(100, 700)], [(0, 1000)]])
+    case = (q, k, v, w, gr, None, is_causal, 1 / math.sqrt(d), "key_scale")
+    # On sm90+ the all-rebalanced programs run on K' = w * K rounded to the input dtype (docs/kernels.md):
+    # rebalanced rows may differ from float64 by that rounding's documented bound, plain rows may not.
+    on = rows_mask(gr.cpu(), q.shape[2])[:, None, :, None]
+    extra = key_scale_bound(q, k, v, w, 1 / math.sqrt(d), UNIT_ROUNDOFF[dtype]) * on
+    assert_close_within(op(*case), sdpa_attention(*case), dtype, extra)
 
 
 @cuda_only
