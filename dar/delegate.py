@@ -243,7 +243,7 @@ def _with_bias(mask, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask is None:
         return bias.to(dtype)
     if mask.dtype == torch.bool:
-        return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device)).to(dtype)
+        return torch.where(mask, bias, float("-inf")).to(dtype)  # a Python scalar: no host-to-device copy
     return (mask.to(bias.dtype) + bias).to(dtype)
 
 

@@ -13,6 +13,7 @@ returns the log-sum-exp (``aten._scaled_dot_product_flash_attention_for_cpu`` on
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -68,6 +69,12 @@ def _row_pieces(ranges, lq: int) -> list[tuple[int, int, bool]]:
     if cursor < lq:
         pieces.append((cursor, lq, False))
     return pieces
+
+
+@functools.lru_cache(maxsize=256)
+def _index(members: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The batch rows ``members`` as a device index, built once (not a host-to-device copy per call)."""
+    return torch.tensor(members, device=device)
 
 
 def _row_ranges(rows, batch: int, lq: int) -> list[tuple]:
@@ -128,7 +135,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
     out = lse = None
     for r, members in by_rows.items():
         whole = len(members) == b
-        idx = None if whole else torch.tensor(members, device=q.device)
+        idx = None if whole else _index(tuple(members), q.device)
 
         def pick(t):
             return t if t is None or whole else t.index_select(0, idx)
