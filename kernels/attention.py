@@ -21,8 +21,8 @@ per-key terms for every row; for key_scale on the TMA path, the plain loop over 
 which the host builds once per call, rounded to k's dtype), and only a program straddling the
 edge of a rebalanced range runs the loop that selects per row. Key tiles that need masking (the
 partial last tile, the tiles on the causal diagonal) are peeled off into a short masked loop after
-the main one, so the main loop carries no mask. On sm90+ K, V and Q arrive through TMA tensor descriptors (``USE_TMA``); older
-GPUs and the interpreter load through pointers.
+the main one, so the main loop carries no mask. On sm90+ K, V and Q arrive through TMA tensor
+descriptors (``USE_TMA``); older GPUs and the interpreter load through pointers.
 
 Output: ``(B, Hq, Lq, Dv)`` in q's dtype, laid out like q (see `empty_output`).
 """
@@ -350,7 +350,8 @@ def _rebalanced_attention_fwd(
             # with the per-row rule (correct for every kind of program).
             acc, l_i, m_i = _attend(
                 acc, l_i, m_i, q, k_head + full.to(tl.int64) * stride_kn, v_head + full.to(tl.int64) * stride_vn,
-                DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on, diag_rows, full, hi, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
+                DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on, diag_rows, full, hi, seq_k,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
                 _PER_ROW if HAS_W else _PLAIN, True, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, False)
     else:

@@ -127,10 +127,9 @@ def compile_report(capability: tuple[int, int], dtype: str, head_dim: int, confi
     Triton itself picks for the architecture; see `aot`).
 
     This is how the tables above were checked. ``dtype`` is "fp16", "bf16" or "fp32";
-    ``config`` is a table entry ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize])``. The
-    call is a contiguous
-    ``(2, 4, 1000, head_dim)`` one (Lk = 1000 is no multiple of BLOCK_N, so the masked tail is
-    compiled in; on sm90+ it loads through TMA descriptors, as the op would).
+    ``config`` is a table entry ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize])``.
+    The call is a contiguous ``(2, 4, 1000, head_dim)`` one (Lk = 1000 is no multiple of BLOCK_N,
+    so the masked tail is compiled in; on sm90+ it loads through TMA descriptors, as the op would).
     Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the kernel with a Python function).
     """
     import torch
