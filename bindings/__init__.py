@@ -9,6 +9,11 @@ Each imports its library lazily, so ``import dar`` never pulls diffusers or tran
 
 from __future__ import annotations
 
+if __name__ == "bindings":  # the checkout root is on sys.path: be the installed `bindings`, not this folder
+    from dar._toplevel import defer_to_installed
+
+    defer_to_installed(__name__, __file__)
+
 import contextlib
 import importlib
 import sys

@@ -12,4 +12,10 @@ Importing this package does not import triton; the submodules do (and raise Impo
 with a triton older than `dar.kernels.triton_version.MIN_TRITON`).
 """
 
+if __name__ == "kernels":  # the checkout root is on sys.path: be the installed `kernels`, not this folder
+    from dar._toplevel import defer_to_installed
+
+    defer_to_installed(__name__, __file__)
+
+
 __all__ = ["aot", "attention", "autotune", "scoring", "triton_version"]
