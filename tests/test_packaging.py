@@ -24,3 +24,57 @@ def test_wheel_maps_kernels_and_bindings_under_dar(tmp_path):
 def test_dar_info_runs():
     out = subprocess.run([sys.executable, "-m", "dar.cli", "info"], check=True, capture_output=True, text=True).stdout
     assert "torch" in out and "reference  yes" in out and "torch      yes" in out
+
+
+# Run from the checkout's root, where ``python -m pytest``, ``python -c`` and scripts saved there put the root on
+# sys.path: the top-level kernels/ and bindings/ folders must not stand in for installed packages of those names
+# (transformers >= 5.25 imports the PyPI package ``kernels``).
+_ROOT_IMPORTS = r"""
+import importlib.util, os, sys
+root = os.path.realpath(sys.argv[1])
+assert os.path.realpath(sys.path[0] or os.getcwd()) == root, sys.path[:2]
+import kernels, bindings
+for mod in (kernels, bindings):
+    assert not os.path.realpath(mod.__file__).startswith(root + os.sep), mod.__file__
+assert bindings.STAND_IN
+import dar.kernels, dar.bindings  # the folders themselves, under their installed names
+assert os.path.realpath(dar.kernels.__file__).startswith(root + os.sep)
+if importlib.util.find_spec("transformers") is not None:
+    from transformers import LlamaForCausalLM
+    from dar.bindings import transformers as dar_tf
+    dar_tf.register()
+if importlib.util.find_spec("diffusers") is not None:
+    import diffusers
+    if hasattr(diffusers, "QwenImageEditPlusPipeline"):
+        from diffusers import QwenImageEditPlusPipeline
+print("root imports ok")
+"""
+
+
+def _stand_in(site: Path, name: str) -> None:
+    (site / name).mkdir()
+    (site / name / "__init__.py").write_text("STAND_IN = True\nclass CUDAProperties: pass\n")
+
+
+def _from_root(code: str, site: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONSAFEPATH"}
+    env["PYTHONPATH"] = str(site)  # after the root (sys.path[0]), before site-packages: where a user's packages sit
+    return subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_checkout_root_does_not_shadow_installed_packages(tmp_path):
+    import importlib.metadata
+
+    try:  # the real `kernels` where pip installed it (transformers >= 5.25 needs it); else a stand-in
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        _stand_in(tmp_path, "kernels")
+    _stand_in(tmp_path, "bindings")  # no PyPI package of that name is installed here: a stand-in for one
+    res = _from_root(_ROOT_IMPORTS, tmp_path)
+    assert res.returncode == 0 and "root imports ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_checkout_folders_are_not_importable_under_plain_names(tmp_path):
+    res = _from_root("import bindings", tmp_path)
+    assert res.returncode != 0 and "No module named 'bindings'" in res.stderr, res.stderr[-2000:]
+    assert "dar.bindings" in res.stderr  # and says what the folder is
