@@ -1,17 +1,16 @@
 """CI's compatibility stage: the tests that depend on a library, rerun against other releases of it.
 
-The main run (.ci/run) installs the exact versions of .ci/constraints.txt. This stage then checks the version
-ranges setup.py declares, at their ends:
+The main run (.ci/run) is the README's test command: the newest releases pip resolves today. This stage then
+checks what setup.py declares, around it:
 
-- in the main venv, one library at a time: the oldest release setup.py declares and the newest one on the
-  package index (looked up now) of transformers and diffusers, BAGEL's and OmniGen2's transformers pins for the
-  model bindings, and the oldest declared openai for the judges; each row reinstalls the pinned set afterwards;
-- in venvs of their own: torch 2.13.0 (the oldest torch the full kernel suite runs on here, with the triton it
-  pins) and torch 2.5.1 on Python 3.10 (the oldest declared torch; BAGEL's pin) for the core, varlen and model
-  bindings.
+- in the main venv, one library at a time: the exact versions of .ci/constraints.txt (the "pinned" row: the set
+  the suite last ran green with, so a red main run with a green pinned row points at an upstream release), the
+  oldest release setup.py declares of transformers, diffusers and openai, and BAGEL's and OmniGen2's
+  transformers pins for the model bindings; each row leaves the pinned set installed for the next;
+- in venvs of their own: torch 2.13.0 (CPU build on this disk) and 2.15.0 (the newest release), each with the
+  triton it brings, and torch 2.5.1 on Python 3.10 (the oldest declared torch; BAGEL's pin).
 
-A failing row fails CI unless setup.py's range excludes that version (the newest release may be excluded by an
-upper bound written there with its reason). Prints a table of rows x result at the end.
+A failing row fails CI unless setup.py's range excludes that version. Prints a table of rows x result at the end.
 
     python .ci/compat.py [--only NAME ...] [--list]
 """
@@ -44,6 +43,10 @@ DIFFUSERS_TESTS = ["tests/test_diffusers_*.py", "tests/test_pipeline_*.py", "tes
                    "tests/test_compile*.py"]
 MODEL_TESTS = ["tests/test_models_*.py", "tests/test_varlen*.py"]
 JUDGE_TESTS = ["tests/eval/test_eval_judges.py", "tests/eval/test_eval_secrets.py"]
+# The pinned row: every test whose outcome depends on a library other than torch / triton (which the README
+# pins, so the main run and this row share them).
+PINNED_TESTS = sorted({*TRANSFORMERS_TESTS, *DIFFUSERS_TESTS, *MODEL_TESTS, "tests/eval", "tests/test_recorder.py",
+                       "tests/test_demo.py", "tests/test_examples.py", "tests/test_cli.py", "tests/test_packaging.py"})
 # torch 2.13: the core, the kernels (interpreter) and compile, including a compiled diffusers transformer; the
 # library bindings are the library rows' business (and the full Qwen-Image-Edit pipeline needs a torchvision,
 # which no build on this disk or index provides beside the CPU build of torch 2.13).
@@ -51,6 +54,9 @@ TORCH_TESTS = ["tests/test_*.py", "tests/test_diffusers_binding.py",
                *(f"!tests/test_{name}" for name in ("diffusers_*.py", "pipeline_*.py", "parallel_*.py",
                                                    "transformers_*.py", "models_*.py", "recorder.py", "demo.py",
                                                    "examples.py", "cli.py"))]
+# The newest torch: the torch 2.13 set plus the bindings that need no torchvision (no torchvision release for it
+# is on this disk, and the index's builds of it want the CUDA torch).
+NEW_TORCH_TESTS = [*TORCH_TESTS, "tests/test_transformers_binding.py", "tests/test_models_*.py"]
 # The oldest torch cannot run the kernels (its triton is too old): the core, varlen and model bindings.
 OLD_TORCH_TESTS = ["tests/test_semantics.py", "tests/test_validation.py", "tests/test_sampling_and_plan.py",
                    "tests/test_compile.py", "tests/test_backend_availability.py",
@@ -61,7 +67,7 @@ OLD_TORCH_TESTS = ["tests/test_semantics.py", "tests/test_validation.py", "tests
 class Row:
     name: str
     package: str
-    version: str  # "oldest", "newest" or an exact release
+    version: str  # "oldest" (setup.py's lower bound), "constraints" or an exact release
     tests: list[str]
     why: str
     venv: dict | None = None  # for torch rows: python, pip requirements
@@ -75,10 +81,10 @@ class Row:
 
 
 ROWS = [
+    # The newest releases are the main run's; this row is the set the suite last ran green with.
+    Row("pinned", "(pinned set)", "constraints", PINNED_TESTS, ".ci/constraints.txt, exact versions"),
     Row("transformers-oldest", "transformers", "oldest", TRANSFORMERS_TESTS, "oldest release setup.py declares"),
-    Row("transformers-newest", "transformers", "newest", TRANSFORMERS_TESTS, "newest release on the index"),
     Row("diffusers-oldest", "diffusers", "oldest", DIFFUSERS_TESTS, "oldest release setup.py declares"),
-    Row("diffusers-newest", "diffusers", "newest", DIFFUSERS_TESTS, "newest release on the index"),
     # transformers 4.x pins huggingface_hub < 1.0, which diffusers >= 0.40 cannot import with: pip picks the
     # newest diffusers within our range that installs beside it, as it would in those models' environments.
     Row("transformers-4.49.0", "transformers", "4.49.0", MODEL_TESTS, "BAGEL's pinned environment",
@@ -89,6 +95,9 @@ ROWS = [
     Row("torch-2.13.0", "torch", "2.13.0", TORCH_TESTS, "CPU build on this disk, with the triton it pins",
         venv=dict(python=sys.executable, first=["torch==2.13.0", "triton==3.7.1"], extras="test,diffusers,transformers",
                   constrain=True)),
+    Row("torch-2.15.0", "torch", "2.15.0", NEW_TORCH_TESTS, "newest torch release, with the triton it brings",
+        venv=dict(python=sys.executable, first=["torch==2.15.0"], extras="test,diffusers,transformers",
+                  constrain=True, uncapped=True)),
     Row("torch-2.5.1", "torch", "2.5.1", OLD_TORCH_TESTS, "oldest declared torch (BAGEL's pin), Python 3.10",
         venv=dict(python="python3.10", first=["torch==2.5.1"], extras=None,
                   plain=["einops", "pytest", "hypothesis", "pytest-benchmark", "transformers==4.49.0"],
@@ -101,9 +110,12 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, **kw)
 
 
-def pip(python: str, *args: str) -> None:
+def pip(python: str, *args: str, uncapped: bool = False) -> None:
+    # uncapped: these machines' pip configuration caps torch at the newest release on their disk; a row for a
+    # newer torch replaces that constraints file with an empty one (the command line's -c files still apply).
+    env = dict(os.environ, PIP_CONSTRAINT=os.devnull) if uncapped else None
     res = sh([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
-             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = [ln for ln in res.stdout.splitlines() if "is ignored: it is neither a file nor a directory" not in ln]
     if lines:
         print("\n".join(lines[-20:]))
@@ -128,15 +140,6 @@ def oldest(package: str) -> str:
     return min(lows, key=Version)
 
 
-def newest(package: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package], capture_output=True,
-                         text=True).stdout
-    m = re.search(rf"^{re.escape(package)} \(([^)]+)\)", out, re.M | re.I)
-    if not m:
-        raise RuntimeError(f"could not look up the newest {package} release: {out.strip()[:300]}")
-    return m.group(1)
-
-
 def allowed(package: str, version: str) -> bool:
     req = declared(package)
     return req is None or req.specifier.contains(version, prereleases=True)
@@ -148,6 +151,8 @@ def expand(patterns: list[str]) -> list[str]:
     exact = {str(ROOT / p) for p in patterns if not p.startswith("!") and not glob.has_magic(p)}
     files = {f for p in patterns if not p.startswith("!") for f in glob.glob(str(ROOT / p))}
     files -= {f for p in patterns if p.startswith("!") for f in glob.glob(str(ROOT / p[1:]))} - exact
+    if not files:
+        raise RuntimeError(f"no test file matches {patterns}")
     return [os.path.relpath(f, ROOT) for f in sorted(files)]
 
 
@@ -173,13 +178,18 @@ def check_import(python: str, package: str, version: str) -> None:
         raise RuntimeError(f"{package} {version} does not import as installed: {got.stderr.strip()[-500:] or found}")
 
 
-def library_row(row: Row) -> None:
-    version = {"oldest": oldest, "newest": newest}.get(row.version, lambda p: row.version)(row.package)
-    row.resolved = version
-    row.fatal = allowed(row.package, version) or row.version not in ("oldest", "newest")
+def pinned_row(row: Row) -> None:
     files = expand(row.tests)
-    if not files:
-        raise RuntimeError(f"no test file matches {row.tests}")
+    pip(sys.executable, "-r", str(CONSTRAINTS))
+    row.resolved = "constraints"
+    row.result = "passed" if run_tests(sys.executable, files, row) else "FAILED"
+
+
+def library_row(row: Row) -> None:
+    version = oldest(row.package) if row.version == "oldest" else row.version
+    row.resolved = version
+    row.fatal = allowed(row.package, version) or row.version != "oldest"
+    files = expand(row.tests)
     try:
         try:
             pip(sys.executable, f"{row.package}=={version}", *row.also, "-c", str(_torch_pins()))
@@ -237,15 +247,17 @@ def torch_row(row: Row) -> None:
     vpy = str(venv / "bin" / "python")
     # An older Python's bundled pip/setuptools install editable projects the legacy way, which cannot map
     # kernels/ and bindings/ onto dar.kernels / dar.bindings.
+    uncapped = spec.get("uncapped", False)
     pip(vpy, "-U", "pip", "setuptools")
-    pip(vpy, *spec["first"])
+    pip(vpy, *spec["first"], uncapped=uncapped)
     if spec["extras"]:
         # The pinned set, less what this torch brings itself (torch, torchvision, triton and CUDA libraries).
         others = [ln for ln in CONSTRAINTS.read_text().splitlines()
-                  if ln and not ln.startswith("#") and not re.match(r"(torch|torchvision|triton|nvidia-[\w-]+)==", ln)]
+                  if ln and not ln.startswith("#")
+                  and not re.match(r"(torch|torchvision|triton|nvidia-[\w-]+|cuda-[\w-]+)==", ln)]
         pins = venv / "pins.txt"
         pins.write_text("\n".join(others + [f"torch=={row.version}"] + [r for r in spec["first"] if "==" in r]) + "\n")
-        pip(vpy, "-c", str(pins), "-e", f"{ROOT}[{spec['extras']}]")
+        pip(vpy, "-c", str(pins), "-e", f"{ROOT}[{spec['extras']}]", uncapped=uncapped)
     else:
         pip(vpy, *spec["plain"])
         pip(vpy, "--no-deps", "-e", str(ROOT))
@@ -274,7 +286,7 @@ def main(argv=None) -> int:
         print(f"\n=== compatibility: {row.name} ({row.why})", flush=True)
         start = time.monotonic()
         try:
-            (torch_row if row.venv else library_row)(row)
+            (torch_row if row.venv else pinned_row if row.name == "pinned" else library_row)(row)
         except Exception as exc:  # a row that cannot even install counts as failed, with the reason
             row.result, row.detail = "FAILED", f"{type(exc).__name__}: {exc}"
         row.seconds = time.monotonic() - start

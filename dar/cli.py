@@ -72,7 +72,7 @@ _COMMANDS = {"info": (None, info), "demo": ("dar.demo", "main"), "bench": ("dar.
 USAGE = """usage: dar [--version] {info,demo,bench} [options]
   info   versions, device and available backends
   demo   DAR off/on through a small Qwen-Image-Edit-style transformer, with heatmaps
-  bench  benchmarks: `dar bench kernels` (against SDPA, FlexAttention, eager),
+  bench  benchmarks: `dar bench kernels` (against SDPA, FlexAttention, eager), `dar bench first-call`,
          `dar bench e2e` (one denoising step of a real-size model), `dar bench static` (compiled code,
          no GPU); --quick for a CPU smoke run
 `dar COMMAND --help` describes each command's options."""

@@ -7,7 +7,18 @@ import functools
 import torch
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """`torch.compiler.assume_constant_result` without importing ``torch._dynamo``.
+
+    That decorator imports dynamo (several seconds, most of a first CPU call of `dar.dar_attention`) only to set
+    this attribute, which dynamo reads when a compiled function calls ``fn``. Setting it directly keeps the
+    import for code that compiles; tests/test_compile.py checks that the two decorators mark a function alike.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def sample_positions(n: int, m: int, method: str, seed: int) -> tuple[int, ...]:
     """Sorted positions ``0 <= p < n`` of the ``m`` sampled entries of a list of length ``n``.
 

@@ -3,6 +3,7 @@
     dar bench [kernels] [--quick] [--preset NAME ...] [--impl NAME ...] [--out DIR] [--warmup N] [--reps N]
     dar bench e2e [--quick] [--model NAME ...] [--backend NAME ...] [--out DIR] ...
     dar bench static [--arch N] [--variant PATTERN] [--print]   (a repository checkout only)
+    dar bench first-call [--runs N] [--out DIR]   (import + first CPU call, fresh processes)
     dar bench --list
 
 Each run writes ``<kind>-<device>-<commit>[-quick].json`` (every figure, the device, versions and
@@ -25,9 +26,10 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dar bench", description="Benchmark DAR kernels and model steps.", allow_abbrev=False)
-    p.add_argument("what", nargs="?", default="kernels", choices=("kernels", "e2e", "static"),
+    p.add_argument("what", nargs="?", default="kernels", choices=("kernels", "e2e", "static", "first-call"),
                    help="kernels (default): attention calls; e2e: one denoising step of a real-size transformer; "
-                        "static: compiled-code report, no GPU (`dar bench static --help`)")
+                        "static: compiled-code report, no GPU (`dar bench static --help`); first-call: import and "
+                        "first CPU call in fresh processes (`dar bench first-call --help`)")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes on CPU (smoke test of the harness; timings mean nothing)")
     p.add_argument("--preset", action="append", metavar="NAME",
@@ -91,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["static"]:
         return _static(argv[1:])
+    if argv[:1] == ["first-call"]:
+        from . import first_call
+
+        return first_call.main(argv[1:])
     args = _parser().parse_args(argv)
     import dar
 
