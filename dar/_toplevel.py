@@ -5,8 +5,9 @@ is on ``sys.path`` -- ``python -m pytest``, ``python -c``, a script saved there,
 ``--no-build-isolation`` -- Python would also find them as plain ``kernels`` and ``bindings``, ahead of any
 installed package of that name. transformers >= 5.25 imports the PyPI package ``kernels``, so the clash breaks
 ``import transformers`` itself. The two ``__init__`` files therefore call `defer_to_installed` when they are
-imported under their plain name: the import then yields the installed package, or fails as if the folder were
-not there.
+imported under their plain name: the import then yields the installed package, and where none is installed, an
+empty namespace package -- what Python gives for a folder without ``__init__.py`` and nothing in it, and what
+libraries that probe for an optional package (transformers' ``is_kernels_available``) take for "not installed".
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def defer_to_installed(name: str, init_file: str) -> None:
 
     Called from that folder's ``__init__`` while it is being imported as ``name``: the installed package is found
     by the import system's own finders with the checkout's root left out of the search, executed, and put in
-    ``sys.modules`` in place of the folder (the import statement returns what ``sys.modules`` holds). Raises
-    ModuleNotFoundError when no such package is installed.
+    ``sys.modules`` in place of the folder (the import statement returns what ``sys.modules`` holds). When no
+    such package is installed, an empty namespace package takes the folder's place: no ``__file__``, no
+    ``__version__``, no submodules, so nothing of the checkout is importable under the plain name.
     """
     folder = os.path.dirname(os.path.realpath(init_file))
     root = os.path.dirname(folder)
@@ -47,5 +49,6 @@ def defer_to_installed(name: str, init_file: str) -> None:
                 sys.modules.pop(name, None)
                 raise
             return
-    raise ModuleNotFoundError(
-        f"No module named {name!r} (the folder {folder} is dar.{name}: import it as dar.{name})", name=name)
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = []
+    sys.modules[name] = importlib.util.module_from_spec(spec)
