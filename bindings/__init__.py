@@ -37,8 +37,24 @@ def _binding_for(target, verb: str):
         return importlib.import_module("dar.bindings.diffusers")
     # Everything else is the diffusers binding's: without diffusers nothing could have been enabled through it,
     # so both enable and disable say what to install rather than fail later or silently do nothing.
+    if not _diffusers_like(target):
+        raise TypeError(f"dar.{verb}: {type(target).__name__} is not a model DAR supports; supported: {SUPPORTED}")
     require("diffusers", "diffusers", f"dar.{verb} on {type(target).__name__}")
     return importlib.import_module("dar.bindings.diffusers")
+
+
+SUPPORTED = ("a diffusers pipeline or transformer (docs/diffusers.md), a transformers model loaded with "
+             "attn_implementation='dar' (docs/transformers.md), OmniGen2's pipeline or transformer, or BAGEL's Bagel "
+             "model (docs/models.md)")
+
+
+def _diffusers_like(target) -> bool:
+    """A diffusers pipeline (or anything holding a transformer / unet as a pipeline does), or a module with
+    diffusers attention processors: what the diffusers binding can look at further."""
+    if any(getattr(target, name, None) is not None for name in ("transformer", "unet", "components")):
+        return True
+    modules = getattr(target, "modules", None)
+    return callable(modules) and any(getattr(m, "processor", None) is not None for m in modules())
 
 
 def enable(target, config=None, **kwargs):

@@ -302,8 +302,8 @@ def _post_forward(state: DARState):
 
 # --------------------------------------------------------------------------------------------- enable / disable
 
-def enable(model, config: DARConfig | None = None, *, ref_mask: torch.Tensor, gen_mask: torch.Tensor,
-           backend: str = "auto") -> DARState:
+def enable(model, config: DARConfig | None = None, *, ref_mask: torch.Tensor | None = None,
+           gen_mask: torch.Tensor | None = None, backend: str = "auto") -> DARState:
     """Turn DAR on for a transformers model loaded with ``attn_implementation="dar"``.
 
     Args:
@@ -322,6 +322,13 @@ def enable(model, config: DARConfig | None = None, *, ref_mask: torch.Tensor, ge
 
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"model must be a transformers.PreTrainedModel, got {type(model).__name__}")
+    missing = [name for name, mask in (("ref_mask", ref_mask), ("gen_mask", gen_mask)) if mask is None]
+    if missing:
+        # A language model's sequence does not say which tokens are images: the caller does.
+        raise TypeError(f"dar.enable on a transformers model ({type(model).__name__}) needs {' and '.join(m + '=' for m in missing)}: "
+                        f"(B, L) bool masks of the reference-image and generated-image token positions; "
+                        f"dar.bindings.transformers.image_token_masks(input_ids, image_token_id, generated=...) "
+                        f"builds both from the input ids")
     if config is None:
         config = DARConfig()
     if not isinstance(config, DARConfig):

@@ -42,7 +42,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    return sorted({*globals(), *_EXPORTS})  # a name already loaded is in both
 
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -20,12 +20,11 @@ def _version(dist: str) -> str:
 
 def info(argv: list[str]) -> int:
     """Print versions, the device, which backends can run here and what backend="auto" chose."""
-    p = argparse.ArgumentParser(prog="dar info", description=info.__doc__, allow_abbrev=False)
-    p.add_argument("--tune", action="store_true",
-                   help="first let backend='auto' measure a typical call (B 1, H 8, L 4224, D 64; fp32 on CPU, "
-                        "bf16 on CUDA; both modes) on this machine")
-    args = p.parse_args(argv)
     import torch
+
+    p = argparse.ArgumentParser(prog="dar info", description=info.__doc__, allow_abbrev=False)
+    p.add_argument("--tune", action="store_true", help=_tune_help(torch))
+    args = p.parse_args(argv)
 
     import dar
     from dar import backends
@@ -48,6 +47,21 @@ def info(argv: list[str]) -> int:
     for line in backends.tuner.describe(backends.TUNER):
         print(line)
     return 0
+
+
+def _tune_help(torch) -> str:
+    """What ``--tune`` does on this machine: it times the candidates of backend="auto" for a typical call."""
+    from dar.backends.tuner import CUDA_CANDIDATES, OTHER_CANDIDATES
+
+    call = "a typical call (B 1, H 8, L 4224, D 64, key_scale and prob_scale"
+    if torch.cuda.is_available():
+        return (f"first let backend='auto' time {call}, bf16) on this GPU among {', '.join(CUDA_CANDIDATES)}, and "
+                f"show the choice")
+    if len(OTHER_CANDIDATES) == 1:
+        return (f"on this machine (no CUDA device) backend='auto' has one candidate, {OTHER_CANDIDATES[0]}: "
+                f"--tune records that choice for {call}, fp32) without timing anything; on a CUDA GPU it times "
+                f"{', '.join(CUDA_CANDIDATES)}")
+    return f"first let backend='auto' time {call}, fp32) on this CPU among {', '.join(OTHER_CANDIDATES)}"
 
 
 def _backend_status(torch, get_backend, triton_available):
@@ -99,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         func = fn if module is None else getattr(importlib.import_module(module), fn)
         return int(func(argv[1:]) or 0)
     except MissingExtra as exc:  # one line that names the extra, not a traceback
-        print(f"dar {argv[0]}: {exc}", file=sys.stderr)
+        msg = str(exc)  # it names its purpose, usually the command itself
+        print(msg if msg.startswith(f"dar {argv[0]}") else f"dar {argv[0]}: {msg}", file=sys.stderr)
         return 1
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from dar_ab import add_dar_options, off_on
+from dar.ab import add_dar_options, off_on
 
 
 def parse_args(argv=None):

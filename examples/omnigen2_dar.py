@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from dar_ab import add_dar_options, place, run_off_on
+from dar.ab import add_dar_options, place, run_off_on
 
 
 def parse_args(argv=None):

@@ -70,12 +70,21 @@ def without(monkeypatch):
     return block
 
 
+class Transformer2DModel(torch.nn.Module):
+    """Shaped like a diffusers transformer (attention modules with a `processor`), without diffusers."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.Linear(2, 2)
+        self.attn.processor = object()
+
+
 def test_enable_and_disable_without_diffusers_name_the_extra(without):
     without("diffusers")
-    model = torch.nn.Linear(2, 2)
+    model = Transformer2DModel()
     for verb in (dar.enable, dar.disable):
-        with pytest.raises(MissingExtra, match=r'dar\.(enable|disable) on Linear needs diffusers, which is not '
-                                               r'installed: pip install "dar-attention\[diffusers\]"'):
+        with pytest.raises(MissingExtra, match=r'dar\.(enable|disable) on Transformer2DModel needs diffusers, which '
+                                               r'is not installed: pip install "dar-attention\[diffusers\]"'):
             verb(model)
 
 
@@ -91,7 +100,23 @@ def test_demo_without_diffusers_is_one_line_and_exit_1(without, capsys, tmp_path
     without("diffusers")
     assert dar.cli.main(["demo", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == 'dar demo: dar demo needs diffusers, which is not installed: pip install "dar-attention[diffusers]"'
+    assert err == 'dar demo needs diffusers, which is not installed: pip install "dar-attention[diffusers]"'
+
+
+def test_info_tune_help_says_what_it_does_here(capsys):
+    with pytest.raises(SystemExit):
+        dar.cli.main(["info", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    if torch.cuda.is_available():
+        assert "on this GPU among triton" in text
+    else:  # one candidate on CPU: nothing to time, and the help says so
+        assert "no CUDA device" in text and "without timing anything" in text
+
+
+def test_dir_lists_each_name_once():
+    dar.DARConfig, dar.enable  # loaded names sit in the module's globals as well as in its export table
+    names = dir(dar)
+    assert len(names) == len(set(names)) and {"DARConfig", "enable", "dar_attention"} <= set(names)
 
 
 def test_bench_e2e_without_diffusers_exits_1(without, capsys, tmp_path):

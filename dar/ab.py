@@ -1,4 +1,4 @@
-"""Shared by the examples: DAR options, and one generation with DAR off and on.
+"""DAR off and on, side by side: the A/B the model examples in examples/ share (a module, not a script).
 
 ``off_on`` generates twice with the same seed, DAR off then on (so DAR is the only difference),
 records one denoising step, and writes ``dar_off.png``, ``dar_on.png``, ``off_vs_on.png`` and
