@@ -19,6 +19,10 @@ def test_wheel_maps_kernels_and_bindings_under_dar(tmp_path):
     assert "dar/backends/reference.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "dar = dar.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    # A CPU-only torch stays without triton: only the test extra (and so all) asks for it (CUDA builds of torch bring it).
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    needs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist:") and "triton" in ln]
+    assert needs and all('extra == "test"' in ln or 'extra == "all"' in ln for ln in needs), needs
 
 
 def test_dar_info_runs():
