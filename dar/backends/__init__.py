@@ -24,39 +24,47 @@ logger = logging.getLogger("dar")
 
 BACKENDS = ("reference", "torch", "triton", "flex", "auto")
 ENV = "DAR_BACKEND"
-_MODULES = {"reference": ("reference", "ReferenceBackend"), "torch": ("torch", "TorchBackend"),
-            "triton": ("triton", "TritonBackend"), "flex": ("flex", "FlexBackend")}
 _warned: set[str] = set()
 
 
-def _load(name: str):
-    """Import a backend module up front (so torch.compile never traces an import); keep the error."""
-    mod, cls = _MODULES[name]
+def _load(name: str) -> Backend | ImportError:
+    """The backend object named ``name``, its module imported on first use (``import dar`` and a first CPU call
+    then never pay for triton or FlexAttention); an ImportError is kept as the reason it is unavailable.
+
+    Plain import statements rather than importlib: a first use inside a torch.compile region is then traced as
+    an ordinary import, which dynamo executes (it cannot trace importlib.import_module).
+    """
     try:
-        return getattr(importlib.import_module(f".{mod}", __name__), cls)()
+        if name == "reference":
+            from .reference import ReferenceBackend as cls
+        elif name == "triton":
+            from .triton import TritonBackend as cls
+        elif name == "flex":
+            from .flex import FlexBackend as cls
+        else:  # "torch" or "torch:<SDPA kernel>"
+            from .torch import SDP_KERNELS, TorchBackend
+
+            kernel = name.partition(":")[2] or None
+            return TorchBackend(kernel) if kernel in SDP_KERNELS else TorchBackend()
+        return cls()
     except ImportError as exc:
         return exc
 
 
-_instances: dict[str, Backend | ImportError] = {name: _load(name) for name in _MODULES}
-
-
-def _torch_kernels() -> dict[str, Backend]:
-    from .torch import SDP_KERNELS, TorchBackend
-
-    return {f"torch:{k}": TorchBackend(k) for k in SDP_KERNELS}
-
-
-_instances.update(_torch_kernels())
-TORCH_KERNELS = tuple(n for n in _instances if n.startswith("torch:"))
+_instances: dict[str, Backend | ImportError] = {}
+# The SDPA kernels of the torch backend (dar.backends.torch.SDP_KERNELS; written out here so that naming them
+# imports nothing).
+TORCH_KERNELS = ("torch:flash", "torch:cudnn", "torch:efficient", "torch:math")
 NAMES = (*BACKENDS, *TORCH_KERNELS)
 
 
 def get_backend(name: str) -> Backend:
     """The backend object named ``name`` (not "auto"); ImportError if it cannot load here."""
-    if name not in _instances:
+    if name not in NAMES or name == "auto":
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
-    backend = _instances[name]
+    backend = _instances.get(name)
+    if backend is None:
+        backend = _instances[name] = _load(name)
     if isinstance(backend, ImportError):
         raise ImportError(f"the {name} backend cannot be loaded: {backend}") from backend
     return backend
