@@ -24,7 +24,8 @@ packages = ["dar", *[f"dar.{p}" for p in find_packages(where="dar")], *[p for p 
 # bound is a release CI installs and tests, alongside the exact versions of .ci/constraints.txt and the newest
 # release. An upper bound would exclude a release that breaks us; none does today.
 # - torch 2.5: BAGEL pins 2.5.1 and OmniGen2 2.6.0; installing dar there must not upgrade torch. CI runs the core,
-#   varlen and model bindings on 2.5.1 (Python 3.10), and everything on 2.13.0 and 2.14.1.
+#   varlen and model bindings on 2.5.1 (Python 3.10), everything on 2.14.1 and the core, kernels and bindings
+#   on 2.13.0 and 2.15.0.
 # - triton: not a requirement. CUDA builds of torch bring the triton they were built with (the ecosystem's way:
 #   declaring it again would pull a ~1 GB wheel into CPU-only installs, where the kernels cannot run anyway);
 #   without it the triton backend is unavailable and dar.backends / `dar info` say why. The test extra names it,
