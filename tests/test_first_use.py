@@ -54,3 +54,16 @@ def test_first_cpu_call_loads_only_what_it_runs():
 def test_first_use_of_a_backend_inside_a_fullgraph_compile(backend):
     res = _run(FIRST_USE_COMPILED, backend)
     assert res.returncode == 0 and "compiled ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_bench_first_call_writes_its_report(tmp_path):
+    import json
+
+    from dar.bench import main as bench_main
+
+    assert bench_main(["first-call", "--runs", "1", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("first-call-*.json")
+    summary = json.loads(result.read_text())["summary"]
+    assert summary["runs"] == 1 and summary["dar_first_s"] > 0 and summary["sdpa_first_s"] > 0
+    assert summary["dynamo_loaded"] is False
+    assert result.with_suffix(".md").is_file()
