@@ -48,7 +48,8 @@ STATUS_OK = "ok"
 STATUS_MISSING = "missing_output"
 STATUS_JUDGE_FAILURE = "judge_failure"
 STATUS_INPUT_ERROR = "input_error"
-STATUSES = (STATUS_OK, STATUS_MISSING, STATUS_JUDGE_FAILURE, STATUS_INPUT_ERROR)
+STATUS_GENERATION_ERROR = "generation_error"  # the generated image exists but is not an image
+STATUSES = (STATUS_OK, STATUS_MISSING, STATUS_JUDGE_FAILURE, STATUS_INPUT_ERROR, STATUS_GENERATION_ERROR)
 
 RUN_FILE = "run.json"
 EXPECTED_FILE = "expected.json"
@@ -348,6 +349,7 @@ class RunSummary:
     missing_output: int = 0
     judge_failure: int = 0
     input_error: int = 0
+    generation_error: int = 0
 
     def add(self, status: str) -> None:
         self.scored += 1
@@ -358,8 +360,8 @@ def is_finished(record: Mapping[str, Any] | None, retry_failed: bool) -> bool:
     """Whether a rerun may skip this case.
 
     Successful cases are final. Judge failures are final too (they are reported) unless
-    ``retry_failed``. Missing outputs and input errors are always re-checked: they cost
-    no judge call and the user may have fixed them since.
+    ``retry_failed``. Missing outputs, input errors and generation errors are always
+    re-checked: they cost no judge call and the user may have fixed them since.
     """
     if record is None:
         return False
