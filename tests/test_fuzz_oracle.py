@@ -68,3 +68,21 @@ def test_flex_fuzz(case):
 @given(case=nonfinite_cases(mask_kinds=KEY_ONLY, max_len=12, head_dims=(8,), dtypes=(torch.float32,)))
 def test_triton_fuzz(case):
     _check(case, "triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_quantile_threshold_on_an_element_matches_the_oracle(backend):
+    # Found by the packed fuzz: 6 keys, tau_high 0.6 puts t_hi exactly on the 4th-smallest r̂
+    # (position 0.6 * 5 = 3 in float64). Computing the position in float32 (0.6f * 5 = 3.0000001)
+    # moved t_hi just above that element and took its boost away.
+    cfg = dar.DARConfig(num_samples=1, gamma=0.15, tau_high=0.6, tau_low=0.0, thresholds="quantile")
+    lay = dar.TokenLayout(ref=[(0, 6)], gen=[(0, 1)])
+    hits = 0
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        q, k = torch.randn(1, 4, 2, 8, generator=g) * 3, torch.randn(1, 2, 6, 8, generator=g) * 3
+        _, w64, rhat, th = dar_float64(q, k, None, lay, cfg)
+        w = dar.compute_key_weights(q, k, lay, cfg, backend=backend)
+        np.testing.assert_array_equal(w.numpy(), w64.astype(np.float32), err_msg=f"seed {seed}")
+        hits += int((rhat[0] == th[0][0][1]).any())
+    assert hits >= 6  # the threshold lands on an element in these cases
