@@ -206,3 +206,26 @@ def test_rows_with_no_allowed_key_packed(backend, value):
     no_key = np.zeros((18, 2), dtype=bool)
     no_key[:4] = True
     _no_key_rows_check(out, out64, keep, no_key, None if value is None else 5, f"{backend} packed")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_packed_nonfinite_stays_in_its_sequence(backend, where, causal):
+    # "Exactly dar_attention applied to each sequence on its own": a NaN in sequence 1 never reaches
+    # sequence 0, even where a backend pads sequence 0 to the longest one (found by the packed fuzz:
+    # the torch backend's padding columns held sequence 1's keys and values).
+    from varlen_cases import VarlenCase, cu, oracle
+
+    _backend_or_skip(backend)
+    lens = [3, 9]
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(12, 2, 8, generator=g), torch.randn(12, 1, 8, generator=g), torch.randn(12, 1, 8, generator=g)
+    (k if where == "k" else v)[4:] = NAN  # every key / value of sequence 1 but its first
+    layouts = [dar.TokenLayout(ref=[(0, 1)], gen=[(1, 3)]), dar.TokenLayout(ref=[(0, 4)], gen=[(4, 9)])]
+    case = VarlenCase(q, k, v, cu(lens), cu(lens), lens, lens, layouts, CFG, causal, None)
+    out64, w64, _, _ = oracle(case)
+    out, w = dar.dar_attention_varlen(*case.args(), backend=backend, return_weights=True)
+    np.testing.assert_array_equal(w.numpy(), w64.astype(np.float32))
+    assert torch.isfinite(out[:3]).all(), f"{backend}: sequence 1's non-finite {where} reached sequence 0"
+    assert_close(out[:3].double(), out64[:3], torch.float32, what=f"{backend} sequence 0")
