@@ -166,3 +166,77 @@ def test_dar_info_prints_the_table(capsys, monkeypatch):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "auto" in out and "torch:math" in out and "1.000" in out and "key_scale/generation" in out
+
+
+@pytest.mark.parametrize("entries", [[], None, "text", 3])
+def test_cache_whose_entries_are_not_a_mapping_is_ignored_with_a_warning(tmp_path, caplog, monkeypatch, entries):
+    # docs/backends.md: a corrupt cache file is ignored with a logged warning, in `auto` calls and `dar info`.
+    from dar import cli
+
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"schema": tuner.SCHEMA, "entries": entries}))
+    t = _tuner(FakeTimer({"torch": 1.0, "torch:math": 2.0, "reference": 3.0, "flex": 4.0}), path)
+    with caplog.at_level("WARNING", logger="dar"):
+        assert t.choose(_call()).name == "torch"
+    assert "ignoring the tuning cache" in caplog.text and "entries" in caplog.text
+    assert len(json.loads(path.read_text())["entries"]) == 1  # rewritten as a good file
+    path.write_text(json.dumps({"schema": tuner.SCHEMA, "entries": entries}))
+    monkeypatch.setattr(backends, "TUNER", _tuner(FakeTimer({}), path))
+    assert cli.main(["info"]) == 0
+
+
+@pytest.mark.parametrize("cached", ["no-such-backend", "torch:math"])
+def test_cached_choice_that_cannot_load_here_is_measured_again(tmp_path, caplog, monkeypatch, cached):
+    path = tmp_path / "tune.json"
+    key = tuner.tune_key(_call())
+    entry = {"choice": cached, "times_ms": {cached: 0.5}, "excluded": {}, "created": ""}
+    path.write_text(json.dumps({"schema": tuner.SCHEMA, "entries": {key: entry}}))
+    real_get = get_backend
+
+    def get(name):  # torch:math "cannot load on this machine"
+        if name == "torch:math":
+            raise ImportError("not built here")
+        return real_get(name)
+
+    timer = FakeTimer({"torch": 3.0, "reference": 9.0, "flex": 2.0})
+    t = tuner.Tuner(get, backends.default_backend, timer=timer, cache_path=path,
+                    candidate_names=lambda device: ("torch", "torch:math", "reference", "flex"))
+    with caplog.at_level("WARNING", logger="dar"):
+        assert t.choose(_call()).name == "flex"
+    assert len(timer.runs) == 1 and cached in caplog.text and "measur" in caplog.text
+    assert json.loads(path.read_text())["entries"][key]["choice"] == "flex"
+
+
+def _tune_many(path, heads, count, barrier):
+    t = _tuner(FakeTimer({"torch": 3.0, "torch:math": 1.0, "reference": 9.0, "flex": 2.0}), path)
+    barrier.wait()
+    for batch in range(1, count + 1):  # each batch size is its own kind of call
+        q, k, v = (torch.randn(batch, heads, 16, 8) for _ in range(3))
+        t.choose(make_call(q, k, v, LAYOUT, CFG, None, None, False))
+
+
+def test_two_processes_tuning_into_one_file_lose_no_entries(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    path = tmp_path / "tune.json"
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_tune_many, args=(path, heads, 40, barrier)) for heads in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        assert p.exitcode == 0
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 80, f"{80 - len(entries)} of 80 entries lost"
+
+
+def test_cached_choice_that_cannot_load_is_measured_again_after_dar_info_read_it(tmp_path):
+    path = tmp_path / "tune.json"
+    key = tuner.tune_key(_call())
+    entry = {"choice": "gone", "times_ms": {"gone": 0.5}, "excluded": {}, "created": ""}
+    path.write_text(json.dumps({"schema": tuner.SCHEMA, "entries": {key: entry}}))
+    timer = FakeTimer({"torch": 3.0, "torch:math": 1.0, "reference": 9.0, "flex": 2.0})
+    t = _tuner(timer, path)
+    assert [e.choice for _, e in t.table()] == ["gone"]  # `dar info` lists it as it is
+    assert t.choose(_call()).name == "torch:math" and len(timer.runs) == 1

@@ -100,7 +100,9 @@ def _row_weights(call: DARCall, b: int) -> torch.Tensor:
             continue
         rhat = (rg - lo) / (hi - lo)
         if cfg.thresholds == "quantile":
-            t_hi, t_lo = torch.quantile(rhat, cfg.tau_high), torch.quantile(rhat, cfg.tau_low)
+            # In float64: torch.quantile on float32 forms the position tau * (n - 1) in float32, which
+            # moves a threshold that falls on an element (0.6 * 5 = 3) just past it.
+            t_hi, t_lo = (torch.quantile(rhat.double(), t).to(rhat.dtype) for t in (cfg.tau_high, cfg.tau_low))
         else:
             t_hi, t_lo = cfg.tau_high, cfg.tau_low
         # Step 6: boost above the high threshold, damp below the low one (boost wins a tie).

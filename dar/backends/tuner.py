@@ -12,7 +12,8 @@ other devices only ``torch`` (FlexAttention's CPU path and the Triton interprete
 vehicles, and SDPA's math kernel materialises ``Lq x Lk``), so nothing is timed there.
 
 Choices live in memory and, when ``DAR_TUNE_CACHE`` names a JSON file, on disk (read at first use,
-rewritten atomically after each new measurement). Inside ``torch.compile`` tracing or CUDA-graph
+rewritten atomically after each new measurement,
+merged under a file lock with what other processes wrote there). Inside ``torch.compile`` tracing or CUDA-graph
 capture nothing is timed: a cached choice is used, else the documented default (triton on CUDA when
 it supports the call, else torch). ``backend=`` and the ``DAR_BACKEND`` environment variable bypass
 the tuner altogether.
@@ -20,6 +21,7 @@ the tuner altogether.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -174,34 +176,57 @@ class Tuner:
         if path is None or path in self._loaded:
             return
         self._loaded.add(path)
+        for key, entry in self._read_disk(path).items():
+            self._entries.setdefault(key, entry)
+
+    @staticmethod
+    def _read_disk(path: Path) -> dict[str, Entry]:
+        """The entries of the cache file at ``path``; anything unreadable is skipped with a warning."""
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            return
+            return {}
         except (OSError, ValueError) as exc:
             logger.warning("dar: ignoring the tuning cache %s (%s)", path, exc)
-            return
+            return {}
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             logger.warning("dar: ignoring the tuning cache %s (not a %s file)", path, SCHEMA)
-            return
-        for key, e in data.get("entries", {}).items():
+            return {}
+        raw = data.get("entries", {})
+        if not isinstance(raw, dict):
+            logger.warning("dar: ignoring the tuning cache %s ('entries' is %s, not a mapping)", path,
+                           type(raw).__name__)
+            return {}
+        entries = {}
+        for key, e in raw.items():
             try:
-                self._entries.setdefault(key, Entry(str(e["choice"]), {str(n): float(t) for n, t in e["times_ms"].items()},
-                                                    dict(e.get("excluded", {})), str(e.get("created", ""))))
+                entries[key] = Entry(str(e["choice"]), {str(n): float(t) for n, t in e["times_ms"].items()},
+                                     dict(e.get("excluded", {})), str(e.get("created", "")))
             except (KeyError, TypeError, ValueError, AttributeError):
                 logger.warning("dar: ignoring a malformed entry of the tuning cache %s", path)
+        return entries
 
-    def _save(self) -> None:
+    def _save(self, key: str) -> None:
+        """Write ``key``'s new entry to the cache file, merged with what other processes wrote there.
+
+        Read, merge and replace happen under an exclusive lock on ``<file>.lock``, so two processes
+        tuning into one file lose no entries (the rename alone would keep only the last writer's).
+        """
         path = self.cache_path
         if path is None:
             return
-        data = {"schema": SCHEMA, "entries": {k: dataclasses.asdict(e) for k, e in sorted(self._entries.items())}}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
-            os.replace(tmp, path)
+            with _file_lock(path.with_name(path.name + ".lock")):
+                for k, e in self._read_disk(path).items():
+                    if k != key:
+                        self._entries.setdefault(k, e)
+                data = {"schema": SCHEMA,
+                        "entries": {k: dataclasses.asdict(e) for k, e in sorted(self._entries.items())}}
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(data, fh, indent=1)
+                os.replace(tmp, path)
         except OSError as exc:
             logger.warning("dar: could not write the tuning cache %s (%s)", path, exc)
 
@@ -241,18 +266,34 @@ class Tuner:
             call.q.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         key = tune_key(call)
         entry = self._entries.get(key) if key is not None else None
-        if entry is None and not tracing:
+        if (entry is None or self._unusable(entry.choice) is not None) and not tracing:
             with self._lock:
                 self._load()
                 entry = self._entries.get(key)
+                why = None if entry is None else self._unusable(entry.choice)
+                if why is not None:
+                    # A cache written by another install (a backend renamed, or one that does not load
+                    # here) is measured again rather than taking `auto` down.
+                    logger.warning("dar: the tuning cache's choice %r for %s %s; measuring again",
+                                   entry.choice, key, why)
+                    entry = None
                 if entry is None:
                     entry = self._tune(key, call)
         if entry is not None:
             for name in [entry.choice, *entry.ranking]:
-                backend = self._get(name)
-                if backend.unsupported(call) is None:
-                    return backend
+                if self._unusable(name) is None and self._get(name).unsupported(call) is None:
+                    return self._get(name)
         return self._default(call)
+
+    def _unusable(self, name: str) -> str | None:
+        """Why the backend ``name`` cannot be used here, or None."""
+        try:
+            self._get(name)
+        except ValueError:
+            return "is no backend of this version of dar"
+        except ImportError as exc:
+            return f"cannot load here ({exc})"
+        return None
 
     def _tune(self, key: str, call: DARCall) -> Entry:
         ok, excluded = self.candidates(call)
@@ -270,8 +311,21 @@ class Tuner:
         if times:
             logger.info("dar: backend='auto' measured %s: %s -> %s", key,
                         ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(times.items(), key=lambda x: x[1])), choice)
-            self._save()
+            self._save(key)
         return entry
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (fcntl); where fcntl is missing (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: merging still happens, without the lock
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released on close, or by the kernel if we die
+        yield
 
 
 def describe(t: Tuner) -> list[str]:

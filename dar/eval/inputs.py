@@ -6,7 +6,8 @@ image, the case record). A ``../`` or an absolute path there would make the judg
 and upload, files from anywhere. So:
 
 - a case id must be a plain file name: not empty, no ``/`` or ``\\``, not ``.`` or
-  ``..``, no NUL character;
+  ``..``, no NUL character, at most :data:`MAX_CASE_ID_BYTES` bytes as UTF-8 (a name or path
+  the file system still refuses as too long is recorded as ``input_error`` by the run loop);
 - an image path must end in an image extension (:data:`IMAGE_EXTENSIONS`) and resolve
   inside the benchmark's root folder, symlinks followed (so a link pointing out of the
   folder is refused like a ``../``);
@@ -24,6 +25,8 @@ from pathlib import Path
 from .judges.base import IMAGE_MIME
 
 IMAGE_EXTENSIONS = tuple(IMAGE_MIME)
+# NAME_MAX of common file systems (255 bytes) less the longest image extension.
+MAX_CASE_ID_BYTES = 255 - max(len(ext) for ext in IMAGE_EXTENSIONS)
 
 
 def case_id_problem(case_id: str) -> str | None:
@@ -34,6 +37,10 @@ def case_id_problem(case_id: str) -> str | None:
         return f"case id {case_id!r} contains a NUL character"
     if "/" in case_id or "\\" in case_id or case_id in (".", ".."):
         return f"case id {case_id!r} is not a plain file name (no '/', '\\\\', '.' or '..')"
+    size = len(case_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_CASE_ID_BYTES:
+        return (f"case id {case_id[:40]!r}... is {size} bytes as UTF-8, too long for a file name "
+                f"(at most {MAX_CASE_ID_BYTES}, so that '<case_id>.jpeg' fits the usual 255-byte limit)")
     return None
 
 

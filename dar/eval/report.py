@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .mico.scoring import FORMULA_SCALE, FORMULA_UPSTREAM
-from .runs import STATUS_INPUT_ERROR, STATUS_JUDGE_FAILURE, STATUS_MISSING, STATUS_OK, RunStore
+from .runs import STATUS_GENERATION_ERROR, STATUS_INPUT_ERROR, STATUS_JUDGE_FAILURE, STATUS_MISSING, STATUS_OK, RunStore
 
 FORMULA_TEXT = {
     "paper": f"W x SC x PQ (paper definition, 0-100; upstream eval_score.py {FORMULA_UPSTREAM['paper']})",
@@ -67,6 +67,7 @@ def summarize(run: RunStore | str | os.PathLike[str]) -> dict[str, Any]:
             "missing_outputs": sum(r["status"] == STATUS_MISSING for r in task_records),
             "judge_failures": sum(r["status"] == STATUS_JUDGE_FAILURE for r in task_records),
             "input_errors": sum(r["status"] == STATUS_INPUT_ERROR for r in task_records),
+            "generation_errors": sum(r["status"] == STATUS_GENERATION_ERROR for r in task_records),
             # Scored despite a failed judge call (compat="released" counts those as 0).
             "failures_scored_as_zero": sum(
                 r["status"] == STATUS_OK and any("scored_as" in f for f in r.get("failures", [])) for r in task_records
@@ -100,7 +101,7 @@ def summarize(run: RunStore | str | os.PathLike[str]) -> dict[str, Any]:
     }
     if benchmark == "mico":
         summary["formula"] = FORMULA_TEXT.get(identity.get("formula"), identity.get("formula"))
-    failed = [f"{r['task']}/{r['case_id']}" for r in records if r["status"] in (STATUS_JUDGE_FAILURE, STATUS_INPUT_ERROR)]
+    failed = [f"{r['task']}/{r['case_id']}" for r in records if r["status"] in (STATUS_JUDGE_FAILURE, STATUS_INPUT_ERROR, STATUS_GENERATION_ERROR)]
     summary["failed_cases"] = failed
     return summary
 
@@ -122,13 +123,13 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
     lines.append(f"- Compatibility mode: {identity.get('compat')}")
     lines.append(f"- Score scale: {summary['score_scale']}")
     lines.append("")
-    lines.append("| Task | Mean | Scored | Expected | Missing outputs | Judge failures | Input errors | Pending |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| Task | Mean | Scored | Expected | Missing outputs | Generation errors | Judge failures | Input errors | Pending |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = list(summary["tasks"].items()) + [("**overall (pooled)**", summary["overall"])]
     for task, b in rows:
         lines.append(
             f"| {task} | {_fmt(b['mean'])} | {b['count']} | {b['expected']} | {b['missing_outputs']} | "
-            f"{b['judge_failures']} | {b['input_errors']} | {b['pending']} |"
+            f"{b.get('generation_errors', 0)} | {b['judge_failures']} | {b['input_errors']} | {b['pending']} |"
         )
     lines.append("")
     lines.append(f"Mean of task means: {_fmt(summary['overall'].get('task_macro_mean'))}")

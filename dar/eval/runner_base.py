@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from .inputs import image_content_problem
 from .judges.base import Judge, ParsedReply, ask_parsed, image_sha256
-from .runs import STATUS_INPUT_ERROR, STATUS_JUDGE_FAILURE, STATUS_MISSING, RunStore, RunSummary, find_output, run_cases
+from .runs import STATUS_GENERATION_ERROR, STATUS_INPUT_ERROR, STATUS_JUDGE_FAILURE, STATUS_MISSING, RunStore, RunSummary, find_output, run_cases
 
 C = TypeVar("C")
 
@@ -81,7 +81,9 @@ class JudgedScorer:
     def attach_output(record: dict[str, Any], root: Path, model: str, extensions: Sequence[str]) -> Path | None:
         """Find ``<root>/<model>/<task>/<case_id>.<ext>`` and note it (and its hash) in ``record``.
 
-        Returns ``None`` after marking the record ``missing_output`` when there is no such file.
+        Returns ``None`` after marking the record ``missing_output`` when there is no such file,
+        or ``generation_error`` when the file is not a PNG, JPEG or WebP image by its first bytes
+        (an empty or failed generation): such an output is never sent to the judge nor scored.
         """
         output = find_output(root, model, record["task"], record["case_id"], extensions)
         if output is None:
@@ -89,6 +91,11 @@ class JudgedScorer:
             return None
         record["output"] = str(output.relative_to(root))
         record["output_sha256"] = image_sha256(output)
+        problem = image_content_problem(output)
+        if problem is not None:
+            record["status"] = STATUS_GENERATION_ERROR
+            record["failures"].append({"stage": "output", "kind": "not_an_image", "error": problem})
+            return None
         return output
 
     def ask(
@@ -101,7 +108,15 @@ class JudgedScorer:
         *,
         system: str | None = None,
     ) -> ParsedReply:
-        """One judge stage: ask (with parse retries) and keep its raw replies under ``replies[stage]``."""
+        """One judge stage: ask (with parse retries) and keep its raw replies under ``replies[stage]``.
+
+        Every image was checked before (benchmark images by the runner, the output by
+        :meth:`attach_output`); checking again here keeps the first-bytes rule true for every
+        image sent, whatever a future stage passes.
+        """
+        refused = self.not_images(images)
+        if refused:
+            raise ValueError(f"images: refusing to send non-images to the judge: {refused}")
         parsed = ask_parsed(self.judge, prompt, images, parse, system=system, parse_retries=self.parse_retries)
         replies[stage] = [r[:REPLY_KEEP_CHARS] for r in parsed.replies] if self.keep_replies else []
         return parsed

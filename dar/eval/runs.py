@@ -5,6 +5,7 @@ Layout::
     <run>/run.json                    settings that define the run (never credentials)
     <run>/expected.json               case ids the run was asked to score, per task/group
     <run>/cases/<task>/<case_id>.json one result per case, written atomically when known
+                                      (the id percent-quoted; a long one as prefix + hash)
 
 Because each case is its own file, replaced atomically, a process killed at any moment
 leaves every case either complete or absent: a rerun skips the complete ones, redoes the
@@ -19,6 +20,8 @@ reader (reports, comparisons) warns and treats the case as not yet scored.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import math
@@ -45,7 +48,8 @@ STATUS_OK = "ok"
 STATUS_MISSING = "missing_output"
 STATUS_JUDGE_FAILURE = "judge_failure"
 STATUS_INPUT_ERROR = "input_error"
-STATUSES = (STATUS_OK, STATUS_MISSING, STATUS_JUDGE_FAILURE, STATUS_INPUT_ERROR)
+STATUS_GENERATION_ERROR = "generation_error"  # the generated image exists but is not an image
+STATUSES = (STATUS_OK, STATUS_MISSING, STATUS_JUDGE_FAILURE, STATUS_INPUT_ERROR, STATUS_GENERATION_ERROR)
 
 RUN_FILE = "run.json"
 EXPECTED_FILE = "expected.json"
@@ -75,10 +79,42 @@ def find_output(root: Path, model: str, task: str, case_id: str, extensions: Seq
     return found[0] if found else None
 
 
+# A record name is kept as it always was (the quoted id) while the quoted id fits in this many bytes,
+# so resuming an older run directory finds its records; longer ids get a bounded name instead. 200
+# leaves room, under the 255-byte NAME_MAX of common file systems, for ".json", the atomic writer's
+# temp name (".<name>.tmp-<pid>-<random>") and ".corrupt-N" (see keep_aside).
+MAX_NAME_BYTES = 200
+_PREFIX_BYTES = MAX_NAME_BYTES - 1 - 32  # readable prefix + "+" + 32 hex digits of SHA-256
+
+
 def _file_name(case_id: str) -> str:
-    # Case ids come from benchmark files; quote anything that is not a plain file name.
+    """The file-name form of a case id or task: the id percent-quoted, bounded in length.
+
+    Case ids come from benchmark files; anything that is not a plain file name is quoted. A quoted
+    id longer than :data:`MAX_NAME_BYTES` becomes ``<quoted prefix>+<sha256 of the id>``: "+" is
+    always quoted, so such a name never equals a short one, and distinct ids stay distinct.
+    """
+    case_id = str(case_id)
     name = urllib.parse.quote(case_id, safe="-_")
-    return name if not name.startswith(".") else "%2E" + name[1:]
+    name = name if not name.startswith(".") else "%2E" + name[1:]
+    if len(name) <= MAX_NAME_BYTES:  # quoted names are ASCII: characters are bytes
+        return name
+    prefix = name[:_PREFIX_BYTES]
+    cut = prefix.rfind("%", len(prefix) - 2)  # never split a %XX escape
+    if cut != -1:
+        prefix = prefix[:cut]
+    return f"{prefix}+{hashlib.sha256(case_id.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+
+
+def name_too_long(exc: BaseException) -> bool:
+    """Whether ``exc`` is the file system refusing a file name or path as too long."""
+    return isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
+
+
+def too_long_reason(exc: OSError) -> str:
+    name = str(exc.filename) if exc.filename is not None else ""
+    shown = name if len(name) <= 160 else f"{name[:80]}...{name[-60:]} ({len(os.fsencode(name))} bytes)"
+    return f"a file name or path is too long for the file system ({exc.strerror}): {shown}"
 
 
 def record_problem(record: object) -> str | None:
@@ -313,6 +349,7 @@ class RunSummary:
     missing_output: int = 0
     judge_failure: int = 0
     input_error: int = 0
+    generation_error: int = 0
 
     def add(self, status: str) -> None:
         self.scored += 1
@@ -323,8 +360,8 @@ def is_finished(record: Mapping[str, Any] | None, retry_failed: bool) -> bool:
     """Whether a rerun may skip this case.
 
     Successful cases are final. Judge failures are final too (they are reported) unless
-    ``retry_failed``. Missing outputs and input errors are always re-checked: they cost
-    no judge call and the user may have fixed them since.
+    ``retry_failed``. Missing outputs, input errors and generation errors are always
+    re-checked: they cost no judge call and the user may have fixed them since.
     """
     if record is None:
         return False
@@ -351,6 +388,7 @@ def run_cases(
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
     summary = RunSummary()
+    benchmark = store.identity.get("benchmark")
     pending: list[C] = []
     for case in cases:
         summary.total += 1
@@ -369,7 +407,7 @@ def run_cases(
         queue = iter(pending)
         in_flight = set()
         for case in queue:
-            in_flight.add(executor.submit(_evaluate_and_store, store, evaluate, case))
+            in_flight.add(executor.submit(_evaluate_and_store, store, evaluate, case, key, benchmark))
             if len(in_flight) >= 2 * concurrency:
                 break
         while in_flight:
@@ -381,14 +419,24 @@ def run_cases(
                 bar.set_postfix(ok=summary.ok, failed=summary.judge_failure, missing=summary.missing_output, refresh=False)
                 nxt = next(queue, None)
                 if nxt is not None:
-                    in_flight.add(executor.submit(_evaluate_and_store, store, evaluate, nxt))
+                    in_flight.add(executor.submit(_evaluate_and_store, store, evaluate, nxt, key, benchmark))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return summary
 
 
-def _evaluate_and_store(store: RunStore, evaluate: Callable[[C], dict[str, Any]], case: C) -> dict[str, Any]:
-    record = evaluate(case)
+def _evaluate_and_store(store: RunStore, evaluate: Callable[[C], dict[str, Any]], case: C,
+                        key: Callable[[C], tuple[str, str]], benchmark: Any) -> dict[str, Any]:
+    try:
+        record = evaluate(case)
+    except OSError as exc:
+        if not name_too_long(exc):
+            raise
+        # A name the benchmark gave (case id, image path) that this file system cannot hold: the
+        # case cannot be judged, which is an input error of that case, not of the run.
+        task, case_id = key(case)
+        record = {"benchmark": benchmark, "task": task, "case_id": case_id, "status": STATUS_INPUT_ERROR,
+                  "score": None, "failures": [{"stage": "inputs", "kind": "name_too_long", "error": too_long_reason(exc)}]}
     store.write_record(record)
     return record

@@ -63,8 +63,10 @@ class _Frame:
         self.k_col = (tk - cu_k[self.seq_of_k]).clamp(0, max(self.lk - 1, 0))
 
     def keys(self, t: torch.Tensor) -> torch.Tensor:
-        """(total_k, H, D) -> (N, H, Lk, D) (a permuted view of one gather)."""
-        return t[self.key_index].permute(0, 2, 1, 3)
+        """(total_k, H, D) -> (N, H, Lk, D), padding columns zero (a permuted view)."""
+        # The clamped index fills sequence n's padding columns with sequence n+1's rows; masked or not,
+        # a NaN / inf there would reach sequence n (NaN logits, 0 * NaN in P @ V), so they are zeroed.
+        return torch.where(self.key_valid[:, :, None, None], t[self.key_index], 0).permute(0, 2, 1, 3)
 
     def queries(self, t: torch.Tensor) -> torch.Tensor:
         """(total_q, H, D) -> (N, H, Lq', D); rows that hold no query are copies (discarded later)."""
