@@ -18,6 +18,8 @@ import contextlib
 import importlib
 import sys
 
+import torch
+
 from dar.extras import require
 
 
@@ -38,7 +40,9 @@ def _binding_for(target, verb: str):
     # Everything else is the diffusers binding's: without diffusers nothing could have been enabled through it,
     # so both enable and disable say what to install rather than fail later or silently do nothing.
     if not _diffusers_like(target):
-        raise TypeError(f"dar.{verb}: {type(target).__name__} is not a model DAR supports; supported: {SUPPORTED}")
+        what = ("has no diffusers attention modules (modules with a `processor`) and is not a model DAR supports"
+                if isinstance(target, torch.nn.Module) else "is not a model DAR supports")
+        raise TypeError(f"dar.{verb}: {type(target).__name__} {what}; supported: {SUPPORTED}")
     require("diffusers", "diffusers", f"dar.{verb} on {type(target).__name__}")
     return importlib.import_module("dar.bindings.diffusers")
 
