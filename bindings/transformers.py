@@ -37,7 +37,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from dar.api import dar_attention
-from dar.backends import BACKENDS
+from dar.backends import check_backend
 from dar.config import DARConfig
 from dar.extras import require
 from dar.layout import TokenLayout
@@ -326,8 +326,7 @@ def enable(model, config: DARConfig | None = None, *, ref_mask: torch.Tensor, ge
         config = DARConfig()
     if not isinstance(config, DARConfig):
         raise TypeError(f"config must be a dar.DARConfig, got {type(config).__name__}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, "dense")
     if not is_registered():
         raise RuntimeError("dar: the 'dar' attention implementation is not registered; call "
                            "dar.bindings.transformers.register() before loading the model with attn_implementation='dar'")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class DARCall:
     """Everything a backend needs. ``v`` is None for `compute_key_weights`."""
 
+    kind: ClassVar[str] = "dense"  # the call kind backends declare capabilities for (dar.backends.base)
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor | None

@@ -486,11 +486,11 @@ def gathered_call(sc: ShardedCall, w: torch.Tensor | None) -> tuple[DARCall, tor
 
 
 def key_weights(q, k, layout, cfg, attn_mask, scale, is_causal, backend, head_group, seq_group) -> torch.Tensor:
-    """`dar.compute_key_weights` with groups. The statistics are always the torch implementation."""
-    from .backends import BACKENDS
+    """`dar.compute_key_weights` with groups. The statistics are always the torch implementation; the
+    backend name is validated like every entry point's."""
+    from .backends import check_backend
 
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, "sharded")
     sc = make_sharded_call(q, k, None, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
     if not sc.call.plan.active:
         return torch.ones(k.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
@@ -498,8 +498,9 @@ def key_weights(q, k, layout, cfg, attn_mask, scale, is_causal, backend, head_gr
 
 
 def attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return_weights, head_group, seq_group):
-    from .backends import select_backend
+    from .backends import check_backend, select_backend
 
+    check_backend(backend, "sharded")
     sc = make_sharded_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
     w = sharded_key_weights(sc) if sc.call.plan.active else None
     if sc.sp is None:

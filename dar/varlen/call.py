@@ -14,6 +14,7 @@ which covers every row of every sequence.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
@@ -32,6 +33,7 @@ class VarlenCall:
     (free to read), else None: on a GPU, reading them would synchronise with the device.
     """
 
+    kind: ClassVar[str] = "packed"  # the call kind backends declare capabilities for (dar.backends.base)
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor | None

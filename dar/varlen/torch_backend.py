@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from .. import delegate, scoring
-from ..backends import get_backend
 from ..call import DARCall
 from ..masks import MaskSpec
 from .call import VarlenCall
@@ -121,7 +120,18 @@ def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
     return scoring.mass_of_rows(qs, fr.keys(k), bias, valid, call.scale)
 
 
-def key_weights(call: VarlenCall, head_group=None) -> torch.Tensor:
+def unsupported(call: VarlenCall, backend) -> str | None:
+    """Why the torch backend ``backend`` (plain ``torch`` or ``torch:<SDPA kernel>``) cannot run the
+    packed ``call``, or None. Head-dim limits of the padded frame's form are checked when it runs."""
+    why = backend.device_refusal(call)
+    if why is None and call.v is not None and not call.causal and backend.sdp == "flash" \
+            and call.q.device.type == "cuda":
+        why = ("SDPA's CUDA flash kernel takes no attn_mask, and non-causal packed sequences run with a "
+               "key-padding mask")
+    return why
+
+
+def key_weights(call: VarlenCall, backend=None, head_group=None) -> torch.Tensor:
     """(total_k,) float32 key weights (steps 1-6), aligned with ``k``; no autograd graph.
 
     ``head_group``: the process group over which the heads are split (`dar.parallel`); the mass of
@@ -139,16 +149,20 @@ def key_weights(call: VarlenCall, head_group=None) -> torch.Tensor:
         return fr.unpad_keys(w)
 
 
-def attention(call: VarlenCall, weights: torch.Tensor | None) -> torch.Tensor:
-    """(total_q, Hq, Dv) in q's dtype (step 7) on the padded frame, through the dense torch backend's
-    delegate kernel (SDPA)."""
+def attention(call: VarlenCall, weights: torch.Tensor | None, backend) -> torch.Tensor:
+    """(total_q, Hq, Dv) in q's dtype (step 7) on the padded frame, through the delegate kernel of the
+    dense torch backend ``backend`` (SDPA, or one of its kernels)."""
     q, k, v = call.q, call.k, call.v
     if q.shape[0] == 0 or k.shape[0] == 0 or call.max_seqlen_k == 0:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
     fr = _Frame(call)
     dense = fr.dense_call(call)
-    kernel = get_backend("torch").kernel(dense)
+    kernel = backend.kernel(dense)
     if weights is None or not call.plan.active:
         return fr.unpad_out(delegate.plain(dense, kernel))
+    rows = fr.rows(call, dense)
+    why = delegate.unsupported(dense, kernel, rows)
+    if why is not None:
+        raise ValueError(f"backend={backend.name!r} cannot run these inputs: {why}")
     w = weights[fr.key_index].masked_fill(~fr.key_valid, 1.0)  # (N, Lk): padded keys weigh 1
-    return fr.unpad_out(delegate.attention(dense, w, kernel, fr.rows(call, dense)))
+    return fr.unpad_out(delegate.attention(dense, w, kernel, rows))
