@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from .call import DARCall
 
-__all__ = ["AttentionKernel", "QueryRows", "as_kernel", "attention", "plain", "plan_rows", "scaled_keys",
-           "unsupported"]
+__all__ = ["AttentionKernel", "QueryRows", "as_kernel", "attention", "plain", "plan_rows", "row_pieces",
+           "scaled_keys", "unsupported"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,15 +227,18 @@ def _mask_rows(mask, ranges):
     return _rows(mask, ranges)
 
 
-def _complement(ranges, lq: int) -> tuple[tuple[int, int], ...]:
-    out, cursor = [], 0
-    for s, e in ranges:
+def row_pieces(ranges, lq: int) -> list[tuple[int, int, bool]]:
+    """``(start, end, rebalanced)`` pieces covering query rows ``[0, lq)`` in order: the rebalanced
+    ``ranges`` (sorted, disjoint) and the plain rows between them. Shared with `dar.ring`."""
+    pieces, cursor = [], 0
+    for s, e in sorted(ranges):
         if cursor < s:
-            out.append((cursor, s))
+            pieces.append((cursor, s, False))
+        pieces.append((s, e, True))
         cursor = e
     if cursor < lq:
-        out.append((cursor, lq))
-    return tuple(out)
+        pieces.append((cursor, lq, False))
+    return pieces
 
 
 def _with_bias(mask, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -295,7 +298,8 @@ def _split(kernel: AttentionKernel, q, v, scale: float, lq: int, rows, reb_args,
 
     ``reb_args`` / ``plain_args``: (k, mask) for each call; masks with a query dim are cut to the rows.
     """
-    others = _complement(rows, lq)
+    order = row_pieces(rows, lq)
+    others = tuple((s, e) for s, e, reb in order if not reb)
     k_r, mask_r = reb_args
     k_p, mask_p = plain_args
     out_r = _run(kernel, _rows(q, rows), k_r, v, _mask_rows(mask_r, rows), scale, False)
@@ -303,7 +307,7 @@ def _split(kernel: AttentionKernel, q, v, scale: float, lq: int, rows, reb_args,
         return out_r
     out_p = _run(kernel, _rows(q, others), k_p, v, _mask_rows(mask_p, others), scale, False)
     pieces, at_r, at_p = [], 0, 0
-    for s, e, reb in sorted([(s, e, True) for s, e in rows] + [(s, e, False) for s, e in others]):
+    for s, e, reb in order:
         n = e - s
         if reb:
             pieces.append(out_r[:, :, at_r:at_r + n])
