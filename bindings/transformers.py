@@ -38,6 +38,7 @@ import torch
 
 from dar.api import dar_attention
 from dar.backends import check_backend
+from dar.call import resolve_config
 from dar.config import DARConfig
 from dar.extras import require
 from dar.layout import TokenLayout
@@ -322,10 +323,7 @@ def enable(model, config: DARConfig | None = None, *, ref_mask: torch.Tensor, ge
 
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"model must be a transformers.PreTrainedModel, got {type(model).__name__}")
-    if config is None:
-        config = DARConfig()
-    if not isinstance(config, DARConfig):
-        raise TypeError(f"config must be a dar.DARConfig, got {type(config).__name__}")
+    config = resolve_config(config, "config")
     check_backend(backend, "dense")
     if not is_registered():
         raise RuntimeError("dar: the 'dar' attention implementation is not registered; call "

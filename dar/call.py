@@ -71,6 +71,33 @@ def resolve_scale(name: str, scale, d: int) -> float:
     return scale
 
 
+def resolve_config(cfg, name: str = "cfg") -> DARConfig:
+    """The config argument ``name``: None means ``DARConfig()``; else it must be a `DARConfig`."""
+    if cfg is None:
+        return DARConfig()
+    if not isinstance(cfg, DARConfig):
+        raise TypeError(f"{name} must be a dar.DARConfig or None, got {type(cfg).__name__}")
+    return cfg
+
+
+def unit_weights(*shape: int, device) -> torch.Tensor:
+    """All-ones float32 key weights: what an inactive plan (nothing to rebalance) returns."""
+    return torch.ones(*shape, dtype=torch.float32, device=device)
+
+
+def with_weights(out: torch.Tensor, w: torch.Tensor | None, return_weights: bool, keys: tuple[int, ...]):
+    """The entry points' result: ``out``, or ``(out, w)`` with all-ones weights of shape ``keys`` when
+    nothing was rebalanced (``w`` None)."""
+    if not return_weights:
+        return out
+    return out, (unit_weights(*keys, device=out.device) if w is None else w)
+
+
+def check_return_weights(return_weights) -> None:
+    if not isinstance(return_weights, bool):
+        raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+
+
 def _transpose_hint(exc: ValueError, layout, q: torch.Tensor, k: torch.Tensor) -> ValueError:
     """The layout error, plus a hint when the layout would fit q and k read as (B, L, H, D) (the layout
     diffusers and flash-attn use), the commonest way to get here."""
@@ -92,10 +119,7 @@ def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, lengths: tuple[
     _check_tensor("k", k)
     if v is not None:
         _check_tensor("v", v)
-    if cfg is None:
-        cfg = DARConfig()
-    if not isinstance(cfg, DARConfig):
-        raise TypeError(f"cfg must be a dar.DARConfig, got {type(cfg).__name__}")
+    cfg = resolve_config(cfg)
     b, hq, lq, d = q.shape
     _, hk, lk, dk = k.shape
     if k.shape[0] != b:

@@ -27,7 +27,7 @@ import threading
 
 import torch
 
-from .call import DARCall, _check_tensor, make_call
+from .call import DARCall, _check_tensor, make_call, unit_weights, with_weights
 from .masks import MaskSpec
 from .plan import DARPlan
 from . import scoring
@@ -493,7 +493,7 @@ def key_weights(q, k, layout, cfg, attn_mask, scale, is_causal, backend, head_gr
     check_backend(backend, "sharded")
     sc = make_sharded_call(q, k, None, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
     if not sc.call.plan.active:
-        return torch.ones(k.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
+        return unit_weights(k.shape[0], k.shape[2], device=q.device)
     return sharded_key_weights(sc)
 
 
@@ -508,11 +508,7 @@ def attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return
     else:
         attend, w_all = gathered_call(sc, w)
         out = select_backend(backend, attend).attention(attend, w_all)
-    if return_weights:
-        if w is None:
-            w = torch.ones(k.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
-        return out, w
-    return out
+    return with_weights(out, w, return_weights, (k.shape[0], k.shape[2]))
 
 
 __all__ = ["SeqShards", "ShardPlan", "Traffic", "count_traffic", "wire_bytes", "shard_plan", "check_group"]

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from dar.backends import check_backend
+from dar.call import resolve_config
 from dar.config import DARConfig
 from dar.layout import TokenLayout
 
@@ -351,10 +352,7 @@ def check_options(config, backend, recorder, backends=None) -> DARConfig:
     the binding's calls can run, e.g. ``dar.varlen.VARLEN_BACKENDS`` for a model whose attention is
     packed (a name outside them is refused with that backend's reason).
     """
-    if config is None:
-        config = DARConfig()
-    if not isinstance(config, DARConfig):
-        raise TypeError(f"config must be a dar.DARConfig or None, got {type(config).__name__}")
+    config = resolve_config(config, "config")
     check_backend(backend)
     if backends is not None and backend not in backends:
         from dar.varlen import VARLEN_BACKENDS

@@ -33,7 +33,7 @@ import torch
 from dar import parallel as dp
 from dar.backends import select_backend
 from dar.call import DARCall
-from dar.masks import MaskSpec
+from dar.masks import MaskSpec, as_bias
 from dar.ring import ring_attention
 
 # Families whose diffusers CP plan splits `encoder_hidden_states` (text, first in the joint sequence)
@@ -246,8 +246,7 @@ def rebalance(state, layouts, split: Split, q, k, v, attn_mask, scale, parallel_
             raise ValueError(f"dar: the key-padding mask has {attn_mask.shape[3]} keys; this rank holds {local} of "
                              f"{total}, so it must have {local} (this rank's) or {total} (the whole sequence's)")
         m = attn_mask[:, 0, 0, :].expand(b, attn_mask.shape[3])
-        key_bias = m.float() if m.is_floating_point() else torch.zeros(m.shape, device=m.device).masked_fill(
-            ~m, float("-inf"))
+        key_bias = as_bias(m)
         if attn_mask.shape[3] == local:
             # diffusers >= 0.39 splits the text mask with the tokens, so each rank's mask covers its own
             # [text piece, image piece]. Every rank's key mask in ring order (the flattened CP mesh's rank

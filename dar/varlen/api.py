@@ -12,6 +12,7 @@ import torch
 
 from ..autocast import outside_autocast
 from ..backends import get_backend, names_for, select_backend
+from ..call import check_return_weights, unit_weights, with_weights
 from .call import VarlenCall, make_varlen_call
 
 # The backend names that can run packed calls (every name but those declaring they cannot).
@@ -60,7 +61,7 @@ def compute_key_weights_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: t
                             softmax_scale, causal)
     impl = select_backend(backend, call)
     if not call.plan.active:
-        return torch.ones(k.shape[0], dtype=torch.float32, device=q.device)
+        return unit_weights(k.shape[0], device=q.device)
     return _weights(impl, call, head_group)
 
 
@@ -99,19 +100,14 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     """
     if v is None:
         raise TypeError("v must be a torch.Tensor (use dar.compute_key_weights_varlen for weights alone)")
-    if not isinstance(return_weights, bool):
-        raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    check_return_weights(return_weights)
     head_group = _head_group(head_group, seq_group)
     call = make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
                             softmax_scale, causal)
     impl = select_backend(backend, call)
     w = _weights(impl, call, head_group) if call.plan.active else None
     out = impl.packed_attention(call, w)
-    if return_weights:
-        if w is None:
-            w = torch.ones(k.shape[0], dtype=torch.float32, device=q.device)
-        return out, w
-    return out
+    return with_weights(out, w, return_weights, (k.shape[0],))
 
 
 __all__ = ["dar_attention_varlen", "compute_key_weights_varlen", "VARLEN_BACKENDS", "VarlenCall", "triton_unavailable"]

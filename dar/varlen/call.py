@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..call import _check_tensor, check_heads_and_kinds, resolve_scale
+from ..call import _check_tensor, check_heads_and_kinds, resolve_config, resolve_scale
 from ..config import DARConfig
 from ..layout import TokenLayout, resolve_layouts
 from ..plan import DARPlan, make_plan
@@ -110,10 +110,7 @@ def make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_tensor("k", k, 3, "(total_k, Hk, D) like flash_attn_varlen_func")
     if v is not None:
         _check_tensor("v", v, 3, "(total_k, Hk, Dv) like flash_attn_varlen_func")
-    if cfg is None:
-        cfg = DARConfig()
-    if not isinstance(cfg, DARConfig):
-        raise TypeError(f"cfg must be a dar.DARConfig, got {type(cfg).__name__}")
+    cfg = resolve_config(cfg)
     total_q, hq, d = q.shape
     total_k, hk, dk = k.shape
     check_heads_and_kinds(q, k, v, d, dk, hq, hk)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..call import make_call
+from ..call import make_call, unit_weights
 from .call import VarlenCall
 
 
@@ -43,7 +43,7 @@ def unsupported(call: VarlenCall, dense) -> str | None:
 
 def key_weights(call: VarlenCall, dense) -> torch.Tensor:
     """``dense``: the dense reference backend, run on each sequence."""
-    w = torch.ones(call.k.shape[0], dtype=torch.float32, device=call.q.device)
+    w = unit_weights(call.k.shape[0], device=call.q.device)
     for n, q0, q1, k0, k1 in _sequences(call):
         if q1 == q0 or k1 == k0:
             continue  # no query or no key: nothing to score, every weight 1

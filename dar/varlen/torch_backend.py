@@ -23,10 +23,9 @@ import torch
 
 from .. import delegate, scoring
 from ..call import DARCall
-from ..masks import MaskSpec
+from ..masks import MaskSpec, as_bias
 from .call import VarlenCall
 
-NEG_INF = float("-inf")
 
 
 class _Frame:
@@ -116,7 +115,7 @@ def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
         cols = torch.arange(lk, device=q.device)
         allowed = allowed & (cols[None, None, :] <= (s + fr.len_k[:, None] - fr.len_q[:, None])[..., None])
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    bias = torch.zeros(allowed.shape, dtype=acc, device=q.device).masked_fill_(~allowed, NEG_INF)[:, None]
+    bias = as_bias(allowed, acc)[:, None]
     return scoring.mass_of_rows(qs, fr.keys(k), bias, valid, call.scale)
 
 
