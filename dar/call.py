@@ -71,6 +71,15 @@ def resolve_scale(name: str, scale, d: int) -> float:
     return scale
 
 
+def planned_call(q, k, v, cfg: DARConfig, scale: float, plan: DARPlan, mask=None, is_causal: bool = False,
+                 layouts=()) -> DARCall:
+    """A call on tensors derived from a validated call (the packed API's padded frame, a rank's gathered
+    keys, a binding's shard), with the plan already mapped to their coordinates: no re-validation.
+    The one place, besides `make_call`, where a `DARCall` is built."""
+    spec = MaskSpec(mask, is_causal, q.shape[0], q.shape[2], k.shape[2])
+    return DARCall(q, k, v, tuple(layouts), cfg, spec, float(scale), plan)
+
+
 def resolve_config(cfg, name: str = "cfg") -> DARConfig:
     """The config argument ``name``: None means ``DARConfig()``; else it must be a `DARConfig`."""
     if cfg is None:

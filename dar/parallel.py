@@ -27,10 +27,10 @@ import threading
 
 import torch
 
-from .call import DARCall, _check_tensor, make_call, unit_weights, with_weights
-from .masks import MaskSpec
-from .plan import DARPlan
 from . import scoring
+from .backends import check_backend, select_backend
+from .call import DARCall, _check_tensor, make_call, planned_call, unit_weights, with_weights
+from .plan import DARPlan
 
 Range = tuple[int, int]
 
@@ -480,16 +480,40 @@ def gathered_call(sc: ShardedCall, w: torch.Tensor | None) -> tuple[DARCall, tor
     if w is not None:
         w = gather(w, 1)
         w = plain_where_idle(w, sc.sp)
-    b, _, lq, _ = call.q.shape
-    spec = MaskSpec(mask, False, b, lq, k.shape[2])
-    return DARCall(call.q, k, v, call.layouts, call.cfg, spec, call.scale, sc.sp.gathered), w
+    return planned_call(call.q, k, v, call.cfg, call.scale, sc.sp.gathered, mask, layouts=call.layouts), w
+
+
+# -- for bindings that run their own exchange (diffusers' Ulysses / ring templates) -------------------
+
+def rank_key_weights(q, k, layouts, cfg, key_bias, scale, head_group, seq_group,
+                     shards: SeqShards | None = None) -> tuple[ShardPlan, torch.Tensor | None]:
+    """The key weights of one sharded attention call, for a binding that moves K/V itself.
+
+    ``q``, ``k``: this rank's ``(B, H, L, D)`` pieces; ``key_bias``: ``(B, Lk_local)`` additive bias of
+    this rank's keys or None; ``shards``: where each rank's tokens sit (default: contiguous).
+    Returns this rank's `ShardPlan` and the weights of every rank's keys, ``(B, Lk)`` float32 in rank
+    order (all-gathered over ``seq_group``), or None when nothing is rebalanced.
+    """
+    mask = None if key_bias is None else key_bias[:, None, None, :]
+    sc = make_sharded_call(q, k, None, layouts, cfg, mask, scale, False, head_group, seq_group, shards=shards)
+    if not sc.call.plan.active:
+        return sc.sp, None
+    w = sharded_key_weights(sc)
+    return sc.sp, (w if seq_group is None else gather_ranks(w, seq_group, dim=1))
+
+
+def rank_attention(q, k, v, w, sp: ShardPlan, cfg, key_bias, scale: float, backend: str) -> torch.Tensor:
+    """DAR attention of this rank's queries against keys it holds in full (Ulysses after its
+    all-to-all), on ``backend``: ``w`` and ``key_bias`` ``(B, Lk)`` as `rank_key_weights` returns them."""
+    w = None if w is None else plain_where_idle(w, sp)
+    mask = None if key_bias is None else key_bias[:, None, None, :]
+    call = planned_call(q, k, v, cfg, scale, sp.keys, mask)
+    return select_backend(backend, call).attention(call, w)
 
 
 def key_weights(q, k, layout, cfg, attn_mask, scale, is_causal, backend, head_group, seq_group) -> torch.Tensor:
     """`dar.compute_key_weights` with groups. The statistics are always the torch implementation; the
     backend name is validated like every entry point's."""
-    from .backends import check_backend
-
     check_backend(backend, "sharded")
     sc = make_sharded_call(q, k, None, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
     if not sc.call.plan.active:
@@ -498,8 +522,6 @@ def key_weights(q, k, layout, cfg, attn_mask, scale, is_causal, backend, head_gr
 
 
 def attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return_weights, head_group, seq_group):
-    from .backends import check_backend, select_backend
-
     check_backend(backend, "sharded")
     sc = make_sharded_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
     w = sharded_key_weights(sc) if sc.call.plan.active else None
@@ -511,4 +533,5 @@ def attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return
     return with_weights(out, w, return_weights, (k.shape[0], k.shape[2]))
 
 
-__all__ = ["SeqShards", "ShardPlan", "Traffic", "count_traffic", "wire_bytes", "shard_plan", "check_group"]
+__all__ = ["SeqShards", "ShardPlan", "Traffic", "count_traffic", "wire_bytes", "shard_plan", "check_group",
+           "gather_ranks", "rank_attention", "rank_key_weights", "statistics_traffic"]

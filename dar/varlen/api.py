@@ -13,6 +13,7 @@ import torch
 from ..autocast import outside_autocast
 from ..backends import get_backend, names_for, select_backend
 from ..call import check_return_weights, unit_weights, with_weights
+from ..parallel import all_reduce, check_group
 from .call import VarlenCall, make_varlen_call
 
 # The backend names that can run packed calls (every name but those declaring they cannot).
@@ -30,8 +31,6 @@ def triton_unavailable() -> str | None:
 
 def _head_group(head_group, seq_group):
     """The head group (validated); a sequence group is refused (packed tokens split across ranks)."""
-    from ..parallel import check_group
-
     if check_group("seq_group", seq_group) is not None:
         raise ValueError("seq_group is not supported by the varlen functions: split the heads (head_group=) or "
                          "use dar.dar_attention(..., seq_group=) on padded tensors")
@@ -43,7 +42,7 @@ def _weights(impl, call: VarlenCall, head_group) -> torch.Tensor:
     if head_group is None:
         return impl.packed_key_weights(call)
     torch_backend = get_backend("torch")
-    return torch_backend.packed.key_weights(call, torch_backend, head_group)
+    return torch_backend.packed.key_weights(call, torch_backend, lambda mass: all_reduce(mass, "sum", head_group))
 
 
 @outside_autocast

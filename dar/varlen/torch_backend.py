@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from .. import delegate, scoring
-from ..call import DARCall
-from ..masks import MaskSpec, as_bias
+from ..call import DARCall, planned_call
+from ..masks import as_bias
 from .call import VarlenCall
 
 
@@ -80,10 +80,9 @@ class _Frame:
     def dense_call(self, call: VarlenCall) -> DARCall:
         """The padded problem as a dense call: padded keys masked out (not causal), or SDPA's top-left
         causal rule on the square frame. Its plan is the packed call's (query coordinates)."""
-        q, k = self.queries(call.q), self.keys(call.k)
         mask = None if call.causal else self.key_valid[:, None, None, :]
-        spec = MaskSpec(mask, call.causal, q.shape[0], self.lq, self.lk)
-        return DARCall(q, k, self.keys(call.v), call.layouts, call.cfg, spec, call.scale, call.plan)
+        return planned_call(self.queries(call.q), self.keys(call.k), self.keys(call.v), call.cfg, call.scale,
+                            call.plan, mask, call.causal, call.layouts)
 
     def rows(self, call: VarlenCall, dense: DARCall) -> delegate.QueryRows:
         """The rebalanced rows in the padded frame. Not causal, row ``p`` is query ``p``: the plan's.
@@ -130,19 +129,17 @@ def unsupported(call: VarlenCall, backend) -> str | None:
     return why
 
 
-def key_weights(call: VarlenCall, backend=None, head_group=None) -> torch.Tensor:
+def key_weights(call: VarlenCall, backend=None, reduce_mass=None) -> torch.Tensor:
     """(total_k,) float32 key weights (steps 1-6), aligned with ``k``; no autograd graph.
 
-    ``head_group``: the process group over which the heads are split (`dar.parallel`); the mass of
-    this rank's heads is summed over it before the normalisation.
+    ``reduce_mass``: with the heads split over ranks, sums the ``(N, Lk)`` mass of this rank's heads
+    over the group (`dar.parallel.all_reduce`) before the normalisation.
     """
     with torch.no_grad():
         fr = _Frame(call)
         mass = _sampled_mass(call, fr)
-        if head_group is not None:
-            from ..parallel import all_reduce
-
-            mass = all_reduce(mass, "sum", head_group)
+        if reduce_mass is not None:
+            mass = reduce_mass(mass)
         pt = call.plan.tensors(call.q.device)
         w, _ = scoring.weights_from_mass(mass, pt.key_groups(fr.lk), fr.key_valid, call.plan.num_groups, call.cfg)
         return fr.unpad_keys(w)
