@@ -334,13 +334,11 @@ def plain_where_idle(w: torch.Tensor, sp: ShardPlan) -> torch.Tensor:
 def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) -> torch.Tensor:
     """(B, Lk_local) float32 mass of this rank's keys under every rank's sampled queries."""
     b, hq, _, d = q.shape
-    hk, lk = k.shape[1], k.shape[2]
-    g = hq // hk
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     rows, valid = _slot_tensors(sp, q.device)
     if torch.compiler.is_compiling():
         rows, valid = rows.clone(), valid.clone()  # cached constants: keep them out of the graph's inputs
     qs = q.gather(2, rows[:, None, :, None].expand(b, hq, rows.shape[1], d))  # (B, Hq, S_rank, D): own samples
+    reduce_lse = None
     if seq_group is not None:
         # Each rank that holds sampled rows broadcasts them (the sizes are host arithmetic on the
         # plan, the same on every rank): (B, Hq, sum S_r, D), rank-major. A pipelined broadcast has
@@ -348,30 +346,13 @@ def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) 
         me = _size_rank(seq_group)[1]
         qs = torch.cat([broadcast(qs if c == me else qs.new_empty(b, hq, s, d), c, seq_group)
                         for c, s in enumerate(sp.rank_slots) if s > 0], dim=2)
-    m = qs.shape[2]
-    bias = None if key_bias is None else key_bias.to(acc)[:, None, None, :]
-    per_head = b * (g * m + d) * lk
-    step = max(1, min(hk, scoring._CHUNK_ELEMENTS // max(per_head, 1)))
-
-    def logits(h0, h1):
-        qc = qs[:, h0 * g:h1 * g].to(acc).reshape(b, h1 - h0, g * m, d)
-        out = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(scale).reshape(b, (h1 - h0) * g, m, lk)
-        return out if bias is None else out + bias
-
-    chunks = [(h0, min(hk, h0 + step)) for h0 in range(0, hk, step)]
-    # Pass 1: each sampled row's log-sum-exp over this rank's keys, then over every rank's.
-    lse = torch.cat([torch.logsumexp(logits(h0, h1), dim=-1) for h0, h1 in chunks], dim=1)  # (B, Hq, M)
-    if seq_group is not None:
         world = _size_rank(seq_group)[0]
-        lse = torch.logsumexp(all_gather(lse, seq_group).reshape(world, *lse.shape), dim=0)
-    # A row with no allowed key anywhere has lse = -inf: it contributes zeros (as in one process).
-    ok = torch.isfinite(lse) & valid[:, None, :]
-    lse = torch.where(ok, lse, torch.zeros_like(lse))
-    mass = torch.zeros(b, lk, dtype=acc, device=q.device)
-    for h0, h1 in chunks:  # Pass 2: the probabilities, summed over heads and samples.
-        p = torch.exp(logits(h0, h1) - lse[:, h0 * g:h1 * g, :, None])
-        mass += torch.where(ok[:, h0 * g:h1 * g, :, None], p, torch.zeros_like(p)).sum(dim=(1, 2))
-    mass = mass.float()
+
+        def reduce_lse(lse):  # each sampled row's log-sum-exp over every rank's keys
+            return torch.logsumexp(all_gather(lse, seq_group).reshape(world, *lse.shape), dim=0)
+
+    bias = None if key_bias is None else key_bias[:, None, None, :]
+    mass = scoring.mass_of_rows(qs, k, bias, valid, scale, reduce_lse)
     if head_group is not None:
         mass = all_reduce(mass, "sum", head_group)
     return mass
@@ -380,14 +361,13 @@ def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) 
 def _sharded_weights(mass, sp: ShardPlan, allowed, cfg, seq_group) -> torch.Tensor:
     """Steps 5-6 with groups that span the sequence group: (B, Lk_local) float32 weights."""
     b, lk = mass.shape
-    ngroups = max(sp.keys.num_groups, 1)
     groups = sp.keys.tensors(mass.device).key_groups(lk)
     if seq_group is None:
         return scoring.weights_from_mass(mass, groups, allowed, sp.keys.num_groups, cfg)[0]
-    if allowed is None:
-        allowed = torch.ones(b, lk, dtype=torch.bool, device=mass.device)
     if cfg.thresholds == "quantile":
         # The thresholds are quantiles of the whole group: gather every key's mass (-inf = not allowed).
+        if allowed is None:
+            allowed = torch.ones(b, lk, dtype=torch.bool, device=mass.device)
         world, rank = _size_rank(seq_group)
         enc = gather_ranks(torch.where(allowed, mass, torch.full_like(mass, float("-inf"))), seq_group, dim=1)
         ok = enc != float("-inf")
@@ -395,22 +375,12 @@ def _sharded_weights(mass, sp: ShardPlan, allowed, cfg, seq_group) -> torch.Tens
         w, _ = scoring.weights_from_mass(torch.where(ok, enc, torch.zeros_like(enc)), all_groups, ok,
                                          sp.keys.num_groups, cfg)
         return w[:, rank * lk:(rank + 1) * lk]
-    gids = torch.arange(ngroups, device=mass.device, dtype=groups.dtype)
-    member = (groups[:, None, :] == gids[None, :, None]) & allowed[:, None, :]  # (B, G, Lk_local)
-    r = mass[:, None, :].expand(b, ngroups, lk)
-    lo = torch.where(member, r, torch.full_like(r, float("inf"))).amin(dim=-1)
-    hi = torch.where(member, r, torch.full_like(r, float("-inf"))).amax(dim=-1)
-    ext = all_reduce(torch.cat([-lo, hi], dim=1), "max", seq_group)  # one all-reduce: (B, 2G)
-    lo, hi = -ext[:, :ngroups], ext[:, ngroups:]
-    # Append each group's global min and max as two extra members: the group's local min/max become
-    # the global ones exactly, and steps 5-6 run unchanged (scoring.weights_from_mass).
-    sentinels = torch.cat([lo, hi], dim=1)
-    present = torch.isfinite(sentinels)
-    w, _ = scoring.weights_from_mass(
-        torch.cat([mass, torch.where(present, sentinels, torch.zeros_like(sentinels))], dim=1),
-        torch.cat([groups, gids.expand(b, ngroups), gids.expand(b, ngroups)], dim=1),
-        torch.cat([allowed, present], dim=1), sp.keys.num_groups, cfg)
-    return w[:, :lk]
+
+    def reduce_extrema(lo, hi):  # one all-reduce of (B, 2G): every group's min and max over the ranks
+        ext = all_reduce(torch.cat([-lo, hi], dim=1), "max", seq_group)
+        return -ext[:, :lo.shape[1]], ext[:, lo.shape[1]:]
+
+    return scoring.weights_from_mass(mass, groups, allowed, sp.keys.num_groups, cfg, reduce_extrema)[0]
 
 
 # -- the public entry points (reached through dar.dar_attention / dar.compute_key_weights) -------------
