@@ -15,19 +15,21 @@ Two process groups describe the split, and they combine (Ulysses x ring):
 
 Nothing here builds an ``Lq x Lk`` tensor or reads a device value on the host: the shard plan is
 host arithmetic on the layout (cached), and the collectives are torch's functional collectives.
-Every collective is recorded by `count_traffic`, so the byte counts in the docs are checked by tests.
+Every collective (`dar.collectives`) is recorded by `count_traffic`, so the byte counts in the docs are
+checked by tests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import threading
 
 import torch
 
 from . import scoring
+# Traffic, count_traffic and wire_bytes stay importable from here (public names of dar.parallel).
+from .collectives import (Traffic, _size_rank, all_reduce, broadcast, count_traffic, extrema_over, gather_ranks,
+                          logsumexp_over, wire_bytes)
 from .backends import check_backend, select_backend
 from .call import DARCall, _check_tensor, make_call, planned_call, unit_weights, with_weights
 from .plan import DARPlan
@@ -48,103 +50,6 @@ def check_group(name: str, group):
     if not dist.is_initialized():
         raise ValueError(f"{name} is given but torch.distributed is not initialised (call init_process_group first)")
     return group
-
-
-def _size_rank(group) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-# -- traffic accounting -----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Traffic:
-    """The collectives one rank issued inside `count_traffic`: ``(kind, group size, payload bytes)``.
-
-    ``payload`` is this rank's tensor (its contribution to an all-gather, the reduced tensor of an
-    all-reduce). `sent` converts it to bytes put on the wire by this rank under the bandwidth-optimal
-    ring algorithms: an all-gather sends ``(W - 1) * payload``, an all-reduce ``2 (W - 1) / W * payload``,
-    a (pipelined) broadcast at most ``payload``.
-    """
-
-    calls: list = dataclasses.field(default_factory=list)
-
-    @property
-    def payload(self) -> int:
-        return sum(p for _, _, p in self.calls)
-
-    @property
-    def sent(self) -> float:
-        return sum(wire_bytes(kind, w, p) for kind, w, p in self.calls)
-
-
-def wire_bytes(kind: str, world: int, payload: float) -> float:
-    """Bytes one rank sends for a collective of ``payload`` bytes over ``world`` ranks (ring algorithms)."""
-    if kind == "all_gather":
-        return (world - 1) * payload
-    if kind == "all_reduce":
-        return 2 * (world - 1) / world * payload
-    if kind == "all_to_all":
-        return (world - 1) / world * payload
-    if kind == "broadcast":  # pipelined along a chain: each rank sends the block at most once
-        return payload if world > 1 else 0
-    raise ValueError(f"unknown collective {kind!r}")
-
-
-_recorders = threading.local()
-
-
-@contextlib.contextmanager
-def count_traffic():
-    """Record the collectives DAR issues on this thread (eager mode): ``with count_traffic() as t: ...``."""
-    stack = getattr(_recorders, "stack", None)
-    if stack is None:
-        stack = _recorders.stack = []
-    t = Traffic()
-    stack.append(t)
-    try:
-        yield t
-    finally:
-        stack.remove(t)
-
-
-def _record(kind: str, group, t: torch.Tensor) -> None:
-    stack = getattr(_recorders, "stack", None)
-    if stack and not torch.compiler.is_compiling():
-        entry = (kind, _size_rank(group)[0], t.numel() * t.element_size())
-        for rec in stack:
-            rec.calls.append(entry)
-
-
-def all_gather(t: torch.Tensor, group) -> torch.Tensor:
-    """``(W * t.shape[0], ...)``: every rank's ``t`` stacked in rank order along dim 0."""
-    import torch.distributed._functional_collectives as funcol
-
-    _record("all_gather", group, t)
-    return funcol.wait_tensor(funcol.all_gather_single(t.contiguous(), 0, group))
-
-
-def all_reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
-    import torch.distributed._functional_collectives as funcol
-
-    _record("all_reduce", group, t)
-    return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), op, group))
-
-
-def broadcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
-    """``t`` of the rank ``src`` of ``group`` (its rank in the group), on every rank."""
-    import torch.distributed._functional_collectives as funcol
-
-    _record("broadcast", group, t)
-    return funcol.wait_tensor(funcol.broadcast(t.contiguous(), src, group))
-
-
-def gather_ranks(t: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """All-gather ``t`` and concatenate the ranks' pieces along ``dim`` (rank order)."""
-    world = _size_rank(group)[0]
-    g = all_gather(t, group).reshape(world, *t.shape)
-    return torch.cat(g.unbind(0), dim=dim) if world > 1 else g[0]
 
 
 def statistics_traffic(*, batch: int, heads_q: int, head_dim: int, dtype_bytes: int, lk_local: int,
@@ -346,10 +251,7 @@ def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) 
         me = _size_rank(seq_group)[1]
         qs = torch.cat([broadcast(qs if c == me else qs.new_empty(b, hq, s, d), c, seq_group)
                         for c, s in enumerate(sp.rank_slots) if s > 0], dim=2)
-        world = _size_rank(seq_group)[0]
-
-        def reduce_lse(lse):  # each sampled row's log-sum-exp over every rank's keys
-            return torch.logsumexp(all_gather(lse, seq_group).reshape(world, *lse.shape), dim=0)
+        reduce_lse = logsumexp_over(seq_group)  # each sampled row's log-sum-exp over every rank's keys
 
     bias = None if key_bias is None else key_bias[:, None, None, :]
     mass = scoring.mass_of_rows(qs, k, bias, valid, scale, reduce_lse)
@@ -375,12 +277,7 @@ def _sharded_weights(mass, sp: ShardPlan, allowed, cfg, seq_group) -> torch.Tens
         w, _ = scoring.weights_from_mass(torch.where(ok, enc, torch.zeros_like(enc)), all_groups, ok,
                                          sp.keys.num_groups, cfg)
         return w[:, rank * lk:(rank + 1) * lk]
-
-    def reduce_extrema(lo, hi):  # one all-reduce of (B, 2G): every group's min and max over the ranks
-        ext = all_reduce(torch.cat([-lo, hi], dim=1), "max", seq_group)
-        return -ext[:, :lo.shape[1]], ext[:, lo.shape[1]:]
-
-    return scoring.weights_from_mass(mass, groups, allowed, sp.keys.num_groups, cfg, reduce_extrema)[0]
+    return scoring.weights_from_mass(mass, groups, allowed, sp.keys.num_groups, cfg, extrema_over(seq_group))[0]
 
 
 # -- the public entry points (reached through dar.dar_attention / dar.compute_key_weights) -------------

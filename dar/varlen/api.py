@@ -13,7 +13,8 @@ import torch
 from ..autocast import outside_autocast
 from ..backends import get_backend, names_for, select_backend
 from ..call import check_return_weights, unit_weights, with_weights
-from ..parallel import all_reduce, check_group
+from ..collectives import all_reduce
+from ..parallel import check_group
 from .call import VarlenCall, make_varlen_call
 
 # The backend names that can run packed calls (every name but those declaring they cannot).

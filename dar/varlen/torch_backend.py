@@ -133,7 +133,7 @@ def key_weights(call: VarlenCall, backend=None, reduce_mass=None) -> torch.Tenso
     """(total_k,) float32 key weights (steps 1-6), aligned with ``k``; no autograd graph.
 
     ``reduce_mass``: with the heads split over ranks, sums the ``(N, Lk)`` mass of this rank's heads
-    over the group (`dar.parallel.all_reduce`) before the normalisation.
+    over the group (`dar.collectives.all_reduce`) before the normalisation.
     """
     with torch.no_grad():
         fr = _Frame(call)
