@@ -37,7 +37,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from dar.api import dar_attention
-from dar.backends import BACKENDS
+from dar.backends import check_backend
+from dar.call import resolve_config
 from dar.config import DARConfig
 from dar.extras import require
 from dar.layout import TokenLayout
@@ -325,16 +326,13 @@ def enable(model, config: DARConfig | None = None, *, ref_mask: torch.Tensor | N
     missing = [name for name, mask in (("ref_mask", ref_mask), ("gen_mask", gen_mask)) if mask is None]
     if missing:
         # A language model's sequence does not say which tokens are images: the caller does.
-        raise TypeError(f"dar.enable on a transformers model ({type(model).__name__}) needs {' and '.join(m + '=' for m in missing)}: "
-                        f"(B, L) bool masks of the reference-image and generated-image token positions; "
+        raise TypeError(f"dar.enable on a transformers model ({type(model).__name__}) needs "
+                        f"{' and '.join(m + '=' for m in missing)}: (B, L) bool masks of the reference-image and "
+                        f"generated-image token positions; "
                         f"dar.bindings.transformers.image_token_masks(input_ids, image_token_id, generated=...) "
                         f"builds both from the input ids")
-    if config is None:
-        config = DARConfig()
-    if not isinstance(config, DARConfig):
-        raise TypeError(f"config must be a dar.DARConfig, got {type(config).__name__}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    config = resolve_config(config, "config")
+    check_backend(backend, "dense")
     if not is_registered():
         raise RuntimeError("dar: the 'dar' attention implementation is not registered; call "
                            "dar.bindings.transformers.register() before loading the model with attn_implementation='dar'")

@@ -7,7 +7,7 @@ import torch
 from . import delegate, parallel
 from .autocast import outside_autocast
 from .backends import select_backend, warn_once
-from .call import make_call
+from .call import check_return_weights, make_call, unit_weights, with_weights
 from .config import DARConfig
 from .layout import TokenLayout
 
@@ -28,7 +28,7 @@ def compute_key_weights(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout | 
                                      seq_group)
     call = make_call(q, k, None, layout, cfg, attn_mask, scale, is_causal)
     if not call.plan.active:
-        return torch.ones(q.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
+        return unit_weights(q.shape[0], k.shape[2], device=q.device)
     return select_backend(backend, call).key_weights(call)
 
 
@@ -75,8 +75,7 @@ def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if v is None:
         raise TypeError("v must be a torch.Tensor (use dar.compute_key_weights for weights alone)")
-    if not isinstance(return_weights, bool):
-        raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    check_return_weights(return_weights)
     if head_group is not None or seq_group is not None:
         if attention_fn is not None:
             raise ValueError("attention_fn cannot be combined with head_group / seq_group (the split calls run on "
@@ -95,8 +94,4 @@ def dar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             warn_once(f"dar: attention_fn {kernel.name!r} cannot run this call ({why}); such calls use the "
                       f"{impl.name} backend's attention instead")
         out = impl.attention(call, w)
-    if return_weights:
-        if w is None:
-            w = torch.ones(q.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
-        return out, w
-    return out
+    return with_weights(out, w, return_weights, (q.shape[0], k.shape[2]))

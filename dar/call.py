@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class DARCall:
     """Everything a backend needs. ``v`` is None for `compute_key_weights`."""
 
+    kind: ClassVar[str] = "dense"  # the call kind backends declare capabilities for (dar.backends.base)
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor | None
@@ -69,6 +71,42 @@ def resolve_scale(name: str, scale, d: int) -> float:
     return scale
 
 
+def planned_call(q, k, v, cfg: DARConfig, scale: float, plan: DARPlan, mask=None, is_causal: bool = False,
+                 layouts=()) -> DARCall:
+    """A call on tensors derived from a validated call (the packed API's padded frame, a rank's gathered
+    keys, a binding's shard), with the plan already mapped to their coordinates: no re-validation.
+    The one place, besides `make_call`, where a `DARCall` is built."""
+    spec = MaskSpec(mask, is_causal, q.shape[0], q.shape[2], k.shape[2])
+    return DARCall(q, k, v, tuple(layouts), cfg, spec, float(scale), plan)
+
+
+def resolve_config(cfg, name: str = "cfg") -> DARConfig:
+    """The config argument ``name``: None means ``DARConfig()``; else it must be a `DARConfig`."""
+    if cfg is None:
+        return DARConfig()
+    if not isinstance(cfg, DARConfig):
+        raise TypeError(f"{name} must be a dar.DARConfig or None, got {type(cfg).__name__}")
+    return cfg
+
+
+def unit_weights(*shape: int, device) -> torch.Tensor:
+    """All-ones float32 key weights: what an inactive plan (nothing to rebalance) returns."""
+    return torch.ones(*shape, dtype=torch.float32, device=device)
+
+
+def with_weights(out: torch.Tensor, w: torch.Tensor | None, return_weights: bool, keys: tuple[int, ...]):
+    """The entry points' result: ``out``, or ``(out, w)`` with all-ones weights of shape ``keys`` when
+    nothing was rebalanced (``w`` None)."""
+    if not return_weights:
+        return out
+    return out, (unit_weights(*keys, device=out.device) if w is None else w)
+
+
+def check_return_weights(return_weights) -> None:
+    if not isinstance(return_weights, bool):
+        raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+
+
 def _transpose_hint(exc: ValueError, layout, q: torch.Tensor, k: torch.Tensor) -> ValueError:
     """The layout error, plus a hint when the layout would fit q and k read as (B, L, H, D) (the layout
     diffusers and flash-attn use), the commonest way to get here."""
@@ -90,10 +128,7 @@ def make_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, lengths: tuple[
     _check_tensor("k", k)
     if v is not None:
         _check_tensor("v", v)
-    if cfg is None:
-        cfg = DARConfig()
-    if not isinstance(cfg, DARConfig):
-        raise TypeError(f"cfg must be a dar.DARConfig, got {type(cfg).__name__}")
+    cfg = resolve_config(cfg)
     b, hq, lq, d = q.shape
     _, hk, lk, dk = k.shape
     if k.shape[0] != b:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from .call import DARCall
 
-__all__ = ["AttentionKernel", "QueryRows", "as_kernel", "attention", "plain", "plan_rows", "scaled_keys",
-           "unsupported"]
+__all__ = ["AttentionKernel", "QueryRows", "as_kernel", "attention", "plain", "plan_rows", "row_pieces",
+           "scaled_keys", "unsupported"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,15 +227,18 @@ def _mask_rows(mask, ranges):
     return _rows(mask, ranges)
 
 
-def _complement(ranges, lq: int) -> tuple[tuple[int, int], ...]:
-    out, cursor = [], 0
-    for s, e in ranges:
+def row_pieces(ranges, lq: int) -> list[tuple[int, int, bool]]:
+    """``(start, end, rebalanced)`` pieces covering query rows ``[0, lq)`` in order: the rebalanced
+    ``ranges`` (sorted, disjoint) and the plain rows between them. Shared with `dar.ring`."""
+    pieces, cursor = [], 0
+    for s, e in sorted(ranges):
         if cursor < s:
-            out.append((cursor, s))
+            pieces.append((cursor, s, False))
+        pieces.append((s, e, True))
         cursor = e
     if cursor < lq:
-        out.append((cursor, lq))
-    return tuple(out)
+        pieces.append((cursor, lq, False))
+    return pieces
 
 
 def _with_bias(mask, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -270,21 +273,41 @@ def _signed(call: DARCall) -> tuple[torch.Tensor, float]:
     return call.q, call.scale
 
 
+def _run(kernel: AttentionKernel, q, k, v, attn_mask, scale: float, is_causal: bool) -> torch.Tensor:
+    """``kernel.fn`` on these inputs, its output checked against SDPA's contract: a tensor of shape
+    ``(B, Hq, Lq, Dv)`` in q's dtype on q's device. Metadata only (no device read), once per kernel call:
+    a kernel returning another layout (flash-attn's ``(B, L, H, D)``) would otherwise scramble rows
+    silently when the rows are cut and put back."""
+    out = kernel.fn(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
+    want = (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"attention kernel {kernel.name!r} returned {type(out).__name__}; it must return one "
+                        f"tensor of shape (B, Hq, Lq, Dv) = {want} (SDPA's layout)")
+    if tuple(out.shape) != want or out.dtype != q.dtype or out.device != q.device:
+        hint = ""
+        if tuple(out.shape) == (want[0], want[2], want[1], want[3]) and want[1] != want[2]:
+            hint = "; it looks like (B, Lq, Hq, Dv), flash-attn's layout: return out.transpose(1, 2)"
+        raise ValueError(f"attention kernel {kernel.name!r} returned shape {tuple(out.shape)}, {out.dtype} on "
+                         f"{out.device}; for q {tuple(q.shape)} it must return (B, Hq, Lq, Dv) = {want}, "
+                         f"{q.dtype} on {q.device} (SDPA's layout and q's dtype){hint}")
+    return out
+
+
 def _split(kernel: AttentionKernel, q, v, scale: float, lq: int, rows, reb_args, plain_args) -> torch.Tensor:
     """Rebalanced rows in one kernel call, plain rows in another; outputs back in row order.
 
     ``reb_args`` / ``plain_args``: (k, mask) for each call; masks with a query dim are cut to the rows.
     """
-    others = _complement(rows, lq)
+    order = row_pieces(rows, lq)
+    others = tuple((s, e) for s, e, reb in order if not reb)
     k_r, mask_r = reb_args
     k_p, mask_p = plain_args
-    out_r = kernel.fn(_rows(q, rows), k_r, v, attn_mask=_mask_rows(mask_r, rows), scale=scale, is_causal=False)
+    out_r = _run(kernel, _rows(q, rows), k_r, v, _mask_rows(mask_r, rows), scale, False)
     if not others:
         return out_r
-    out_p = kernel.fn(_rows(q, others), k_p, v, attn_mask=_mask_rows(mask_p, others), scale=scale,
-                      is_causal=False)
+    out_p = _run(kernel, _rows(q, others), k_p, v, _mask_rows(mask_p, others), scale, False)
     pieces, at_r, at_p = [], 0, 0
-    for s, e, reb in sorted([(s, e, True) for s, e in rows] + [(s, e, False) for s, e in others]):
+    for s, e, reb in order:
         n = e - s
         if reb:
             pieces.append(out_r[:, :, at_r:at_r + n])
@@ -302,7 +325,7 @@ def _split(kernel: AttentionKernel, q, v, scale: float, lq: int, rows, reb_args,
 def plain(call: DARCall, kernel: AttentionKernel) -> torch.Tensor:
     """Plain attention of a call through ``kernel`` (scale made positive)."""
     q, scale = _signed(call)
-    return kernel.fn(q, call.k, call.v, attn_mask=call.mask.mask, scale=scale, is_causal=call.mask.is_causal)
+    return _run(kernel, q, call.k, call.v, call.mask.mask, scale, call.mask.is_causal)
 
 
 def attention(call: DARCall, weights: torch.Tensor | None, kernel: AttentionKernel,
@@ -323,13 +346,13 @@ def attention(call: DARCall, weights: torch.Tensor | None, kernel: AttentionKern
     form, width = _form(call, kernel, rows)
     dv = v.shape[-1]
     if form == "keys":
-        out = kernel.fn(q, scaled_keys(k, weights), v, attn_mask=mask, scale=scale, is_causal=call.mask.is_causal)
+        out = _run(kernel, q, scaled_keys(k, weights), v, mask, scale, call.mask.is_causal)
     elif form == "keys_split":
         out = _split(kernel, q, v, scale, rows.lq, rows.shared, (scaled_keys(k, weights), mask), (k, mask))
     elif form in ("bias", "bias_split"):
         bias = _with_bias(mask, _log_weights(call, weights)[:, None, None, :], q.dtype)
         if form == "bias":
-            out = kernel.fn(q, k, v, attn_mask=bias, scale=scale, is_causal=False)
+            out = _run(kernel, q, k, v, bias, scale, False)
         else:
             out = _split(kernel, q, v, scale, rows.lq, rows.shared, (k, bias), (k, mask))
     else:
@@ -342,7 +365,7 @@ def attention(call: DARCall, weights: torch.Tensor | None, kernel: AttentionKern
             q2 = pad_columns(q, [ind.expand(*q.shape[:3], 1)], width)
             k2 = pad_columns(k, [col.to(k.dtype).expand(*k.shape[:3], 1)], width)
         v2 = pad_columns(v, [], width) if kernel.same_head_dims and dv < width else v
-        out = kernel.fn(q2, k2, v2, attn_mask=mask, scale=scale, is_causal=call.mask.is_causal)
+        out = _run(kernel, q2, k2, v2, mask, scale, call.mask.is_causal)
         if out.shape[-1] != dv:
             out = out[..., :dv]
     return out.to(call.q.dtype)

@@ -9,6 +9,13 @@ import torch
 NEG_INF = float("-inf")
 
 
+def as_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive bias of a mask: a bool mask (True = attend) becomes 0 / -inf, a float one is cast."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, NEG_INF)
+    return mask.to(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     """A validated attention mask.
@@ -34,10 +41,7 @@ class MaskSpec:
         if self.mask is None:
             return None
         assert self.is_key_only
-        m = self.mask[:, 0, 0, :].expand(self.batch, self.lk)
-        if m.dtype == torch.bool:
-            return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, NEG_INF)
-        return m.float()
+        return as_bias(self.mask[:, 0, 0, :].expand(self.batch, self.lk))
 
     def key_allowed(self) -> torch.Tensor | None:
         """(B, Lk) bool: keys that at least one query row may attend to; None when every key is."""
@@ -67,10 +71,7 @@ class MaskSpec:
                 b_idx = torch.arange(self.batch, device=m.device)[:, None]
                 m = m.expand(self.batch, m.size(1), self.lq, self.lk)[b_idx, :, rows]  # (B, M, H', Lk)
                 m = m.permute(0, 2, 1, 3)
-            if m.dtype == torch.bool:
-                bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, NEG_INF)
-            else:
-                bias = m.float()
+            bias = as_bias(m)
         if self.is_causal:
             keys = torch.arange(self.lk, device=rows.device)
             causal = torch.zeros(rows.shape + (self.lk,), dtype=torch.float32, device=rows.device)

@@ -15,22 +15,24 @@ Two process groups describe the split, and they combine (Ulysses x ring):
 
 Nothing here builds an ``Lq x Lk`` tensor or reads a device value on the host: the shard plan is
 host arithmetic on the layout (cached), and the collectives are torch's functional collectives.
-Every collective is recorded by `count_traffic`, so the byte counts in the docs are checked by tests.
+Every collective (`dar.collectives`) is recorded by `count_traffic`, so the byte counts in the docs are
+checked by tests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import threading
 
 import torch
 
-from .call import DARCall, _check_tensor, make_call
-from .masks import MaskSpec
-from .plan import DARPlan
 from . import scoring
+# Traffic, count_traffic and wire_bytes stay importable from here (public names of dar.parallel).
+from .collectives import (Traffic, _size_rank, all_reduce, broadcast, count_traffic, extrema_over, gather_ranks,
+                          logsumexp_over, wire_bytes)
+from .backends import check_backend, select_backend
+from .call import DARCall, _check_tensor, make_call, planned_call, unit_weights, with_weights
+from .plan import DARPlan
 
 Range = tuple[int, int]
 
@@ -48,103 +50,6 @@ def check_group(name: str, group):
     if not dist.is_initialized():
         raise ValueError(f"{name} is given but torch.distributed is not initialised (call init_process_group first)")
     return group
-
-
-def _size_rank(group) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-# -- traffic accounting -----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Traffic:
-    """The collectives one rank issued inside `count_traffic`: ``(kind, group size, payload bytes)``.
-
-    ``payload`` is this rank's tensor (its contribution to an all-gather, the reduced tensor of an
-    all-reduce). `sent` converts it to bytes put on the wire by this rank under the bandwidth-optimal
-    ring algorithms: an all-gather sends ``(W - 1) * payload``, an all-reduce ``2 (W - 1) / W * payload``,
-    a (pipelined) broadcast at most ``payload``.
-    """
-
-    calls: list = dataclasses.field(default_factory=list)
-
-    @property
-    def payload(self) -> int:
-        return sum(p for _, _, p in self.calls)
-
-    @property
-    def sent(self) -> float:
-        return sum(wire_bytes(kind, w, p) for kind, w, p in self.calls)
-
-
-def wire_bytes(kind: str, world: int, payload: float) -> float:
-    """Bytes one rank sends for a collective of ``payload`` bytes over ``world`` ranks (ring algorithms)."""
-    if kind == "all_gather":
-        return (world - 1) * payload
-    if kind == "all_reduce":
-        return 2 * (world - 1) / world * payload
-    if kind == "all_to_all":
-        return (world - 1) / world * payload
-    if kind == "broadcast":  # pipelined along a chain: each rank sends the block at most once
-        return payload if world > 1 else 0
-    raise ValueError(f"unknown collective {kind!r}")
-
-
-_recorders = threading.local()
-
-
-@contextlib.contextmanager
-def count_traffic():
-    """Record the collectives DAR issues on this thread (eager mode): ``with count_traffic() as t: ...``."""
-    stack = getattr(_recorders, "stack", None)
-    if stack is None:
-        stack = _recorders.stack = []
-    t = Traffic()
-    stack.append(t)
-    try:
-        yield t
-    finally:
-        stack.remove(t)
-
-
-def _record(kind: str, group, t: torch.Tensor) -> None:
-    stack = getattr(_recorders, "stack", None)
-    if stack and not torch.compiler.is_compiling():
-        entry = (kind, _size_rank(group)[0], t.numel() * t.element_size())
-        for rec in stack:
-            rec.calls.append(entry)
-
-
-def all_gather(t: torch.Tensor, group) -> torch.Tensor:
-    """``(W * t.shape[0], ...)``: every rank's ``t`` stacked in rank order along dim 0."""
-    import torch.distributed._functional_collectives as funcol
-
-    _record("all_gather", group, t)
-    return funcol.wait_tensor(funcol.all_gather_single(t.contiguous(), 0, group))
-
-
-def all_reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
-    import torch.distributed._functional_collectives as funcol
-
-    _record("all_reduce", group, t)
-    return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), op, group))
-
-
-def broadcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
-    """``t`` of the rank ``src`` of ``group`` (its rank in the group), on every rank."""
-    import torch.distributed._functional_collectives as funcol
-
-    _record("broadcast", group, t)
-    return funcol.wait_tensor(funcol.broadcast(t.contiguous(), src, group))
-
-
-def gather_ranks(t: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """All-gather ``t`` and concatenate the ranks' pieces along ``dim`` (rank order)."""
-    world = _size_rank(group)[0]
-    g = all_gather(t, group).reshape(world, *t.shape)
-    return torch.cat(g.unbind(0), dim=dim) if world > 1 else g[0]
 
 
 def statistics_traffic(*, batch: int, heads_q: int, head_dim: int, dtype_bytes: int, lk_local: int,
@@ -334,13 +239,11 @@ def plain_where_idle(w: torch.Tensor, sp: ShardPlan) -> torch.Tensor:
 def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) -> torch.Tensor:
     """(B, Lk_local) float32 mass of this rank's keys under every rank's sampled queries."""
     b, hq, _, d = q.shape
-    hk, lk = k.shape[1], k.shape[2]
-    g = hq // hk
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     rows, valid = _slot_tensors(sp, q.device)
     if torch.compiler.is_compiling():
         rows, valid = rows.clone(), valid.clone()  # cached constants: keep them out of the graph's inputs
     qs = q.gather(2, rows[:, None, :, None].expand(b, hq, rows.shape[1], d))  # (B, Hq, S_rank, D): own samples
+    reduce_lse = None
     if seq_group is not None:
         # Each rank that holds sampled rows broadcasts them (the sizes are host arithmetic on the
         # plan, the same on every rank): (B, Hq, sum S_r, D), rank-major. A pipelined broadcast has
@@ -348,30 +251,10 @@ def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) 
         me = _size_rank(seq_group)[1]
         qs = torch.cat([broadcast(qs if c == me else qs.new_empty(b, hq, s, d), c, seq_group)
                         for c, s in enumerate(sp.rank_slots) if s > 0], dim=2)
-    m = qs.shape[2]
-    bias = None if key_bias is None else key_bias.to(acc)[:, None, None, :]
-    per_head = b * (g * m + d) * lk
-    step = max(1, min(hk, scoring._CHUNK_ELEMENTS // max(per_head, 1)))
+        reduce_lse = logsumexp_over(seq_group)  # each sampled row's log-sum-exp over every rank's keys
 
-    def logits(h0, h1):
-        qc = qs[:, h0 * g:h1 * g].to(acc).reshape(b, h1 - h0, g * m, d)
-        out = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(scale).reshape(b, (h1 - h0) * g, m, lk)
-        return out if bias is None else out + bias
-
-    chunks = [(h0, min(hk, h0 + step)) for h0 in range(0, hk, step)]
-    # Pass 1: each sampled row's log-sum-exp over this rank's keys, then over every rank's.
-    lse = torch.cat([torch.logsumexp(logits(h0, h1), dim=-1) for h0, h1 in chunks], dim=1)  # (B, Hq, M)
-    if seq_group is not None:
-        world = _size_rank(seq_group)[0]
-        lse = torch.logsumexp(all_gather(lse, seq_group).reshape(world, *lse.shape), dim=0)
-    # A row with no allowed key anywhere has lse = -inf: it contributes zeros (as in one process).
-    ok = torch.isfinite(lse) & valid[:, None, :]
-    lse = torch.where(ok, lse, torch.zeros_like(lse))
-    mass = torch.zeros(b, lk, dtype=acc, device=q.device)
-    for h0, h1 in chunks:  # Pass 2: the probabilities, summed over heads and samples.
-        p = torch.exp(logits(h0, h1) - lse[:, h0 * g:h1 * g, :, None])
-        mass += torch.where(ok[:, h0 * g:h1 * g, :, None], p, torch.zeros_like(p)).sum(dim=(1, 2))
-    mass = mass.float()
+    bias = None if key_bias is None else key_bias[:, None, None, :]
+    mass = scoring.mass_of_rows(qs, k, bias, valid, scale, reduce_lse)
     if head_group is not None:
         mass = all_reduce(mass, "sum", head_group)
     return mass
@@ -380,14 +263,13 @@ def _gathered_mass(q, k, key_bias, scale, sp: ShardPlan, seq_group, head_group) 
 def _sharded_weights(mass, sp: ShardPlan, allowed, cfg, seq_group) -> torch.Tensor:
     """Steps 5-6 with groups that span the sequence group: (B, Lk_local) float32 weights."""
     b, lk = mass.shape
-    ngroups = max(sp.keys.num_groups, 1)
     groups = sp.keys.tensors(mass.device).key_groups(lk)
     if seq_group is None:
         return scoring.weights_from_mass(mass, groups, allowed, sp.keys.num_groups, cfg)[0]
-    if allowed is None:
-        allowed = torch.ones(b, lk, dtype=torch.bool, device=mass.device)
     if cfg.thresholds == "quantile":
         # The thresholds are quantiles of the whole group: gather every key's mass (-inf = not allowed).
+        if allowed is None:
+            allowed = torch.ones(b, lk, dtype=torch.bool, device=mass.device)
         world, rank = _size_rank(seq_group)
         enc = gather_ranks(torch.where(allowed, mass, torch.full_like(mass, float("-inf"))), seq_group, dim=1)
         ok = enc != float("-inf")
@@ -395,22 +277,7 @@ def _sharded_weights(mass, sp: ShardPlan, allowed, cfg, seq_group) -> torch.Tens
         w, _ = scoring.weights_from_mass(torch.where(ok, enc, torch.zeros_like(enc)), all_groups, ok,
                                          sp.keys.num_groups, cfg)
         return w[:, rank * lk:(rank + 1) * lk]
-    gids = torch.arange(ngroups, device=mass.device, dtype=groups.dtype)
-    member = (groups[:, None, :] == gids[None, :, None]) & allowed[:, None, :]  # (B, G, Lk_local)
-    r = mass[:, None, :].expand(b, ngroups, lk)
-    lo = torch.where(member, r, torch.full_like(r, float("inf"))).amin(dim=-1)
-    hi = torch.where(member, r, torch.full_like(r, float("-inf"))).amax(dim=-1)
-    ext = all_reduce(torch.cat([-lo, hi], dim=1), "max", seq_group)  # one all-reduce: (B, 2G)
-    lo, hi = -ext[:, :ngroups], ext[:, ngroups:]
-    # Append each group's global min and max as two extra members: the group's local min/max become
-    # the global ones exactly, and steps 5-6 run unchanged (scoring.weights_from_mass).
-    sentinels = torch.cat([lo, hi], dim=1)
-    present = torch.isfinite(sentinels)
-    w, _ = scoring.weights_from_mass(
-        torch.cat([mass, torch.where(present, sentinels, torch.zeros_like(sentinels))], dim=1),
-        torch.cat([groups, gids.expand(b, ngroups), gids.expand(b, ngroups)], dim=1),
-        torch.cat([allowed, present], dim=1), sp.keys.num_groups, cfg)
-    return w[:, :lk]
+    return scoring.weights_from_mass(mass, groups, allowed, sp.keys.num_groups, cfg, extrema_over(seq_group))[0]
 
 
 # -- the public entry points (reached through dar.dar_attention / dar.compute_key_weights) -------------
@@ -480,26 +347,49 @@ def gathered_call(sc: ShardedCall, w: torch.Tensor | None) -> tuple[DARCall, tor
     if w is not None:
         w = gather(w, 1)
         w = plain_where_idle(w, sc.sp)
-    b, _, lq, _ = call.q.shape
-    spec = MaskSpec(mask, False, b, lq, k.shape[2])
-    return DARCall(call.q, k, v, call.layouts, call.cfg, spec, call.scale, sc.sp.gathered), w
+    return planned_call(call.q, k, v, call.cfg, call.scale, sc.sp.gathered, mask, layouts=call.layouts), w
+
+
+# -- for bindings that run their own exchange (diffusers' Ulysses / ring templates) -------------------
+
+def rank_key_weights(q, k, layouts, cfg, key_bias, scale, head_group, seq_group,
+                     shards: SeqShards | None = None) -> tuple[ShardPlan, torch.Tensor | None]:
+    """The key weights of one sharded attention call, for a binding that moves K/V itself.
+
+    ``q``, ``k``: this rank's ``(B, H, L, D)`` pieces; ``key_bias``: ``(B, Lk_local)`` additive bias of
+    this rank's keys or None; ``shards``: where each rank's tokens sit (default: contiguous).
+    Returns this rank's `ShardPlan` and the weights of every rank's keys, ``(B, Lk)`` float32 in rank
+    order (all-gathered over ``seq_group``), or None when nothing is rebalanced.
+    """
+    mask = None if key_bias is None else key_bias[:, None, None, :]
+    sc = make_sharded_call(q, k, None, layouts, cfg, mask, scale, False, head_group, seq_group, shards=shards)
+    if not sc.call.plan.active:
+        return sc.sp, None
+    w = sharded_key_weights(sc)
+    return sc.sp, (w if seq_group is None else gather_ranks(w, seq_group, dim=1))
+
+
+def rank_attention(q, k, v, w, sp: ShardPlan, cfg, key_bias, scale: float, backend: str) -> torch.Tensor:
+    """DAR attention of this rank's queries against keys it holds in full (Ulysses after its
+    all-to-all), on ``backend``: ``w`` and ``key_bias`` ``(B, Lk)`` as `rank_key_weights` returns them."""
+    w = None if w is None else plain_where_idle(w, sp)
+    mask = None if key_bias is None else key_bias[:, None, None, :]
+    call = planned_call(q, k, v, cfg, scale, sp.keys, mask)
+    return select_backend(backend, call).attention(call, w)
 
 
 def key_weights(q, k, layout, cfg, attn_mask, scale, is_causal, backend, head_group, seq_group) -> torch.Tensor:
-    """`dar.compute_key_weights` with groups. The statistics are always the torch implementation."""
-    from .backends import BACKENDS
-
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    """`dar.compute_key_weights` with groups. The statistics are always the torch implementation; the
+    backend name is validated like every entry point's."""
+    check_backend(backend, "sharded")
     sc = make_sharded_call(q, k, None, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
     if not sc.call.plan.active:
-        return torch.ones(k.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
+        return unit_weights(k.shape[0], k.shape[2], device=q.device)
     return sharded_key_weights(sc)
 
 
 def attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return_weights, head_group, seq_group):
-    from .backends import select_backend
-
+    check_backend(backend, "sharded")
     sc = make_sharded_call(q, k, v, layout, cfg, attn_mask, scale, is_causal, head_group, seq_group)
     w = sharded_key_weights(sc) if sc.call.plan.active else None
     if sc.sp is None:
@@ -507,11 +397,8 @@ def attention(q, k, v, layout, cfg, attn_mask, scale, is_causal, backend, return
     else:
         attend, w_all = gathered_call(sc, w)
         out = select_backend(backend, attend).attention(attend, w_all)
-    if return_weights:
-        if w is None:
-            w = torch.ones(k.shape[0], k.shape[2], dtype=torch.float32, device=q.device)
-        return out, w
-    return out
+    return with_weights(out, w, return_weights, (k.shape[0], k.shape[2]))
 
 
-__all__ = ["SeqShards", "ShardPlan", "Traffic", "count_traffic", "wire_bytes", "shard_plan", "check_group"]
+__all__ = ["SeqShards", "ShardPlan", "Traffic", "count_traffic", "wire_bytes", "shard_plan", "check_group",
+           "gather_ranks", "rank_attention", "rank_key_weights", "statistics_traffic"]

@@ -14,12 +14,13 @@ returns the log-sum-exp (``aten._scaled_dot_product_flash_attention_for_cpu`` on
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
+from .call import resolve_scale
 from .config import MODES
+from .delegate import row_pieces, scaled_keys
 
 _NEG_INF = float("-inf")
 
@@ -56,19 +57,6 @@ def _sdpa_lse(q, k, v, bias, scale: float):
     if g > 1:
         out, lse = out.reshape(b, hq, lq, dv), lse.reshape(b, hq, lq)
     return out, lse
-
-
-def _row_pieces(ranges, lq: int) -> list[tuple[int, int, bool]]:
-    """``(start, end, rebalanced)`` pieces covering query rows ``[0, lq)``."""
-    pieces, cursor = [], 0
-    for s, e in sorted(ranges):
-        if cursor < s:
-            pieces.append((cursor, s, False))
-        pieces.append((s, e, True))
-        cursor = e
-    if cursor < lq:
-        pieces.append((cursor, lq, False))
-    return pieces
 
 
 @functools.lru_cache(maxsize=256)
@@ -126,7 +114,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
         raise ValueError(f"weights must have shape (B, Lc) = ({b}, {lc}), got {tuple(weights.shape)}")
     if key_bias is not None and (key_bias.dim() != 2 or key_bias.shape[-1] != lc or key_bias.shape[0] not in (1, b)):
         raise ValueError(f"key_bias must have shape (B or 1, Lc) = ({b}, {lc}), got {tuple(key_bias.shape)}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = resolve_scale("scale", scale, d)
     bias = None if key_bias is None else key_bias.float().expand(b, lc)
     ranges = _row_ranges(rows, b, lq) if weights is not None else [()] * b
     by_rows: dict[tuple, list[int]] = {}
@@ -142,10 +130,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
 
         qb, kb, vb, wb, bb = pick(q), pick(k), pick(v), pick(weights), pick(bias)
         outs, lses = [], []
-        for s, e, rebalanced in _row_pieces(r, lq):
+        for s, e, rebalanced in row_pieces(r, lq):
             kk, bias_p = kb, bb
             if rebalanced and mode == "key_scale":
-                kk = kb * wb[:, None, :, None].to(kb.dtype)
+                kk = scaled_keys(kb, wb)  # K' = w ⊙ K rounded once; w itself is never rounded
             elif rebalanced:
                 log_w = torch.log(wb.double() if q.dtype == torch.float64 else wb)
                 bias_p = log_w if bb is None else bb + log_w

@@ -51,29 +51,49 @@ def sampled_attention_mass(call: DARCall) -> torch.Tensor:
 
 
 def mass_of_rows(qs: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+                 scale: float, reduce_lse=None) -> torch.Tensor:
     """(B, Lk) float32 attention mass of the query rows ``qs (B, Hq, M, D)`` over ``k (B, Hk, Lk, D)``,
-    summed over heads and the rows where ``valid (B, M)``; ``bias (B, 1 or Hq, M, Lk)`` is additive
-    (-inf = key not allowed) or None. Chunked over key heads; shared by the dense and packed paths."""
+    summed over heads and the rows where ``valid (B, M)``; ``bias (B, 1 or Hq, M or 1, Lk)`` is additive
+    (-inf = key not allowed) or None. Chunked over key heads; shared by the dense, packed and sharded paths.
+
+    ``reduce_lse``: when ``k`` holds one rank's share of the keys (`dar.parallel`), combines the
+    ``(B, Hq, M)`` log-sum-exps of the rows over this rank's keys into those over every rank's keys;
+    the mass is then two passes over the chunks (log-sum-exps, then probabilities).
+    """
     b, hq, m, d = qs.shape
     hk, lk = k.shape[1], k.shape[2]
     g = hq // hk
     acc = torch.float64 if qs.dtype == torch.float64 else torch.float32
     per_head = b * (g * m + d) * lk
     step = max(1, min(hk, _CHUNK_ELEMENTS // max(per_head, 1)))
-    mass = torch.zeros(b, lk, dtype=acc, device=qs.device)
-    for h0 in range(0, hk, step):
-        h1 = min(hk, h0 + step)
+    chunks = [(h0, min(hk, h0 + step)) for h0 in range(0, hk, step)]
+
+    def logits_of(h0: int, h1: int) -> torch.Tensor:
         # Query heads of one KV head share its keys: fold them into the matmul's row dimension.
         qc = qs[:, h0 * g:h1 * g].to(acc).reshape(b, h1 - h0, g * m, d)
         logits = torch.matmul(qc, k[:, h0:h1].to(acc).transpose(-1, -2)).mul_(scale)
         logits = logits.reshape(b, (h1 - h0) * g, m, lk)
-        # Non-finite inputs (docs/semantics.md): a (head, sampled row) with a NaN or +inf logit on an
-        # allowed key contributes no mass; logits of keys that are not allowed (-inf bias) are ignored.
-        if bias is not None:
+        if bias is not None:  # logits of keys that are not allowed (-inf bias) are ignored
             bias_c = (bias if bias.shape[1] == 1 else bias[:, h0 * g:h1 * g]).to(acc)
             allowed = bias_c != float("-inf")
             logits = torch.where(allowed, logits + bias_c, torch.full_like(logits, float("-inf")))
+        return logits
+
+    mass = torch.zeros(b, lk, dtype=acc, device=qs.device)
+    if reduce_lse is not None:
+        # Each row's log-sum-exp over every rank's keys. A NaN or +inf logit on an allowed key (any rank)
+        # makes it non-finite, as does a row with no allowed key (-inf): such rows contribute no mass.
+        lse = reduce_lse(torch.cat([torch.logsumexp(logits_of(h0, h1), dim=-1) for h0, h1 in chunks], dim=1))
+        ok = torch.isfinite(lse) & valid[:, None, :]
+        lse = torch.where(ok, lse, torch.zeros_like(lse))
+        for h0, h1 in chunks:
+            p = torch.exp(logits_of(h0, h1) - lse[:, h0 * g:h1 * g, :, None])
+            mass += torch.where(ok[:, h0 * g:h1 * g, :, None], p, torch.zeros_like(p)).sum(dim=(1, 2))
+        return mass.float()
+    for h0, h1 in chunks:
+        logits = logits_of(h0, h1)
+        # Non-finite inputs (docs/semantics.md): a (head, sampled row) with a NaN or +inf logit on an
+        # allowed key contributes no mass.
         clean = ~(torch.isnan(logits) | (logits == float("inf"))).any(dim=-1, keepdim=True)
         logits = torch.where(clean, logits, torch.full_like(logits, float("-inf")))
         # A row with no allowed key has all -inf logits; give it zero mass instead of NaN.
@@ -99,8 +119,13 @@ def group_quantile(values: torch.Tensor, member: torch.Tensor, tau: float) -> to
 
 
 def weights_from_mass(mass: torch.Tensor, key_groups: torch.Tensor, key_allowed: torch.Tensor | None,
-                      num_groups: int, cfg: DARConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 5-6: per-group min-max normalisation and thresholds -> ``(w, rhat)``, both (B, Lk) float32."""
+                      num_groups: int, cfg: DARConfig, reduce_extrema=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 5-6: per-group min-max normalisation and thresholds -> ``(w, rhat)``, both (B, Lk) float32.
+
+    ``reduce_extrema``: when ``mass`` holds one rank's share of the keys (`dar.parallel`), maps this
+    rank's per-group ``(lo, hi)`` (``(B, G, 1)``; +inf / -inf for a group with no key here) to the
+    groups' minima and maxima over every rank. (Quantile thresholds need every key's mass instead.)
+    """
     b, lk = mass.shape
     in_r = key_groups >= 0
     if key_allowed is not None:
@@ -110,6 +135,8 @@ def weights_from_mass(mass: torch.Tensor, key_groups: torch.Tensor, key_allowed:
     r = mass[:, None, :].expand(b, gids.numel(), lk)
     lo = torch.where(member, r, torch.full_like(r, float("inf"))).amin(dim=-1, keepdim=True)
     hi = torch.where(member, r, torch.full_like(r, float("-inf"))).amax(dim=-1, keepdim=True)
+    if reduce_extrema is not None:
+        lo, hi = reduce_extrema(lo, hi)
     span = hi - lo  # -inf for an empty group
     ok = span > DEGENERATE_SPAN
     rhat = (r - torch.where(ok, lo, torch.zeros_like(lo))) / torch.where(ok, span, torch.ones_like(span))

@@ -256,3 +256,37 @@ def test_bare_callable_and_strided_inputs():
     ref = dar.dar_attention(q, k, v, LAYOUT, cfg, backend="reference")
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-6)
     assert math.isfinite(float(out.abs().max()))
+
+
+def _flash_layout(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    """A kernel that computes the right attention but returns flash-attn's (B, L, H, D) layout."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal,
+                                          enable_gqa=True).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("queries", ["generation", "all"])  # the split path (two kernel calls) and one call
+def test_kernel_output_in_another_layout_is_refused_naming_the_kernel(queries):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g) for _ in range(3))
+    lay = dar.TokenLayout(ref=[(0, 12)], gen=[(12, 24)])
+    cfg = dar.DARConfig(num_samples=4, gamma=0.5, queries=queries)
+    with pytest.raises(ValueError, match=r"'_flash_layout' returned shape \(1, (12|24), 2, 16\).*flash-attn"):
+        dar.dar_attention(q, k, v, lay, cfg, backend="torch", attention_fn=_flash_layout)
+    with pytest.raises(ValueError, match=r"'_flash_layout' returned shape \(1, 24, 2, 16\)"):  # plain call
+        dar.dar_attention(q, k, v, lay, cfg.replace(gamma=0.0), backend="torch", attention_fn=_flash_layout)
+
+
+def test_kernel_output_dtype_device_and_type_are_checked():
+    q, k, v = _case()
+    cfg = dar.DARConfig(num_samples=6, gamma=0.5)
+
+    def doubles(q, k, v, attn_mask=None, scale=None, is_causal=False):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True).double()
+
+    def with_lse(q, k, v, attn_mask=None, scale=None, is_causal=False):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True), None
+
+    with pytest.raises(ValueError, match=r"'doubles' returned .*torch.float64.*torch.float32"):
+        dar.dar_attention(q, k, v, LAYOUT, cfg, backend="torch", attention_fn=doubles)
+    with pytest.raises(TypeError, match=r"'with_lse' returned tuple"):
+        dar.dar_attention(q, k, v, LAYOUT, cfg, backend="torch", attention_fn=with_lse)

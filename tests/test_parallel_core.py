@@ -256,3 +256,48 @@ def test_ring_attention_checks_its_arguments():
         dar.ring_attention(q, q, q, mode="nope")
     with pytest.raises(ValueError, match="rows range"):
         dar.ring_attention(q, q, q, torch.ones(1, 4), [((2, 9),)])
+
+
+def test_ring_attention_bf16_rounds_k_prime_once(monkeypatch):
+    """bf16 ring shards (issue 22 item 6): K' = w ⊙ K is the shared helper's (w applied unrounded in float32,
+    the product rounded once), and the merged output is the single-device float64 result with the same w
+    within the documented bound (tests/tolerances.py: OUTPUT_TOL plus the K' rounding bound)."""
+    from dar import delegate, ring
+    from dar.backends import get_backend
+    from tolerances import UNIT_ROUNDOFF, assert_close_within, key_scale_bound
+
+    gen = torch.Generator().manual_seed(4)
+    b, hq, hk, length, d = 2, 4, 2, 18, 16
+    q, k, v = (torch.randn(b, h, length, d, generator=gen).to(torch.bfloat16) for h in (hq, hk, hk))
+    layouts = [TokenLayout(ref=[(10, 18)], gen=[(2, 10)]), TokenLayout(ref=[(0, 5), (12, 18)], gen=[(5, 12)])]
+    cfg = DARConfig(num_samples=4, gamma=0.37)
+    w = dar.compute_key_weights(q, k, layouts, cfg, backend="torch")
+    assert not torch.equal(w, w.bfloat16().float())  # some weights are not bf16 numbers: rounding them would show
+    seen = []
+
+    def spy(qq, kk, vv, bias, scale):
+        seen.append(kk)
+        return sdpa_lse(qq, kk, vv, bias, scale)
+
+    sdpa_lse = ring._sdpa_lse
+    monkeypatch.setattr(ring, "_sdpa_lse", spy)
+    rows = [lay.gen for lay in layouts]
+    parts, rounded_once = [], 0
+    for s in (0, 6, 12):
+        seen.clear()
+        parts.append(dar.ring_attention(q, k[:, :, s:s + 6], v[:, :, s:s + 6], w[:, s:s + 6], rows))
+        # The rows differ per batch row, so each batch row is attended on its own (a batch of one), on K
+        # (plain rows) or on K' (rebalanced rows; K' = K where this shard's weights are all 1).
+        k_prime = delegate.scaled_keys(k[:, :, s:s + 6], w[:, s:s + 6])
+        plain = [k[i:i + 1, :, s:s + 6] for i in range(b)]
+        for t in seen:
+            if not any(torch.equal(t, p) for p in plain):
+                assert any(torch.equal(t, k_prime[i:i + 1]) for i in range(b)), "K' is not the shared helper's"
+                rounded_once += 1
+    assert rounded_once >= 2
+    share = torch.softmax(torch.stack([p[1] for p in parts]).double(), dim=0)[..., None]
+    got = sum(sh * p[0].double() for sh, p in zip(share, parts))
+    call = make_call(q.double(), k.double(), v.double(), layouts, cfg, None, None, False)
+    want = get_backend("reference").attention(call, w.double())
+    bound = key_scale_bound(q, k, v, w, d ** -0.5, UNIT_ROUNDOFF[torch.bfloat16])
+    assert_close_within(got, want, torch.bfloat16, bound, what="bf16 ring vs single device")

@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-from dar.backends import BACKENDS
+from dar.backends import check_backend
+from dar.call import resolve_config
 from dar.config import DARConfig
 from dar.layout import TokenLayout
 
@@ -344,14 +345,20 @@ class DARHandle:
         return f"DARHandle(target={type(self.target).__name__}, models={names}, config={self.config}, enabled={self.enabled})"
 
 
-def check_options(config, backend, recorder, backends=BACKENDS) -> DARConfig:
-    """Validate `enable`'s ``config``, ``backend`` and ``recorder``; the config (default ``DARConfig()``)."""
-    if config is None:
-        config = DARConfig()
-    if not isinstance(config, DARConfig):
-        raise TypeError(f"config must be a dar.DARConfig or None, got {type(config).__name__}")
-    if not isinstance(backend, str) or backend not in backends:
-        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+def check_options(config, backend, recorder, backends=None) -> DARConfig:
+    """Validate `enable`'s ``config``, ``backend`` and ``recorder``; the config (default ``DARConfig()``).
+
+    ``backend``: a name of `dar.backends.NAMES` (`dar.backends.check_backend`); ``backends``: the names
+    the binding's calls can run, e.g. ``dar.varlen.VARLEN_BACKENDS`` for a model whose attention is
+    packed (a name outside them is refused with that backend's reason).
+    """
+    config = resolve_config(config, "config")
+    check_backend(backend)
+    if backends is not None and backend not in backends:
+        from dar.varlen import VARLEN_BACKENDS
+
+        check_backend(backend, "packed" if tuple(backends) == tuple(VARLEN_BACKENDS) else None)
+        raise ValueError(f"backend must be one of {tuple(backends)} for this model, got {backend!r}")
     if recorder is not None and not callable(getattr(recorder, "observe", None)):
         raise TypeError(f"recorder must have an observe(...) method (e.g. a dar.Recorder), got {type(recorder).__name__}")
     return config

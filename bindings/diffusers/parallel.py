@@ -31,9 +31,8 @@ import functools
 import torch
 
 from dar import parallel as dp
-from dar.backends import select_backend
-from dar.call import DARCall
-from dar.masks import MaskSpec
+from dar.call import resolve_scale
+from dar.masks import as_bias
 from dar.ring import ring_attention
 
 # Families whose diffusers CP plan splits `encoder_hidden_states` (text, first in the joint sequence)
@@ -199,24 +198,15 @@ class _ForwardOp:
         blk = q.shape[2]
         if i == 0:
             own = None if self.key_bias is None else self.key_bias[:, self.ring_rank * blk:(self.ring_rank + 1) * blk]
-            mask = None if own is None else own[:, None, None, :]
-            sc = dp.make_sharded_call(q, k, None, self.layouts, s.config, mask, scale, False, self.head_group,
-                                      self.seq_group, shards=self.shards)
-            self.sp = sc.sp
-            if sc.call.plan.active:
-                w = dp.sharded_key_weights(sc)
-                self.weights = w if self.seq_group is None else dp.gather_ranks(w, self.seq_group, dim=1)
+            self.sp, self.weights = dp.rank_key_weights(q, k, self.layouts, s.config, own, scale, self.head_group,
+                                                        self.seq_group, shards=self.shards)
         c = self._check_shard(i, key, value)
         keys = slice(c * blk, (c + 1) * blk)
         bias = None if self.key_bias is None else self.key_bias[:, keys]
         w = None if self.weights is None else self.weights[:, keys]
         if self.ring == 1 and not return_lse:
             # Ulysses alone: every key is here; the selected DAR backend runs the rebalanced attention.
-            w = None if w is None else dp.plain_where_idle(w, self.sp)
-            spec = MaskSpec(None if bias is None else bias[:, None, None, :], False, q.shape[0], blk, blk)
-            call = DARCall(q, k, v, (), s.config, spec, float(scale), self.sp.keys)
-            out = select_backend(s.backend, call).attention(call, w)
-            return out.transpose(1, 2)
+            return dp.rank_attention(q, k, v, w, self.sp, s.config, bias, scale, s.backend).transpose(1, 2)
         out, lse = ring_attention(q, k, v, w, self.sp.keys.gen_ranges, mode=s.config.mode, scale=scale,
                                   key_bias=bias)
         out = out.transpose(1, 2)
@@ -246,8 +236,7 @@ def rebalance(state, layouts, split: Split, q, k, v, attn_mask, scale, parallel_
             raise ValueError(f"dar: the key-padding mask has {attn_mask.shape[3]} keys; this rank holds {local} of "
                              f"{total}, so it must have {local} (this rank's) or {total} (the whole sequence's)")
         m = attn_mask[:, 0, 0, :].expand(b, attn_mask.shape[3])
-        key_bias = m.float() if m.is_floating_point() else torch.zeros(m.shape, device=m.device).masked_fill(
-            ~m, float("-inf"))
+        key_bias = as_bias(m)
         if attn_mask.shape[3] == local:
             # diffusers >= 0.39 splits the text mask with the tokens, so each rank's mask covers its own
             # [text piece, image piece]. Every rank's key mask in ring order (the flattened CP mesh's rank
@@ -263,8 +252,7 @@ def rebalance(state, layouts, split: Split, q, k, v, attn_mask, scale, parallel_
               cp._ring_mesh.get_group() if ring > 1 else None)
     op = _ForwardOp(layouts, state.settings, _ring_shards(split, ring, ulysses), key_bias, ring, ulysses,
                     int(cp._ring_local_rank) if ring > 1 else 0, groups)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = resolve_scale("scale", scale, q.shape[-1])
     out = _templated_context_parallel_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0,
                                                 False, float(scale), False, False, forward_op=op,
                                                 backward_op=_no_backward, _parallel_config=parallel_config)

@@ -1,14 +1,20 @@
-"""Backend registry and the ``"auto"`` choice.
+"""The backend registry: one vocabulary of ``backend=`` names, one validation, one ``"auto"``.
+
+Every entry point (`dar.dar_attention`, `dar.compute_key_weights` with or without ``head_group`` /
+``seq_group``, the packed functions, `dar.enable` for diffusers and transformers) takes the names in
+`NAMES` and validates them with `check_backend`, so the error wording is one. A named backend that
+cannot run a call says why (its declared capabilities, `dar.backends.base.Backend`).
 
 ``backend="auto"`` resolves, in order: the ``DAR_BACKEND`` environment variable when it is set,
-else the measured choice of `dar.backends.tuner` (``TUNER``). Explicit names never consult either.
-Besides `BACKENDS`, the torch backend restricted to one SDPA kernel is available as
-``"torch:flash"``, ``"torch:cudnn"``, ``"torch:efficient"`` and ``"torch:math"`` (`TORCH_KERNELS`).
+else, for a dense call, the measured choice of `dar.backends.tuner` (``TUNER``), and for a packed
+call (or when only the key weights are needed) the default rule (`default_backend`). Explicit names
+never consult either. Besides `BACKENDS`, the torch backend restricted to one SDPA kernel is
+available as ``"torch:flash"``, ``"torch:cudnn"``, ``"torch:efficient"`` and ``"torch:math"``
+(`TORCH_KERNELS`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import warnings
@@ -17,7 +23,7 @@ import warnings
 import torch as _torch
 
 from ..call import DARCall
-from .base import Backend
+from .base import CALL_KINDS, Backend
 from .tuner import Tuner
 
 logger = logging.getLogger("dar")
@@ -25,46 +31,94 @@ logger = logging.getLogger("dar")
 BACKENDS = ("reference", "torch", "triton", "flex", "auto")
 ENV = "DAR_BACKEND"
 _warned: set[str] = set()
+# The SDPA kernels of the torch backend (dar.backends.torch.SDP_KERNELS), written out so that naming them imports
+# nothing.
+TORCH_KERNELS = ("torch:flash", "torch:cudnn", "torch:efficient", "torch:math")
+NAMES = (*BACKENDS, *TORCH_KERNELS)
 
 
 def _load(name: str) -> Backend | ImportError:
-    """The backend object named ``name``, its module imported on first use (``import dar`` and a first CPU call
-    then never pay for triton or FlexAttention); an ImportError is kept as the reason it is unavailable.
+    """The backend named ``name``, its modules imported on first use, so that ``import dar`` and a first CPU call
+    never pay for triton or FlexAttention; an ImportError is kept as the reason it is unavailable.
 
-    Plain import statements rather than importlib: a first use inside a torch.compile region is then traced as
-    an ordinary import, which dynamo executes (it cannot trace importlib.import_module).
+    Plain import statements rather than importlib: a first use inside a torch.compile region is then an
+    ordinary import, which dynamo executes (it cannot trace importlib.import_module).
     """
+    base, _, kernel = name.partition(":")
     try:
-        if name == "reference":
+        if base == "reference":
             from .reference import ReferenceBackend as cls
-        elif name == "triton":
+        elif base == "triton":
             from .triton import TritonBackend as cls
-        elif name == "flex":
+        elif base == "flex":
             from .flex import FlexBackend as cls
-        else:  # "torch" or "torch:<SDPA kernel>"
-            from .torch import SDP_KERNELS, TorchBackend
-
-            kernel = name.partition(":")[2] or None
-            return TorchBackend(kernel) if kernel in SDP_KERNELS else TorchBackend()
-        return cls()
+        else:
+            from .torch import TorchBackend as cls
     except ImportError as exc:
         return exc
+    backend = cls(kernel) if kernel else cls()
+    try:
+        backend.packed = _packed_module(base)
+    except ImportError as exc:  # the dense backend stays usable; packed calls are refused with the reason
+        backend.cannot_run = {**backend.cannot_run, "packed": f"its packed kernels cannot be loaded: {exc}"}
+    return backend
+
+
+def _packed_module(base: str):
+    """The module of a backend's packed (varlen) form, or None where it has none."""
+    if base == "reference":
+        from ..varlen import reference as packed
+    elif base == "torch":
+        from ..varlen import torch_backend as packed
+    elif base == "triton":
+        from ..varlen import triton as packed
+    else:
+        return None
+    return packed
 
 
 _instances: dict[str, Backend | ImportError] = {}
-# The SDPA kernels of the torch backend (dar.backends.torch.SDP_KERNELS; written out here so that naming them
-# imports nothing).
-TORCH_KERNELS = ("torch:flash", "torch:cudnn", "torch:efficient", "torch:math")
-NAMES = (*BACKENDS, *TORCH_KERNELS)
+
+
+def _instance(name: str) -> Backend | ImportError:
+    backend = _instances.get(name)
+    if backend is None:
+        backend = _instances[name] = _load(name)
+    return backend
+
+
+def check_backend(name, kind: str | None = None, what: str = "backend") -> str:
+    """``name`` if it is a backend name (`NAMES`); the one TypeError / ValueError wording otherwise.
+
+    ``kind``: a call kind (`dar.backends.base.CALL_KINDS`) the caller will run; a named backend
+    that declares it cannot run that kind is refused with its reason. A backend that cannot load here
+    passes (the call raises ImportError, as a named backend always has). ``what``: the argument's
+    name in messages.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, one of {NAMES}, got {type(name).__name__}")
+    if name not in NAMES:
+        raise ValueError(f"{what} must be one of {NAMES}, got {name!r}")
+    if kind is not None and name != "auto":
+        assert kind in CALL_KINDS, kind
+        backend = _instance(name)
+        why = None if isinstance(backend, ImportError) else backend.cannot_run_kind(kind)
+        if why is not None:
+            raise ValueError(f"{what}={name!r} cannot run {kind} calls: {why}")
+    return name
+
+
+def names_for(kind: str) -> tuple[str, ...]:
+    """The names (``"auto"`` included) whose backend declares it can run calls of ``kind``."""
+    return tuple(n for n in NAMES if n == "auto" or isinstance(_instance(n), ImportError)
+                 or _instance(n).cannot_run_kind(kind) is None)
 
 
 def get_backend(name: str) -> Backend:
     """The backend object named ``name`` (not "auto"); ImportError if it cannot load here."""
     if name not in NAMES or name == "auto":
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
-    backend = _instances.get(name)
-    if backend is None:
-        backend = _instances[name] = _load(name)
+    backend = _instance(name)
     if isinstance(backend, ImportError):
         raise ImportError(f"the {name} backend cannot be loaded: {backend}") from backend
     return backend
@@ -79,44 +133,43 @@ def triton_available() -> str | None:
     return None
 
 
-def default_backend(call: DARCall) -> Backend:
-    """The documented default, used where nothing is measured: triton on CUDA when it supports the
-    call, else torch (with a one-time warning on CUDA saying why)."""
+def default_backend(call) -> Backend:
+    """The documented default, used where nothing is measured (and for packed calls): triton on CUDA
+    when it supports the call, else torch (with a one-time warning on CUDA saying why)."""
     if call.q.device.type == "cuda":
         why = triton_available()
         if why is None:
             backend = get_backend("triton")
-            why = backend.unsupported(call)
+            why = backend.refusal(call)
             if why is None:
                 return backend
-        warn_once(f"dar: backend='auto' is using the torch backend on CUDA because {why}")
+        which = "dar_attention_varlen " if call.kind == "packed" else ""
+        warn_once(f"dar: {which}backend='auto' is using the torch backend on CUDA because {why}")
     return get_backend("torch")
 
 
 TUNER = Tuner(get_backend, default_backend)
 
 
-def select_backend(name, call: DARCall, weights_only: bool = False) -> Backend:
-    """Resolve ``backend=`` for a call; raise if a named backend cannot run it.
+def select_backend(name, call, weights_only: bool = False) -> Backend:
+    """Resolve ``backend=`` for a dense (`DARCall`) or packed (`dar.varlen.call.VarlenCall`) call;
+    raise, with the reason, if a named backend cannot run it.
 
     ``weights_only``: only the key weights are needed (the attention runs elsewhere), so "auto"
     takes the default rule instead of timing attention implementations.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, one of {BACKENDS}, got {type(name).__name__}")
+    name = check_backend(name)
     if name == "auto":
         env = os.environ.get(ENV)
         if env:
-            if env not in NAMES:
-                raise ValueError(f"the {ENV} environment variable must be one of {NAMES}, got {env!r}")
-            name = env
+            name = check_backend(env, what=f"the {ENV} environment variable")
     if name != "auto":
         backend = get_backend(name)
-        reason = backend.unsupported(call)
+        reason = backend.refusal(call)
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
         return backend
-    if weights_only:
+    if weights_only or call.kind == "packed":
         return default_backend(call)
     return TUNER.choose(call)
 
@@ -131,5 +184,5 @@ def warn_once(message: str) -> None:
 
 _warn_once = warn_once  # the older private name
 
-__all__ = ["BACKENDS", "NAMES", "TORCH_KERNELS", "TUNER", "Backend", "default_backend", "get_backend",
-           "select_backend", "triton_available", "warn_once"]
+__all__ = ["BACKENDS", "NAMES", "TORCH_KERNELS", "TUNER", "Backend", "check_backend", "default_backend",
+           "get_backend", "names_for", "select_backend", "triton_available", "warn_once"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import warnings
 
 import torch
@@ -171,12 +172,14 @@ def _block_mask(call: DARCall) -> BlockMask | None:
 
 class FlexBackend(Backend):
     name = "flex"
+    masks = "key"  # the block mask and score_mod read a (B, Lk) key bias and the causal rule
+    cannot_run = types.MappingProxyType({
+        "packed": "flex has no varlen path (packed sequences run on reference, torch, torch:<kernel> or triton)"})
 
     def unsupported(self, call: DARCall) -> str | None:
-        mask = call.mask
-        if mask.mask is not None and not mask.is_key_only:
-            return ("attn_mask varies over heads or query rows; the flex backend supports key-padding masks "
-                    "of shape (B, 1, 1, Lk) (bool or additive float) and is_causal only")
+        why = self.mask_refusal(call)
+        if why is not None:
+            return why
         q = call.q
         if q.device.type == "cuda" and q.dtype == torch.float64:
             return "float64 inputs on CUDA are not supported by the flex backend (use backend='torch')"

@@ -81,12 +81,17 @@ class TorchBackend(Backend):
         found = self._kernels.get(dev)
         return found if found is not None else sdpa_kernel(dev, self.sdp)
 
+    def device_refusal(self, call) -> str | None:
+        """Why the SDPA kernel cannot run on q's device (a dense or packed call), or None."""
+        if self.sdp in _CUDA_ONLY and call.q.device.type != "cuda":
+            return f"SDPA's {self.sdp} kernel runs on CUDA only, and q is on {call.q.device}"
+        return None
+
     def unsupported(self, call: DARCall) -> str | None:
         dev = call.q.device.type
-        if self.sdp in _CUDA_ONLY and dev != "cuda":
-            return f"SDPA's {self.sdp} kernel runs on CUDA only, and q is on {call.q.device}"
-        if call.v is None:
-            return None
+        why = self.device_refusal(call)
+        if why is not None or call.v is None:
+            return why
         if self.sdp == "flash" and dev == "cuda" and call.mask.mask is not None:
             return "SDPA's CUDA flash kernel takes no attn_mask"
         return delegate.unsupported(call, self.kernel(call))

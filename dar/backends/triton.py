@@ -66,6 +66,7 @@ def rebalancing(call, weights: torch.Tensor | None):
 
 class TritonBackend(Backend):
     name = "triton"
+    masks = "key"  # the kernels take a (B, Lk) key bias and is_causal (checked in unsupported below)
 
     def unsupported(self, call: DARCall) -> str | None:
         mask_why = None

@@ -14,10 +14,11 @@ which covers every row of every sequence.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
-from ..call import _check_tensor, check_heads_and_kinds, resolve_scale
+from ..call import _check_tensor, check_heads_and_kinds, resolve_config, resolve_scale
 from ..config import DARConfig
 from ..layout import TokenLayout, resolve_layouts
 from ..plan import DARPlan, make_plan
@@ -32,6 +33,7 @@ class VarlenCall:
     (free to read), else None: on a GPU, reading them would synchronise with the device.
     """
 
+    kind: ClassVar[str] = "packed"  # the call kind backends declare capabilities for (dar.backends.base)
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor | None
@@ -108,10 +110,7 @@ def make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_tensor("k", k, 3, "(total_k, Hk, D) like flash_attn_varlen_func")
     if v is not None:
         _check_tensor("v", v, 3, "(total_k, Hk, Dv) like flash_attn_varlen_func")
-    if cfg is None:
-        cfg = DARConfig()
-    if not isinstance(cfg, DARConfig):
-        raise TypeError(f"cfg must be a dar.DARConfig, got {type(cfg).__name__}")
+    cfg = resolve_config(cfg)
     total_q, hq, d = q.shape
     total_k, hk, dk = k.shape
     check_heads_and_kinds(q, k, v, d, dk, hq, hk)

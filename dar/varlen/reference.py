@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.reference import ReferenceBackend
-from ..call import make_call
+from ..call import make_call, unit_weights
 from .call import VarlenCall
-
-_dense = ReferenceBackend()
 
 
 def bottom_right_causal(lq: int, lk: int, device) -> torch.Tensor:
@@ -39,24 +36,30 @@ def _dense_call(call: VarlenCall, n: int, q0: int, q1: int, k0: int, k1: int, wi
     return make_call(q, k, v, call.layouts[n], call.cfg, mask, call.scale, False)
 
 
-def key_weights(call: VarlenCall) -> torch.Tensor:
-    w = torch.ones(call.k.shape[0], dtype=torch.float32, device=call.q.device)
+def unsupported(call: VarlenCall, dense) -> str | None:
+    """The oracle runs every packed call."""
+    return None
+
+
+def key_weights(call: VarlenCall, dense) -> torch.Tensor:
+    """``dense``: the dense reference backend, run on each sequence."""
+    w = unit_weights(call.k.shape[0], device=call.q.device)
     for n, q0, q1, k0, k1 in _sequences(call):
         if q1 == q0 or k1 == k0:
             continue  # no query or no key: nothing to score, every weight 1
-        dense = _dense_call(call, n, q0, q1, k0, k1, False)
-        if dense.plan.active:
-            w[k0:k1] = _dense.key_weights(dense)[0]
+        one = _dense_call(call, n, q0, q1, k0, k1, False)
+        if one.plan.active:
+            w[k0:k1] = dense.key_weights(one)[0]
     return w
 
 
-def attention(call: VarlenCall, weights: torch.Tensor | None) -> torch.Tensor:
+def attention(call: VarlenCall, weights: torch.Tensor | None, dense) -> torch.Tensor:
     q, v = call.q, call.v
     out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     for n, q0, q1, k0, k1 in _sequences(call):
         if q1 == q0 or k1 == k0:
             continue  # a query row with no key outputs zeros
-        dense = _dense_call(call, n, q0, q1, k0, k1, True)
-        w = weights[k0:k1][None] if weights is not None and dense.plan.active else None
-        out[q0:q1] = _dense.attention(dense, w)[0].transpose(0, 1)
+        one = _dense_call(call, n, q0, q1, k0, k1, True)
+        w = weights[k0:k1][None] if weights is not None and one.plan.active else None
+        out[q0:q1] = dense.attention(one, w)[0].transpose(0, 1)
     return out

@@ -22,12 +22,10 @@ from __future__ import annotations
 import torch
 
 from .. import delegate, scoring
-from ..backends import get_backend
-from ..call import DARCall
-from ..masks import MaskSpec
+from ..call import DARCall, planned_call
+from ..masks import as_bias
 from .call import VarlenCall
 
-NEG_INF = float("-inf")
 
 
 class _Frame:
@@ -84,10 +82,9 @@ class _Frame:
     def dense_call(self, call: VarlenCall) -> DARCall:
         """The padded problem as a dense call: padded keys masked out (not causal), or SDPA's top-left
         causal rule on the square frame. Its plan is the packed call's (query coordinates)."""
-        q, k = self.queries(call.q), self.keys(call.k)
         mask = None if call.causal else self.key_valid[:, None, None, :]
-        spec = MaskSpec(mask, call.causal, q.shape[0], self.lq, self.lk)
-        return DARCall(q, k, self.keys(call.v), call.layouts, call.cfg, spec, call.scale, call.plan)
+        return planned_call(self.queries(call.q), self.keys(call.k), self.keys(call.v), call.cfg, call.scale,
+                            call.plan, mask, call.causal, call.layouts)
 
     def rows(self, call: VarlenCall, dense: DARCall) -> delegate.QueryRows:
         """The rebalanced rows in the padded frame. Not causal, row ``p`` is query ``p``: the plan's.
@@ -119,38 +116,51 @@ def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
         cols = torch.arange(lk, device=q.device)
         allowed = allowed & (cols[None, None, :] <= (s + fr.len_k[:, None] - fr.len_q[:, None])[..., None])
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    bias = torch.zeros(allowed.shape, dtype=acc, device=q.device).masked_fill_(~allowed, NEG_INF)[:, None]
+    bias = as_bias(allowed, acc)[:, None]
     return scoring.mass_of_rows(qs, fr.keys(k), bias, valid, call.scale)
 
 
-def key_weights(call: VarlenCall, head_group=None) -> torch.Tensor:
+def unsupported(call: VarlenCall, backend) -> str | None:
+    """Why the torch backend ``backend`` (plain ``torch`` or ``torch:<SDPA kernel>``) cannot run the
+    packed ``call``, or None. Head-dim limits of the padded frame's form are checked when it runs."""
+    why = backend.device_refusal(call)
+    if why is None and call.v is not None and not call.causal and backend.sdp == "flash" \
+            and call.q.device.type == "cuda":
+        why = ("SDPA's CUDA flash kernel takes no attn_mask, and non-causal packed sequences run with a "
+               "key-padding mask")
+    return why
+
+
+def key_weights(call: VarlenCall, backend=None, reduce_mass=None) -> torch.Tensor:
     """(total_k,) float32 key weights (steps 1-6), aligned with ``k``; no autograd graph.
 
-    ``head_group``: the process group over which the heads are split (`dar.parallel`); the mass of
-    this rank's heads is summed over it before the normalisation.
+    ``reduce_mass``: with the heads split over ranks, sums the ``(N, Lk)`` mass of this rank's heads
+    over the group (`dar.collectives.all_reduce`) before the normalisation.
     """
     with torch.no_grad():
         fr = _Frame(call)
         mass = _sampled_mass(call, fr)
-        if head_group is not None:
-            from ..parallel import all_reduce
-
-            mass = all_reduce(mass, "sum", head_group)
+        if reduce_mass is not None:
+            mass = reduce_mass(mass)
         pt = call.plan.tensors(call.q.device)
         w, _ = scoring.weights_from_mass(mass, pt.key_groups(fr.lk), fr.key_valid, call.plan.num_groups, call.cfg)
         return fr.unpad_keys(w)
 
 
-def attention(call: VarlenCall, weights: torch.Tensor | None) -> torch.Tensor:
-    """(total_q, Hq, Dv) in q's dtype (step 7) on the padded frame, through the dense torch backend's
-    delegate kernel (SDPA)."""
+def attention(call: VarlenCall, weights: torch.Tensor | None, backend) -> torch.Tensor:
+    """(total_q, Hq, Dv) in q's dtype (step 7) on the padded frame, through the delegate kernel of the
+    dense torch backend ``backend`` (SDPA, or one of its kernels)."""
     q, k, v = call.q, call.k, call.v
     if q.shape[0] == 0 or k.shape[0] == 0 or call.max_seqlen_k == 0:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
     fr = _Frame(call)
     dense = fr.dense_call(call)
-    kernel = get_backend("torch").kernel(dense)
+    kernel = backend.kernel(dense)
     if weights is None or not call.plan.active:
         return fr.unpad_out(delegate.plain(dense, kernel))
+    rows = fr.rows(call, dense)
+    why = delegate.unsupported(dense, kernel, rows)
+    if why is not None:
+        raise ValueError(f"backend={backend.name!r} cannot run these inputs: {why}")
     w = weights[fr.key_index].masked_fill(~fr.key_valid, 1.0)  # (N, Lk): padded keys weigh 1
-    return fr.unpad_out(delegate.attention(dense, w, kernel, fr.rows(call, dense)))
+    return fr.unpad_out(delegate.attention(dense, w, kernel, rows))

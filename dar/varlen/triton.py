@@ -4,6 +4,7 @@ rebalanced-attention kernel (``dar::rebalanced_attention_varlen``).
 Both take ``cu_seqlens`` directly (one launch per stage over every sequence, no padding to the
 longest, no host synchronisation) with the plan's per-sequence tensors (sampled queries, reference
 ranges and groups, rebalanced query ranges, all relative to each sequence's start).
+The packed form of the triton backend (`dar.backends.base.Backend.packed`); ``backend`` is unused.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from ..kernels.scoring import key_weights_varlen as _key_weights_kernel
 from .call import VarlenCall
 
 
-def unsupported(call: VarlenCall) -> str | None:
+def unsupported(call: VarlenCall, backend=None) -> str | None:
     """Why the triton varlen path cannot run ``call`` (a sentence naming the input), or None."""
     return unsupported_tensors(call.q, call.k, call.v, call.num_seqs, "N")
 
 
-def key_weights(call: VarlenCall) -> torch.Tensor:
+def key_weights(call: VarlenCall, backend=None) -> torch.Tensor:
     pt = call.plan.tensors(call.q.device)
     cfg = call.cfg
     with torch.no_grad():  # w is piecewise constant in q and k: outside autograd, as in every backend
@@ -34,7 +35,7 @@ def key_weights(call: VarlenCall) -> torch.Tensor:
                                    call.causal, call.scale, cfg.gamma, cfg.tau_high, cfg.tau_low, cfg.thresholds)
 
 
-def attention(call: VarlenCall, weights: torch.Tensor | None) -> torch.Tensor:
+def attention(call: VarlenCall, weights: torch.Tensor | None, backend=None) -> torch.Tensor:
     weights, gen_ranges = rebalancing(call, weights)
     return torch.ops.dar.rebalanced_attention_varlen(
         call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
