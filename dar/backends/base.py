@@ -18,7 +18,6 @@ calls with the same words (`Backend.refusal`, used by `dar.backends.select_backe
 from __future__ import annotations
 
 import abc
-import types
 
 import torch
 
@@ -32,7 +31,9 @@ class Backend(abc.ABC):
     """A way to run DAR. Backends are stateless singletons registered in `dar.backends`."""
 
     name: str = ""
-    cannot_run: types.MappingProxyType = types.MappingProxyType({})
+    # A plain dict, never mutated (an instance that loses a kind gets a new one): dynamo refuses to trace a
+    # mappingproxy once it has seen a dict mutate, and a backend may be loaded inside a compiled region.
+    cannot_run: dict = {}
     masks: str = "any"
     modes: tuple[str, ...] = MODES
     packed = None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 import warnings
 
 import torch
@@ -173,8 +172,8 @@ def _block_mask(call: DARCall) -> BlockMask | None:
 class FlexBackend(Backend):
     name = "flex"
     masks = "key"  # the block mask and score_mod read a (B, Lk) key bias and the causal rule
-    cannot_run = types.MappingProxyType({
-        "packed": "flex has no varlen path (packed sequences run on reference, torch, torch:<kernel> or triton)"})
+    cannot_run = {
+        "packed": "flex has no varlen path (packed sequences run on reference, torch, torch:<kernel> or triton)"}
 
     def unsupported(self, call: DARCall) -> str | None:
         why = self.mask_refusal(call)
