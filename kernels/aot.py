@@ -5,7 +5,7 @@ Triton compiles for any target it supports without a GPU (``triton.compile(ASTSo
 target=GPUTarget("cuda", 90, 32))``): it runs its own ``ptxas`` (the one it picks for the
 architecture, e.g. ``ptxas-blackwell`` where the installed Triton does so) and returns the cubin.
 Everything here reads that cubin with the ``cuobjdump`` and ``nvdisasm`` shipped in Triton's wheel,
-so the figures describe exactly the binary Triton would launch. Used by `autotune.compile_report`,
+so the figures describe exactly the binary Triton would launch. Used by `compile_report`,
 ``benchmarks/static_report.py`` (``dar bench static``) and the static-target tests.
 
 Needs ``TRITON_INTERPRET`` unset when the kernel module is imported (the interpreter replaces
@@ -15,6 +15,7 @@ Needs ``TRITON_INTERPRET`` unset when the kernel module is imported (the interpr
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -45,10 +46,11 @@ def ptxas_path(arch: int) -> str:
     """The ptxas the installed Triton uses for compute capability ``arch`` (e.g. 90, 100)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except ImportError:
+    except ImportError:  # Triton < 3.4: the wheel's bin/ptxas
         return _tool("ptxas")
+    # Triton 3.6 picks a ptxas per architecture (get_ptxas(arch)); 3.4 and 3.5 have one (get_ptxas()).
+    takes_arch = bool(inspect.signature(get_ptxas).parameters)
+    return (get_ptxas(arch) if takes_arch else get_ptxas()).path
 
 
 def tools_available() -> str | None:

@@ -380,18 +380,19 @@ def test_compiles_fullgraph():
 
 
 def test_autotune_pruning_keeps_the_head_dim_row():
-    """Per-GPU tables: the pruner keeps the row of the padded head dim (fp32: the small tiles) and
-    never returns nothing; the interpreter has one config."""
+    """Per-GPU tables: the pruner keeps the row of the call's path (sm90: TMA or pointers) and padded head
+    dim (fp32: the small tiles) and never returns nothing; the interpreter has one config."""
     from dar.kernels import autotune
 
     assert autotune.candidate_configs(None) == [autotune.INTERPRETER_CONFIG]
-    for cap, table in (((9, 0), autotune._SM90), ((8, 0), autotune._SM80), ((7, 5), autotune._DEFAULT)):
+    for cap, tma, table in (((9, 0), True, autotune._SM90), ((9, 0), False, autotune._SM90_POINTERS),
+                            ((8, 0), False, autotune._SM80), ((7, 5), False, autotune._DEFAULT)):
         configs = autotune.candidate_configs(cap)
         prune = autotune.prune_for(cap)
         for dtype, block_d, lq in ((torch.float16, 64, 4096), (torch.bfloat16, 128, 4096), (torch.bfloat16, 256, 512),
                                    (torch.float32, 128, 4096), (torch.float16, 128, 16)):
             q = torch.empty(0, dtype=dtype)
-            kept = prune(configs, {"Q": q, "Lq": lq}, BLOCK_D=block_d, BLOCK_DV=block_d)
+            kept = prune(configs, {"Q": q, "Lq": lq}, BLOCK_D=block_d, BLOCK_DV=block_d, USE_TMA=tma)
             shapes = {autotune.shape_of(c) for c in kept}
             row = autotune._FP32 if dtype == torch.float32 else table[autotune.head_dim_class(block_d)]
             assert kept and shapes <= set(row)
@@ -401,7 +402,8 @@ def test_autotune_pruning_keeps_the_head_dim_row():
 
 _COMPILE_CHECK = """
 import json
-from dar.kernels.autotune import compile_report, _SM90, _SM80
+from dar.kernels.autotune import _SM90, _SM80
+from dar.kernels.compile_report import compile_report
 print(json.dumps([compile_report((9, 0), "bf16", 128, _SM90[128][0], causal=True),
                   compile_report((8, 0), "bf16", 128, _SM80[128][0], prob_scale=True, causal=True)]))
 """
