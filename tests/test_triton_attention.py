@@ -655,8 +655,13 @@ def tma_in_interpreter(monkeypatch):
 def test_tma_path_matches_float64(tma_in_interpreter, layout, causal, mode):
     """Descriptor coordinates (batch, KV head, key row), zero-filled padding of a 24-wide head dim
     and of rows past Lk, GQA, all three program kinds (rows 0-31 plain, 32-63 all rebalanced,
-    64-79 straddling), the masked tail and a key bias."""
-    q, k, v = make_qkv(2, 4, 2, 80, 45, 24, 16, torch.bfloat16, layout, seed=21, spread=2.0)
+    64-79 straddling), the masked tail and a key bias. The interpreter of Triton 3.3-3.5 refuses
+    descriptor strides that are not multiples of 16 elements (it checks elements, not bytes): there
+    the head dim is 32 and the padding is left to the newer Tritons CI also runs."""
+    from dar.kernels import features
+
+    d = 32 if features.interpreter_descriptor_strides_in_elements() else 24
+    q, k, v = make_qkv(2, 4, 2, 80, 45, d, 16, torch.bfloat16, layout, seed=21, spread=2.0)
     gen = torch.Generator().manual_seed(22)
     w = (0.5 + torch.rand(2, 45, generator=gen)).to(DEVICE)
     bias = torch.randn(2, 45, generator=gen).to(DEVICE)
