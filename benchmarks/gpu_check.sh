@@ -77,7 +77,7 @@ if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
 fi
 step "install dar (editable, no dependencies)" 60 "$PY" -m pip install -q --no-index --no-deps \
   --no-build-isolation -e .
-"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib, platform
 print("python", platform.python_version())
 for name in ("torch", "triton", "diffusers", "transformers", "hypothesis", "pytest_benchmark"):
@@ -96,7 +96,7 @@ EOF
 # dar's triton backend runs on triton >= 3.2, probing what each release offers (dar.kernels.features:
 # TMA descriptors from 3.4, pointer loads before); say which path this machine gets, or why the backend
 # is unavailable, before the table does.
-"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 from dar.backends import triton_available
 why = triton_available()
 if why:
@@ -128,7 +128,7 @@ fi
 if [ "$DRY" = 1 ]; then
   # shellcheck disable=SC2086
   step "collect the kernel tests" 60 "$PY" -m pytest $KERNEL_TESTS --collect-only -q -p no:cacheprovider
-  step "parse the benchmark arguments" 30 "$PY" -c "
+  step "parse the benchmark arguments" 60 "$PY" -c "
 from dar.bench import _parser, impls, shapes
 a = _parser().parse_args(['kernels', '--preset', 'qwen-edit', '--impl', 'dar-triton', '--impl', 'dar-torch',
     '--impl', 'dar-flex', '--impl', 'sdpa-flash', '--impl', 'sdpa-cudnn', '--impl', 'sdpa-efficient', '--impl', 'flex',

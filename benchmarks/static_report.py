@@ -311,14 +311,9 @@ def sass_of(v: Variant, arch: int) -> str:
 def supported_archs(candidates=ARCHS) -> tuple[list[int], dict[int, str]]:
     """Targets for which the installed Triton compiles a trivial kernel and its nvdisasm reads the
     result, and why the others fail."""
-    import triton
-    import triton.language as tl
-
     from dar.kernels import aot
 
-    @triton.jit
-    def probe(x, BLOCK: tl.constexpr):
-        tl.store(x + tl.arange(0, BLOCK), tl.load(x + tl.arange(0, BLOCK)) + 1.0)
+    probe = aot.arch_probe
 
     ok, bad = [], {}
     for arch in candidates:

@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 import triton
+import triton.language as tl
 
 # Opcodes of the tensor-core instructions: a loop containing one of these is a main (MMA) loop.
 _MMA = re.compile(r"^(HGMMA|HMMA|QGMMA|IMMA|UTC\w*MMA)\b")
@@ -145,9 +146,23 @@ def compile_for(fn, arch: int, constexprs: dict[str, Any], sig: dict, attrs: dic
 
     if getattr(fn, "__module__", "") == "triton.runtime.interpreter" or not hasattr(fn, "arg_names"):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
+    try:  # Triton 3.2: attributes as an AttrsDescriptor object, constexprs left out of the signature
+        from triton.backends.compiler import AttrsDescriptor
+    except ImportError:
+        pass
+    else:
+        sig = {name: ty for name, ty in sig.items() if ty != "constexpr"}
+        attrs = AttrsDescriptor.from_hints({i: 16 for (i,), props in attrs.items() if ["tt.divisibility", 16] in props})
     src = ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages, **options))
+
+
+@triton.jit
+def arch_probe(x, BLOCK: tl.constexpr):
+    """A trivial kernel: compiling it tells whether the installed Triton supports a target. Defined at
+    module level: Triton 3.2 resolves a kernel's names in its module's globals only."""
+    tl.store(x + tl.arange(0, BLOCK), tl.load(x + tl.arange(0, BLOCK)) + 1.0)
 
 
 @dataclasses.dataclass
