@@ -13,7 +13,9 @@ difference is decided here, once, by looking for the feature rather than compari
   first launch, and under the interpreter the single interpreter config is applied directly.
 - `interpreter_descriptor_strides_in_elements`: the 3.3-3.5 interpreter checks a descriptor's strides
   for 16-divisibility in elements instead of bytes.
-- `ptxas` (in `aot`): ``get_ptxas(arch)`` takes the architecture from 3.6 on, nothing before.
+- in `aot` (ahead-of-time compilation): ``get_ptxas(arch)`` takes the architecture from 3.6 on, nothing
+  before; Triton 3.2 takes its compile attributes as an ``AttrsDescriptor`` and no constexprs in the
+  signature, and resolves a kernel's names in its module's globals only.
 - ``PIPELINED_KEY_MASS``: scoring stage 2 compiles with ``num_stages >= 3`` (Triton 3.2's software
   pipeliner fails on its loop; the only check here that reads the version, since nothing short of
   compiling the kernel shows it).
