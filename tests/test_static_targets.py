@@ -46,7 +46,7 @@ def _needs_descriptors():
     """The sm_90a targets measure the TMA path's loops; a Triton without host descriptors (3.2, 3.3)
     runs the pointer path there, whose single loop the static report does not name."""
     if features.TensorDescriptor is None:
-        pytest.xfail(f"Triton {features.VERSION} has no host TMA descriptors: sm_90a runs the pointer path "
+        pytest.xfail(f"Triton {'.'.join(map(str, features.VERSION))} has no host TMA descriptors: sm_90a runs the pointer path "
                      "(checked spill-free by test_pointer_path_tables_compile_without_spills), not the TMA "
                      "loops these targets measure")
 
