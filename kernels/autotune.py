@@ -19,8 +19,9 @@ import triton
 # of the sm90 and sm80 tables is checked by compiling it for its architecture with Triton's
 # ahead-of-time compiler (`compile_report.table_report`; bf16, key weights + key bias + masked tail,
 # causal and not): no register spills and shared memory within the limit (227 KiB sm90, 163 KiB sm80;
-# sm86/sm89 have 99 KiB and the autotuner drops entries that do not fit). The figures of that check,
-# per Triton release, are in benchmarks/results/tables-triton-<version>.md. Not yet timed on hardware.
+# sm86/sm89 have 99 KiB and the autotuner drops entries that do not fit). `python -m
+# dar.kernels.compile_report` writes the figures of that check for the installed Triton to
+# benchmarks/results/tables-triton-<version>.md (docs/kernels.md). Not yet timed on hardware.
 #
 # sm90 with TMA descriptors (Triton >= 3.4): 128x128 tiles need 8 warps (with 4 they spill).
 _SM90 = {
