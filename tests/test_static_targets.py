@@ -74,6 +74,11 @@ def ratio(a: str, b: str) -> str:
     return f"{a} {loop(a)} / {b} {loop(b)} = {loop(a) / loop(b):.3f}"
 
 
+# cp.async instructions per iteration for the (64,) float32 weight vector of a 64-key tile: one with
+# Triton 3.8, eight (one 4-byte copy per 32 bytes) with 3.4 and 3.6. K and V come by TMA either way.
+_WEIGHT_LOADS = 8
+
+
 def test_plain_loop_matches_the_tma_yardstick():
     """DAR off, the kernel's loop is within 5% of a standard TMA flash-attention forward."""
     assert loop("attn-plain") <= 1.05 * loop("yardstick"), ratio("attn-plain", "yardstick")
@@ -118,7 +123,7 @@ def test_masked_qwen_shape_within_10_percent_of_its_plain():
 # contiguous, so at most two query tiles per (batch, head) run it.
 def test_mixed_program_loop_is_reported():
     r = rows()["attn-key_scale-per_row"]["loop"]
-    assert r["fsel"] > 0 and r["ldgsts"] == 1, r
+    assert r["fsel"] > 0 and 1 <= r["ldgsts"] <= _WEIGHT_LOADS, r
     assert loop("attn-key_scale-per_row") <= 1.35 * loop("attn-plain"), ratio("attn-key_scale-per_row",
                                                                                "attn-plain")
 
@@ -132,7 +137,8 @@ def test_no_spills_tma_in_the_main_loop_and_wgmma_not_serialised():
             continue
         assert r["loop"]["utmaldg"] >= 2, (name, "K and V should arrive by TMA in the main loop")
         if name.startswith("attn-"):
-            assert r["loop"]["ldgsts"] <= 1, (name, "only the key weights may come through cp.async")
+            assert r["loop"]["ldgsts"] <= _WEIGHT_LOADS, (name, "only the key weights may come through cp.async")
+            assert r["loop"]["ldg"] == 0, (name, "no plain global load in the main loop")
         if name in ("attn-key_scale", "attn-key_scale-tail"):
             assert r["loop"]["ldgsts"] == 0 and r["loop"]["fsel"] == 0, (name, "K' = w * K: no weight load")
 
