@@ -33,14 +33,14 @@ _SM90 = {
 # a descriptor cannot take. Pointer loads keep more addresses in registers than TMA, so the tiles
 # are the sm80 table's.
 _SM90_POINTERS = {
-    64: [(64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
+    64: [(128, 32, 8, 2), (64, 32, 4, 2)],
     128: [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
     256: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 2)],
 }
 # sm8x runs the pointer path (one loop, masked throughout when needed); 128x64 tiles at D=128 and
-# 128x32 at D=256 spill there, and 128x64 at D=64 with Triton 3.4.
+# 128x32 at D=256 spill there; at D=64, 128x64 spills with Triton 3.4 and 64x64 with 3.2 and 3.4.
 _SM80 = {
-    64: [(64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
+    64: [(128, 32, 8, 2), (64, 32, 4, 2)],
     128: [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
     256: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 2)],
 }
