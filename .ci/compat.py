@@ -105,6 +105,25 @@ ROWS = [
 ]
 
 
+# The fused kernels on the Tritons users have (dar.kernels.features; issue 20): the kernel tests under the
+# interpreter, against the oracle and the reference backend, and the static targets compiled for sm_90a and
+# sm_80 with that Triton. numpy < 2.4: the interpreter before Triton 3.7 turns one-element arrays into ints,
+# which numpy 2.4 made an error (docs/kernels.md).
+KERNEL_TESTS = ["tests/test_triton_*.py", "tests/test_varlen_triton.py", "tests/test_static_*.py",
+                "tests/test_backend_availability.py"]
+# Each row is a venv over the main run's packages (torch 2.14.1, the project) with that triton on top: torch's
+# own pairing (2.11.0 / 2.8.0 / 2.6.0) brings several GB of CUDA wheels from the index, measured at over 10
+# minutes per row here, which the 45-minute CI budget cannot hold for three rows. The kernels import only
+# torch and triton, and these tests exercise triton's compiler and interpreter, not torch's.
+ROWS += [
+    Row(f"triton-{version}", "triton", version, KERNEL_TESTS, why,
+        venv=dict(python=sys.executable, overlay=[f"triton=={version}", "numpy<2.4"]))
+    for version, why in (("3.6.0", "the lent GPU machine's triton (torch 2.11.0 there; 2.14.1 here, Python 3.11)"),
+                         ("3.4.0", "the first triton with host TMA descriptors (torch 2.8.0's; 2.14.1 here)"),
+                         ("3.2.0", "OmniGen2's pin, pointer loads only (torch 2.6.0's; 2.14.1 here)"))
+]
+
+
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd, **kw)
@@ -245,6 +264,19 @@ def torch_row(row: Row) -> None:
     venv = Path(tempfile.mkdtemp()) / "venv"
     sh([python, "-m", "venv", str(venv)], check=True)
     vpy = str(venv / "bin" / "python")
+    if spec.get("overlay"):
+        # Over the main run's packages: its site-packages (torch, the editable project) come after the venv's
+        # own, where the overlay's releases go, installed without their dependencies.
+        purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        mine = subprocess.run([vpy, "-c", purelib], capture_output=True, text=True, check=True).stdout.strip()
+        base = subprocess.run([sys.executable, "-c", purelib], capture_output=True, text=True, check=True).stdout.strip()
+        Path(mine, "zz_main_run.pth").write_text(f"import site; site.addsitedir({base!r})\n")
+        pip(vpy, "--no-deps", *spec["overlay"])
+        check_import(vpy, row.package, row.version)
+        ok = run_tests(vpy, expand(row.tests), row)
+        row.result = "passed" if ok else "FAILED"
+        shutil.rmtree(venv.parent, ignore_errors=True)
+        return
     # An older Python's bundled pip/setuptools install editable projects the legacy way, which cannot map
     # kernels/ and bindings/ onto dar.kernels / dar.bindings.
     uncapped = spec.get("uncapped", False)

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One command for whoever holds an H100 / H200: the CUDA tests, the headline kernel benchmark, one
-# end-to-end step, the README table; about 8 minutes. Run from anywhere inside the repository:
+# end-to-end step, the README table; at most 9 minutes (GPU_CHECK_BUDGET seconds, default 530), each
+# step with its own limit, cut to what is left of the budget. Run from anywhere inside the repository:
 #
-#     bash benchmarks/gpu_check.sh            # everything
-#     GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh   # print the steps and the environment, run nothing
+#     bash benchmarks/gpu_check.sh                   # everything
+#     GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh   # rehearsal: every step that needs no GPU runs
+#                                                    # (wheel install, imports, collecting the tests,
+#                                                    # parsing the benchmark arguments, the table);
+#                                                    # the GPU steps are printed, not run
 #
 # Results land in benchmarks/results/ in dar bench's usual format (plus gpu-check-<commit>.log);
 # commit them, and the regenerated README table, afterwards. Each step has its own time limit and
@@ -21,6 +25,7 @@ PY=${PYTHON:-python3}
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 RESULTS="$ROOT/benchmarks/results"
 DRY=${GPU_CHECK_DRY:-0}
+BUDGET=${GPU_CHECK_BUDGET:-530}
 LOG="$RESULTS/gpu-check-$COMMIT.log"
 [ "$DRY" = 1 ] && LOG=$(mktemp)
 mkdir -p "$RESULTS"
@@ -31,14 +36,19 @@ MARK=$(mktemp)  # results newer than this are this run's
 
 say() { echo "[gpu_check +$(( $(date +%s) - STARTED ))s] $*" | tee -a "$LOG"; }
 
-# step NAME SECONDS COMMAND...: run with a time limit, log everything, count failures.
+# step NAME SECONDS COMMAND...: run with a time limit (cut to what is left of the budget), log
+# everything, count failures. gpu_step: the same, printed but not run in a dry run.
 step() {
   local name=$1 limit=$2
   shift 2
-  say "== $name (limit ${limit}s): $*"
-  if [ "$DRY" = 1 ]; then
+  local left=$(( BUDGET - ($(date +%s) - STARTED) ))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -le 5 ]; then
+    failed=$((failed + 1))
+    say "!! $name skipped: the ${BUDGET}s budget is spent"
     return 0
   fi
+  say "== $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then
@@ -48,19 +58,26 @@ step() {
     say "ok $name"
   fi
 }
+gpu_step() {
+  if [ "$DRY" = 1 ]; then
+    say "== $1 (limit ${2}s; dry run: not run): ${*:3}"
+    return 0
+  fi
+  step "$@"
+}
 
 say "commit $COMMIT ($(git log -1 --format=%cd --date=iso 2>/dev/null || echo '?'))$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ', with uncommitted changes')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$LOG"
 
 # --- environment ------------------------------------------------------------------------------
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-  step "install carried wheels" 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  step "install carried wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/dar-gpu-site .whl/*.whl
   export PYTHONPATH="/tmp/dar-gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-step "install dar (editable, no dependencies)" 120 "$PY" -m pip install -q --no-index --no-deps \
+step "install dar (editable, no dependencies)" 60 "$PY" -m pip install -q --no-index --no-deps \
   --no-build-isolation -e .
-"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib, platform
 print("python", platform.python_version())
 for name in ("torch", "triton", "diffusers", "transformers", "hypothesis", "pytest_benchmark"):
@@ -76,13 +93,18 @@ except Exception as exc:  # noqa: BLE001
     print("torch.cuda unusable:", exc)
 EOF
 
-# dar's triton backend needs triton >= 3.7 (dar/backends/triton.py, what CI covers); an older one
-# (the lent H200 image had 3.6.0) leaves dar-triton "unavailable" in the benchmark, though the
-# kernel tests, which call the kernels directly, still run. A triton wheel (~190 MB) is too large
-# for the device tool's 64 MiB carry, so say it loudly rather than find out from the table.
-"$PY" -c "import sys, triton; v = tuple(int(p) for p in triton.__version__.split('+')[0].split('.')[:2]); \
-sys.exit(0 if v >= (3, 7) else 1)" 2>/dev/null || say "WARNING: triton $("$PY" -c 'import triton; print(triton.__version__)' \
-2>/dev/null) < 3.7: the DAR triton backend refuses it; dar-triton rows will read 'unavailable'"
+# dar's triton backend runs on triton >= 3.2, probing what each release offers (dar.kernels.features:
+# TMA descriptors from 3.4, pointer loads before); say which path this machine gets, or why the backend
+# is unavailable, before the table does.
+timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+from dar.backends import triton_available
+why = triton_available()
+if why:
+    print("WARNING: dar-triton rows will read 'unavailable':", why)
+else:
+    from dar.kernels import features
+    print("dar triton backend: available; host TMA descriptors:", features.TensorDescriptor is not None)
+EOF
 
 # The kernels must run compiled, never interpreted; hypothesis keeps its CI example counts.
 unset TRITON_INTERPRET
@@ -94,25 +116,41 @@ KERNEL_TESTS=$(ls tests/test_triton_*.py tests/test_varlen*.py 2>/dev/null | tr 
 CUDA_TESTS=$(grep -l -E "cuda_only|requires_cuda|torch\.cuda\.is_available\(\)" tests/test_*.py 2>/dev/null \
   | grep -v -E "tests/test_triton_|tests/test_varlen" | tr '\n' ' ')
 # shellcheck disable=SC2086
-step "kernel tests on the GPU" 210 "$PY" -m pytest $KERNEL_TESTS -q -p no:cacheprovider -x --durations=5
+gpu_step "kernel tests on the GPU" 150 "$PY" -m pytest $KERNEL_TESTS -q -p no:cacheprovider -x --durations=5
 if [ -n "$CUDA_TESTS" ]; then
   # shellcheck disable=SC2086
-  step "other CUDA tests" 90 "$PY" -m pytest $CUDA_TESTS -q -p no:cacheprovider -k "cuda"
+  gpu_step "other CUDA tests" 45 "$PY" -m pytest $CUDA_TESTS -q -p no:cacheprovider -k "cuda"
 fi
 
 # --- 2. headline kernel benchmark: Qwen-Image-Edit 1-3 references (L 8392 / 12488 / 16584),
 # bf16, D 128, DAR triton / torch / flex against plain SDPA (flash, cuDNN, efficient) and plain
 # FlexAttention ------------------------------------------------------------------------------
-step "kernel benchmark (qwen-edit)" 200 "$PY" benchmarks/run.py kernels --preset qwen-edit \
+if [ "$DRY" = 1 ]; then
+  # shellcheck disable=SC2086
+  step "collect the kernel tests" 60 "$PY" -m pytest $KERNEL_TESTS --collect-only -q -p no:cacheprovider
+  step "parse the benchmark arguments" 60 "$PY" -c "
+from dar.bench import _parser, impls, shapes
+a = _parser().parse_args(['kernels', '--preset', 'qwen-edit', '--impl', 'dar-triton', '--impl', 'dar-torch',
+    '--impl', 'dar-flex', '--impl', 'sdpa-flash', '--impl', 'sdpa-cudnn', '--impl', 'sdpa-efficient', '--impl', 'flex',
+    '--warmup', '5', '--reps', '20', '--no-plot'])
+print(len(shapes.resolve(a.preset)), 'shapes,', len(impls.resolve(a.impl)), 'implementations')
+b = _parser().parse_args(['e2e', '--model', 'qwen-image-edit', '--backend', 'triton', '--warmup', '1', '--reps', '2'])
+print('e2e', b.model, b.backend)"
+fi
+gpu_step "kernel benchmark (qwen-edit)" 130 "$PY" benchmarks/run.py kernels --preset qwen-edit \
   --impl dar-triton --impl dar-torch --impl dar-flex --impl sdpa-flash --impl sdpa-cudnn \
   --impl sdpa-efficient --impl flex --warmup 5 --reps 20 --no-plot
 
 # --- 3. one end-to-end denoising step (Qwen-Image-Edit, random weights, DAR triton vs off) ----
-step "end-to-end step (qwen-image-edit, triton)" 150 "$PY" benchmarks/run.py e2e --model qwen-image-edit \
+gpu_step "end-to-end step (qwen-image-edit, triton)" 90 "$PY" benchmarks/run.py e2e --model qwen-image-edit \
   --backend triton --warmup 1 --reps 2
 
 # --- 4. README table from benchmarks/results ---------------------------------------------------
-step "README performance table" 30 "$PY" benchmarks/make_table.py --readme README.md
+if [ "$DRY" = 1 ]; then
+  step "README performance table (printed)" 20 "$PY" benchmarks/make_table.py
+else
+  step "README performance table" 20 "$PY" benchmarks/make_table.py --readme README.md
+fi
 
 say "done in $(( $(date +%s) - STARTED ))s, $failed step(s) failed; results in benchmarks/results/, log $LOG"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] && [ "$DRY" != 1 ]; then

@@ -132,10 +132,10 @@ def attention_loops(loops, weights: bool, folded: bool = False) -> dict:
 
 def attention_variant(name, description, *, config=ATTN_CONFIG, baseline="attn-plain", loop="plain", **call):
     """Register a variant of ``_rebalanced_attention_fwd``: ``call`` as for `attention_call`,
-    ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) as in kernels/autotune.py,
+    ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) as in kernels/autotune.py,
     ``loop`` which of the kernel's loops is the variant's main loop (LOOP_ORDER). The arguments come
     from the op's own `kernel_arguments`, so the report compiles what it launches."""
-    bm, bn, warps, stages, *ws = config
+    bm, bn, warps, stages = config
     weights = bool(call.get("weights"))
 
     def build(arch):
@@ -145,7 +145,7 @@ def attention_variant(name, description, *, config=ATTN_CONFIG, baseline="attn-p
         if "out" not in c:
             c["out"] = attention.empty_output(c["q"], c["v"].shape[3])
         args, const = attention.kernel_arguments(**c, capability=divmod(arch, 10))
-        const.update(BLOCK_M=bm, BLOCK_N=bn, WARP_SPECIALIZE=bool(ws and ws[0]))
+        const.update(BLOCK_M=bm, BLOCK_N=bn)
         const["MASK_KEYS"] = attention.mask_keys({**args, **const})
         autotune.set_descriptor_blocks({**args, **const})
         return attention._rebalanced_attention_fwd, args, const
@@ -311,14 +311,9 @@ def sass_of(v: Variant, arch: int) -> str:
 def supported_archs(candidates=ARCHS) -> tuple[list[int], dict[int, str]]:
     """Targets for which the installed Triton compiles a trivial kernel and its nvdisasm reads the
     result, and why the others fail."""
-    import triton
-    import triton.language as tl
-
     from dar.kernels import aot
 
-    @triton.jit
-    def probe(x, BLOCK: tl.constexpr):
-        tl.store(x + tl.arange(0, BLOCK), tl.load(x + tl.arange(0, BLOCK)) + 1.0)
+    probe = aot.arch_probe
 
     ok, bad = [], {}
     for arch in candidates:

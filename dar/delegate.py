@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .call import DARCall
+from .kernels.shared import scaled_keys
 
 __all__ = ["AttentionKernel", "QueryRows", "as_kernel", "attention", "plain", "plan_rows", "row_pieces",
            "scaled_keys", "unsupported"]
@@ -193,21 +194,6 @@ def unsupported(call: DARCall, kernel: AttentionKernel, rows: QueryRows | None =
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def scaled_keys(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``K' = w ⊙ K`` (``w (B, Lk)`` float32) in k's dtype and memory layout.
-
-    The product is formed in float32 (float64 for float64 k) and rounded once to k's dtype, in one
-    pass: w itself is never rounded to bf16/fp16 (rounding w first would shift every logit of a key
-    coherently). The tensor is transient, the size of k: O(B·Hk·Lk·D).
-    """
-    wk = w[:, None, :, None]
-    if k.dtype in (torch.float32, torch.float64):
-        return k * wk.to(k.dtype)
-    if torch.is_grad_enabled() and (k.requires_grad or w.requires_grad):
-        return (k * wk).to(k.dtype)  # out= does not record autograd; two passes here
-    return torch.mul(k, wk, out=torch.empty_like(k))  # computed in float32, cast on the write
 
 
 def _log_weights(call: DARCall, w: torch.Tensor) -> torch.Tensor:

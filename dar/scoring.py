@@ -12,8 +12,7 @@ import torch
 
 from .call import DARCall
 from .config import DARConfig
-
-DEGENERATE_SPAN = 1e-12
+from .kernels.shared import DEGENERATE_SPAN
 
 
 @dataclasses.dataclass(frozen=True)

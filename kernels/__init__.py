@@ -5,11 +5,15 @@
 - `dar.kernels.scoring`: sampled-query scoring -> key weights, registered as ``torch.ops.dar.key_weights``
   (dense) and ``torch.ops.dar.key_weights_varlen`` (packed sequences); its tables in `scoring_autotune`.
 - `dar.kernels.autotune`: the per-GPU autotuning tables.
+- `dar.kernels.features`: what the installed Triton offers (probed once at import; Triton >= 3.2).
+- `dar.kernels.shared`: constants and the K' helper shared with the host code (torch only).
 - `dar.kernels.aot`: ahead-of-time compilation for a GPU that need not be present, and reading
-  the resulting SASS (the static report, `dar bench static`).
+  the resulting SASS (the static report, `dar bench static`); `dar.kernels.compile_report` checks
+  the autotuning tables with it.
 
-Importing this package does not import triton; the submodules do (and raise ImportError without it, or
-with a triton older than `dar.kernels.triton_version.MIN_TRITON`).
+The kernels import only torch, triton and each other, never the host code. Importing this package does
+not import triton; the submodules do (and raise ImportError without it, or with a triton older than
+`dar.kernels.features.MIN_TRITON`).
 """
 
 if __name__ == "kernels":  # the checkout root is on sys.path: be the installed `kernels`, not this folder
@@ -18,4 +22,4 @@ if __name__ == "kernels":  # the checkout root is on sys.path: be the installed 
     defer_to_installed(__name__, __file__)
 
 
-__all__ = ["aot", "attention", "autotune", "scoring", "triton_version"]
+__all__ = ["aot", "attention", "autotune", "compile_report", "features", "scoring", "scoring_autotune", "shared"]

@@ -5,7 +5,7 @@ Triton compiles for any target it supports without a GPU (``triton.compile(ASTSo
 target=GPUTarget("cuda", 90, 32))``): it runs its own ``ptxas`` (the one it picks for the
 architecture, e.g. ``ptxas-blackwell`` where the installed Triton does so) and returns the cubin.
 Everything here reads that cubin with the ``cuobjdump`` and ``nvdisasm`` shipped in Triton's wheel,
-so the figures describe exactly the binary Triton would launch. Used by `autotune.compile_report`,
+so the figures describe exactly the binary Triton would launch. Used by `compile_report`,
 ``benchmarks/static_report.py`` (``dar bench static``) and the static-target tests.
 
 Needs ``TRITON_INTERPRET`` unset when the kernel module is imported (the interpreter replaces
@@ -15,6 +15,7 @@ Needs ``TRITON_INTERPRET`` unset when the kernel module is imported (the interpr
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -23,6 +24,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 import triton
+import triton.language as tl
 
 # Opcodes of the tensor-core instructions: a loop containing one of these is a main (MMA) loop.
 _MMA = re.compile(r"^(HGMMA|HMMA|QGMMA|IMMA|UTC\w*MMA)\b")
@@ -45,10 +47,11 @@ def ptxas_path(arch: int) -> str:
     """The ptxas the installed Triton uses for compute capability ``arch`` (e.g. 90, 100)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except ImportError:
+    except ImportError:  # Triton < 3.4: the wheel's bin/ptxas
         return _tool("ptxas")
+    # Triton 3.6 picks a ptxas per architecture (get_ptxas(arch)); 3.4 and 3.5 have one (get_ptxas()).
+    takes_arch = bool(inspect.signature(get_ptxas).parameters)
+    return (get_ptxas(arch) if takes_arch else get_ptxas()).path
 
 
 def tools_available() -> str | None:
@@ -143,9 +146,23 @@ def compile_for(fn, arch: int, constexprs: dict[str, Any], sig: dict, attrs: dic
 
     if getattr(fn, "__module__", "") == "triton.runtime.interpreter" or not hasattr(fn, "arg_names"):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
+    try:  # Triton 3.2: attributes as an AttrsDescriptor object, constexprs left out of the signature
+        from triton.backends.compiler import AttrsDescriptor
+    except ImportError:
+        pass
+    else:
+        sig = {name: ty for name, ty in sig.items() if ty != "constexpr"}
+        attrs = AttrsDescriptor.from_hints({i: 16 for (i,), props in attrs.items() if ["tt.divisibility", 16] in props})
     src = ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages, **options))
+
+
+@triton.jit
+def arch_probe(x, BLOCK: tl.constexpr):
+    """A trivial kernel: compiling it tells whether the installed Triton supports a target. Defined at
+    module level: Triton 3.2 resolves a kernel's names in its module's globals only."""
+    tl.store(x + tl.arange(0, BLOCK), tl.load(x + tl.arange(0, BLOCK)) + 1.0)
 
 
 @dataclasses.dataclass

@@ -22,7 +22,8 @@ which the host builds once per call, rounded to k's dtype), and only a program s
 edge of a rebalanced range runs the loop that selects per row. Key tiles that need masking (the
 partial last tile, the tiles on the causal diagonal) are peeled off into a short masked loop after
 the main one, so the main loop carries no mask. On sm90+ K, V and Q arrive through TMA tensor
-descriptors (``USE_TMA``); older GPUs and the interpreter load through pointers.
+descriptors (``USE_TMA``) where the installed Triton has host descriptors (3.4+, `features`); older
+GPUs, older Tritons and the interpreter load through pointers.
 
 Output: ``(B, Hq, Lq, Dv)`` in q's dtype, laid out like q (see `empty_output`).
 """
@@ -37,17 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_version  # noqa: F401  (an ImportError on a triton older than the kernels need)
-
 from .autotune import AUTOTUNE_KEY, candidate_configs, prune_for, seq_bucket
-from dar.delegate import scaled_keys
+from .features import INTERPRETED, TensorDescriptor, interpreter_descriptor_strides_in_elements, lazy_autotune
+from .shared import LOG2E, MAX_HEAD_DIM, SUPPORTED_DTYPES, scaled_keys
 
-LOG2E = 1.4426950408889634  # the kernel works in base 2: exp(x) = exp2(x * log2(e))
-_LOG2E = tl.constexpr(LOG2E)  # the same, readable from inside @triton.jit functions
-MAX_HEAD_DIM = 256
+_LOG2E = tl.constexpr(LOG2E)  # log2 e, readable from inside @triton.jit functions
 MODES = ("key_scale", "prob_scale")
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The three loops a program can run (constexpr KIND of `_attend`).
 _PLAIN = tl.constexpr(0)  # no row rebalanced (or w = None)
@@ -90,20 +86,21 @@ def _rebalanced_rows(GEN, stride_gb, stride_gg, G, off_b, rows):
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, k_tile, v_tile, desc_k, desc_v, kv_b, kv_h, kv_row, wk_row, bias_row, row_on,
-            diag_rows, lo, hi, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
-            KIND: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def _attend(acc, l_i, m_i, k_src, v_src, lo, hi, KIND: tl.constexpr, MASK: tl.constexpr,
+            q, kv_b, kv_h, kv_row, wk_row, bias_row, row_on, diag_rows, seq_k,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale, USE_TMA: tl.constexpr, IS_CAUSAL: tl.constexpr,
             PROB_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, POS_SCALE: tl.constexpr,
             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            WARP_SPECIALIZE: tl.constexpr):
+            BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the key tiles ``[lo, hi)`` into the online softmax state ``(acc, l_i, m_i)``.
 
     KIND is the program's kind (_PLAIN, _WEIGHTED, _PER_ROW). MASK: the tiles may cross the
     sequence's end or the causal diagonal, so loads are predicated and logits masked to -inf;
-    only the peeled tail runs with MASK. ``k_tile`` / ``v_tile`` (pointer path) point at key
-    ``lo``; ``kv_row`` (TMA path) is the descriptor row of key 0. ``wk_row`` holds the host's
-    per-key term (key_scale: ``w * scale * log2 e``, prob_scale: ``log2 w``).
+    only the peeled tail runs with MASK. ``k_src`` / ``v_src``: on the TMA path the K and V
+    descriptors, ``kv_row`` being the descriptor row of key 0; on the pointer path pointers at key
+    ``lo`` of this head. ``wk_row`` holds the host's per-key term (key_scale: ``w * scale * log2 e``,
+    prob_scale: ``log2 w``). The varying arguments come first (which K and V, which tiles, which loop);
+    the kernel names the rest, which are the same at every call.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -112,16 +109,18 @@ def _attend(acc, l_i, m_i, q, k_tile, v_tile, desc_k, desc_v, kv_b, kv_h, kv_row
     dv_ok = offs_dv < HEAD_DIM_V
     # Plain tiles without bias or mask take the row max on the raw scores and fold the scale into
     # the exponent's FMA, exp2(qk * c - m): one instruction per score fewer than scaling first.
-    FAST: tl.constexpr = KIND == 0 and not MASK and not HAS_BIAS
+    FAST: tl.constexpr = (KIND == 0 and not MASK) and not HAS_BIAS  # no chained `and`: Triton 3.2
     # Logits can be -inf (masked / padded keys): a row whose keys so far are all -inf has m = -inf,
     # and subtracting 0 instead keeps exp2(-inf - m) at 0 rather than NaN. (log2 w is never -inf:
     # the host clamps it, see `kernel_arguments`.)
     GUARD: tl.constexpr = MASK or HAS_BIAS
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    k_tile = k_src
+    v_tile = v_src
+    for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         key_ok = cols < seq_k
         if USE_TMA:
-            k = desc_k.load([kv_b, kv_h, kv_row + start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            k = k_src.load([kv_b, kv_h, kv_row + start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
             k = _load_tile(k_tile + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                            key_ok, d_ok, MASK, HEAD_DIM != BLOCK_D)
@@ -175,7 +174,7 @@ def _attend(acc, l_i, m_i, q, k_tile, v_tile, desc_k, desc_v, kv_b, kv_h, kv_row
 
         # acc = alpha * acc + P V, with P rounded to V's dtype as the tensor cores want.
         if USE_TMA:
-            v = desc_v.load([kv_b, kv_h, kv_row + start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+            v = v_src.load([kv_b, kv_h, kv_row + start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         else:
             v = _load_tile(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                            key_ok, dv_ok, MASK, HEAD_DIM_V != BLOCK_DV)
@@ -205,7 +204,6 @@ def _rebalanced_attention_fwd(
     IS_CAUSAL: tl.constexpr, HAS_W: tl.constexpr, PROB_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     POS_SCALE: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     # Which tile: axis 0 walks query tiles of one (batch, head), so neighbouring programs share
     # K/V in L2. Causal grids start with the last query tiles, which have the most keys to visit.
@@ -320,49 +318,65 @@ def _rebalanced_attention_fwd(
             end_per_row = tl.where(none_on | all_on, 0, full)
         else:
             end_plain = full
-        acc, l_i, m_i = _attend(
-            acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
-            diag_rows, 0, end_plain, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
-            _PLAIN, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, DESC_K, DESC_V, 0, end_plain, _PLAIN, False, q=q, kv_b=desc_b,
+                                      kv_h=off_hk, kv_row=kv_row, wk_row=wk_row, bias_row=bias_row, row_on=row_on,
+                                      diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn, stride_kd=stride_kd,
+                                      stride_vn=stride_vn, stride_vd=stride_vd, stride_biasn=stride_biasn,
+                                      qk_scale=qk_scale, USE_TMA=USE_TMA, IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE,
+                                      HAS_BIAS=HAS_BIAS, POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                                      HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
+                                      DOT_PRECISION=DOT_PRECISION)
         if HAS_W:
+            # key_scale, every row rebalanced: scale * <q, k_j> * w_j = scale * <q, w_j k_j>, so the plain
+            # loop over the host's K' = w * K (DESC_KW), the row max folding into exp2's FMA; prob_scale
+            # runs the weighted loop over K.
             if PROB_SCALE:
-                acc, l_i, m_i = _attend(
-                    acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row,
-                    row_on, diag_rows, 0, end_weighted, seq_k, stride_kn, stride_kd, stride_vn, stride_vd,
-                    stride_biasn, qk_scale, _WEIGHTED, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE,
-                    BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+                weighted_k = DESC_K
             else:
-                # key_scale, every row rebalanced: scale * <q, k_j> * w_j = scale * <q, w_j k_j>, so the
-                # plain loop over the host's K' = w * K (DESC_KW), the row max folding into exp2's FMA.
-                acc, l_i, m_i = _attend(
-                    acc, l_i, m_i, q, k_head, v_head, DESC_KW, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row,
-                    row_on, diag_rows, 0, end_weighted, seq_k, stride_kn, stride_kd, stride_vn, stride_vd,
-                    stride_biasn, qk_scale, _PLAIN, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE,
-                    BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
-            acc, l_i, m_i = _attend(
-                acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
-                diag_rows, 0, end_per_row, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn,
-                qk_scale, _PER_ROW, False, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N, HEAD_DIM,
-                HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
-        if MASK_KEYS:
-            # The peeled tail: the partial last key tile and the causal diagonal's tiles, masked,
-            # with the per-row rule (correct for every kind of program).
-            acc, l_i, m_i = _attend(
-                acc, l_i, m_i, q, k_head + full.to(tl.int64) * stride_kn, v_head + full.to(tl.int64) * stride_vn,
-                DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on, diag_rows, full, hi, seq_k,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
-                _PER_ROW if HAS_W else _PLAIN, True, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, False)
+                weighted_k = DESC_KW
+            acc, l_i, m_i = _attend(acc, l_i, m_i, weighted_k, DESC_V, 0, end_weighted,
+                                          _WEIGHTED if PROB_SCALE else _PLAIN, False, q=q, kv_b=desc_b,
+                                          kv_h=off_hk, kv_row=kv_row, wk_row=wk_row, bias_row=bias_row,
+                                          row_on=row_on, diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn,
+                                          stride_kd=stride_kd, stride_vn=stride_vn, stride_vd=stride_vd,
+                                          stride_biasn=stride_biasn, qk_scale=qk_scale, USE_TMA=USE_TMA,
+                                          IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS,
+                                          POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                                          HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
+                                          DOT_PRECISION=DOT_PRECISION)
+            acc, l_i, m_i = _attend(acc, l_i, m_i, DESC_K, DESC_V, 0, end_per_row, _PER_ROW, False, q=q,
+                                          kv_b=desc_b, kv_h=off_hk, kv_row=kv_row, wk_row=wk_row, bias_row=bias_row,
+                                          row_on=row_on, diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn,
+                                          stride_kd=stride_kd, stride_vn=stride_vn, stride_vd=stride_vd,
+                                          stride_biasn=stride_biasn, qk_scale=qk_scale, USE_TMA=USE_TMA,
+                                          IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS,
+                                          POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                                          HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
+                                          DOT_PRECISION=DOT_PRECISION)
+        # The peeled tail: the partial last key tile and the causal diagonal's tiles, masked, with the
+        # per-row rule (correct for every kind of program).
+        tail_lo = full
+        tail_hi = hi
+        tail_k = DESC_K
+        tail_v = DESC_V
     else:
-        # Pointer path (pre-Hopper GPUs, the interpreter): one loop over every key tile, masked
-        # throughout when any tile needs it, with the per-row rule when there are weights. On sm80
-        # the specialised loops and the peeled tail ran out of registers (255 and spills).
-        acc, l_i, m_i = _attend(
-            acc, l_i, m_i, q, k_head, v_head, DESC_K, DESC_V, desc_b, off_hk, kv_row, wk_row, bias_row, row_on,
-            diag_rows, 0, hi, seq_k, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, qk_scale,
-            _PER_ROW if HAS_W else _PLAIN, MASK_KEYS, USE_TMA, IS_CAUSAL, PROB_SCALE, HAS_BIAS, POS_SCALE, BLOCK_N,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_F32, DOT_PRECISION, WARP_SPECIALIZE)
+        # Pointer path (pre-Hopper GPUs, Tritons without host descriptors, the interpreter): one loop
+        # over every key tile, masked throughout when any tile needs it, with the per-row rule when
+        # there are weights. On sm80 the specialised loops and the peeled tail ran out of registers.
+        tail_lo = 0
+        tail_hi = hi
+        tail_k = k_head
+        tail_v = v_head
+    if MASK_KEYS or not USE_TMA:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, tail_k, tail_v, tail_lo, tail_hi,
+                                      _PER_ROW if HAS_W else _PLAIN, MASK_KEYS, q=q, kv_b=desc_b, kv_h=off_hk,
+                                      kv_row=kv_row, wk_row=wk_row, bias_row=bias_row, row_on=row_on,
+                                      diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn, stride_kd=stride_kd,
+                                      stride_vn=stride_vn, stride_vd=stride_vd, stride_biasn=stride_biasn,
+                                      qk_scale=qk_scale, USE_TMA=USE_TMA, IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE,
+                                      HAS_BIAS=HAS_BIAS, POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                                      HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
+                                      DOT_PRECISION=DOT_PRECISION)
 
     # Epilogue: normalise; rows that saw no allowed key have l = 0 and acc = 0 and output 0.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -385,18 +399,6 @@ def _warp_uniform(flag, INTERPRETED: tl.constexpr):
 # Host side
 # --------------------------------------------------------------------------------------------
 
-try:  # the interpreter swaps every @triton.jit function for an InterpretedFunction at import time
-    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
-
-    INTERPRETED = isinstance(_rebalanced_attention_fwd, _Interpreted)
-except ImportError:  # pragma: no cover - older triton layouts
-    INTERPRETED = False
-
-try:  # host-side TMA descriptors (Triton >= 3.4); without them every GPU takes the pointer path
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton
-    TensorDescriptor = None
-
 # Tests set this to run the TMA path under the interpreter (which implements descriptors), so the
 # descriptor coordinates are checked on the CPU too. Never set in production code.
 _TMA_IN_INTERPRETER = False
@@ -404,12 +406,14 @@ _TMA_IN_INTERPRETER = False
 
 def _tma_capable(*tensors: torch.Tensor) -> bool:
     """Whether 4-D TMA descriptors can address these tensors: unit last stride, 16-byte aligned
-    base and strides (what cuTensorMapEncodeTiled requires)."""
+    base and strides (what cuTensorMapEncodeTiled requires). Without host descriptors (Triton < 3.4)
+    never; under an interpreter that checks strides in elements (3.3-3.5), only strides it accepts."""
     if TensorDescriptor is None:
         return False
+    # bytes per stride unit the descriptor check counts in
+    unit = (lambda t: 1) if interpreter_descriptor_strides_in_elements() else (lambda t: t.element_size())
     for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * unit(t)) % 16 for st in t.stride()[:-1]):
             return False
     return True
 
@@ -431,10 +435,8 @@ def _tuned_kernel(capability: tuple[int, int] | None):
     """The kernel wrapped in an autotuner whose candidates suit this GPU (None: interpreter)."""
     # MASK_KEYS depends on the tuned BLOCK_N, so it is a heuristic applied after the config is chosen.
     masked = triton.heuristics({"MASK_KEYS": mask_keys})
-    return triton.autotune(
-        configs=candidate_configs(capability), key=AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": prune_for(capability)},
-    )(masked(_rebalanced_attention_fwd))
+    return lazy_autotune(masked(_rebalanced_attention_fwd), candidate_configs(capability), AUTOTUNE_KEY,
+                         prune_for(capability))
 
 
 def empty_output(q: torch.Tensor, dv: int) -> torch.Tensor:
@@ -491,7 +493,7 @@ def kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal: bool, scale: f
                      out: torch.Tensor, varlen: tuple | None = None,
                      capability: tuple[int, int] | None = None) -> tuple[dict, dict]:
     """The kernel's runtime arguments and constexprs (all but the tuned BLOCK_M, BLOCK_N,
-    WARP_SPECIALIZE and MASK_KEYS) for one call; shared by the ops and the static report, which
+    and MASK_KEYS) for one call; shared by the ops and the static report, which
     passes ``meta`` tensors.
 
     Dense: the op's 4-D tensors. Packed: ``varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -517,7 +519,7 @@ def kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal: bool, scale: f
     use_tma = _use_tma(capability, q, k, v)
     # key_scale on the TMA path: K' = w * K for the programs whose rows are all rebalanced (they run
     # the plain loop over it). One extra read and write of k per call, a transient tensor the size
-    # of k, laid out like k, the product rounded once to k's dtype (`delegate.scaled_keys`).
+    # of k, laid out like k, the product rounded once to k's dtype (`shared.scaled_keys`).
     kw = scaled_keys(k, w) if use_tma and has_w and mode == "key_scale" else None
     if kw is not None and not _tma_capable(kw):  # k strided in a way its dense copy cannot be
         use_tma, kw = False, None

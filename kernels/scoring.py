@@ -46,26 +46,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_version  # noqa: F401  (an ImportError on a triton older than the kernels need)
-
-from dar.scoring import DEGENERATE_SPAN
-
 from . import scoring_autotune as tuning
+from .features import INTERPRETED, PIPELINED_KEY_MASS, lazy_autotune
+from .shared import DEGENERATE_SPAN, LOG2E, MAX_HEAD_DIM, SUPPORTED_DTYPES
 
 THRESHOLDS = ("minmax", "quantile")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # log2 e, readable from inside @triton.jit functions
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return bool(triton.knobs.runtime.interpret)
-
-
-# Autotuning: tables per GPU generation in scoring_autotune.py; one config under the interpreter.
-_ROW_LSE_CONFIGS = tuning.configs(tuning.ROW_LSE, interpreting())
-_KEY_MASS_CONFIGS = tuning.configs(tuning.KEY_MASS, interpreting())
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``; `features.INTERPRETED`)."""
+    return INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +127,7 @@ def _sampled_logits(q, qi, valid, kt, KeyBias_b, start_n, lk_b, diag, qk_scale,
     if HAS_BIAS:
         bias = tl.load(KeyBias_b + offs_n, mask=offs_n < lk_b, other=0.0)
         allowed = allowed & (bias != float("-inf"))[None, :]
-        s = s + bias[None, :] * 1.4426950408889634
+        s = s + bias[None, :] * _LOG2E
     if IS_CAUSAL:
         allowed = allowed & (offs_n[None, :] <= qi[:, None] + diag)
     return tl.where(allowed, s, float("-inf"))
@@ -174,15 +165,14 @@ def _combined_lse(LsePart_h, rows, valid, SPLITS, SPLITS_P2: tl.constexpr):
     top = tl.where(top == float("-inf"), 0.0, top)  # all -inf: no inf - inf below
     total = tl.sum(tl.exp2(part - top[:, None]), 1)
     lse = top + tl.log2(tl.where(total > 0, total, 1.0))
-    return tl.where(dropped | (total == 0) | ~valid, float("inf"), lse)
+    # (valid == 0, not ~valid: the interpreter before Triton 3.4 cannot invert a boolean block)
+    return tl.where(dropped | (total == 0) | (valid == 0), float("inf"), lse)
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 1: row statistics of the sampled queries
 # ----------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_ROW_LSE_CONFIGS, key=["HEAD_DIM", "LK_BUCKET", "GROUP"],
-                 prune_configs_by={"early_config_prune": tuning.prune(tuning.ROW_LSE)})
 @triton.jit
 def _row_lse_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart,
                     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -243,8 +233,6 @@ def _row_lse_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart,
 # Stage 2: attention mass of every reference key, and each group's min / max
 # ----------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_KEY_MASS_CONFIGS, key=["HEAD_DIM", "ROWS_BUCKET", "GROUP"],
-                 prune_configs_by={"early_config_prune": tuning.prune(tuning.KEY_MASS)})
 @triton.jit
 def _key_mass_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart, RefRanges, RefGroups, Mass, KeyGroup, Stats,
                      stride_qb, stride_qh, stride_ql, stride_qd,
@@ -307,6 +295,15 @@ def _key_mass_kernel(Q, K, CuQ, CuK, Samples, KeyBias, LsePart, RefRanges, RefGr
             stat = Stats + (b * G + g) * 2
             tl.atomic_max(stat, tl.max(tl.where(member, mass, float("-inf")), 0), mask=has)
             tl.atomic_max(stat + 1, tl.max(tl.where(member, -mass, float("-inf")), 0), mask=has)
+
+
+# Autotuning: tables per GPU generation in scoring_autotune.py; one config under the interpreter. The
+# autotuners are built at the first launch (`features.lazy_autotune`).
+_row_lse_kernel = lazy_autotune(_row_lse_kernel, tuning.configs(tuning.ROW_LSE, INTERPRETED),
+                                ["HEAD_DIM", "LK_BUCKET", "GROUP"], tuning.prune(tuning.ROW_LSE))
+_KEY_MASS_STAGES = None if PIPELINED_KEY_MASS else 2
+_key_mass_kernel = lazy_autotune(_key_mass_kernel, tuning.configs(tuning.KEY_MASS, INTERPRETED, _KEY_MASS_STAGES),
+                                 ["HEAD_DIM", "ROWS_BUCKET", "GROUP"], tuning.prune(tuning.KEY_MASS, _KEY_MASS_STAGES))
 
 
 # ----------------------------------------------------------------------------------------------

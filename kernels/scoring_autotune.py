@@ -56,12 +56,17 @@ def _tile(config: triton.Config) -> Tile:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def configs(table: dict, interpreting: bool) -> list[triton.Config]:
-    """Every candidate of ``table`` (deduplicated), or the interpreter's single config."""
+def _capped(tile: Tile, max_stages: int | None) -> Tile:
+    return tile if max_stages is None else (*tile[:3], min(tile[3], max_stages))
+
+
+def configs(table: dict, interpreting: bool, max_stages: int | None = None) -> list[triton.Config]:
+    """Every candidate of ``table`` (deduplicated), or the interpreter's single config. ``max_stages``
+    caps num_stages (stage 2 on Triton 3.2, whose pipeliner cannot compile its loop with 3)."""
     if interpreting:
         return [_config(INTERPRETER)]
     tiles = {t for per_dim in table.values() for tiles in per_dim.values() for t in tiles} | set(FP32)
-    return [_config(t) for t in sorted(tiles)]
+    return [_config(t) for t in sorted({_capped(t, max_stages) for t in tiles})]
 
 
 def _arch(device: torch.device) -> str:
@@ -77,8 +82,9 @@ def _shared_memory(index: int) -> int:
         return 163 * 1024
 
 
-def prune(table: dict):
-    """An ``early_config_prune`` for ``triton.autotune`` that selects from ``table`` (ROW_LSE or KEY_MASS)."""
+def prune(table: dict, max_stages: int | None = None):
+    """An ``early_config_prune`` for ``triton.autotune`` that selects from ``table`` (ROW_LSE or KEY_MASS),
+    num_stages capped as in `configs`."""
 
     def keep(configs, named_args, **kwargs):
         if len(configs) <= 1:
@@ -89,6 +95,7 @@ def prune(table: dict):
             wanted = set(FP32)
         else:
             wanted = set(table[_arch(q.device)][64 if bd <= 64 else 128 if bd <= 128 else 256])
+        wanted = {_capped(t, max_stages) for t in wanted}
         limit = _shared_memory(q.device.index or 0)
         item = q.element_size()
         # One resident tile plus num_stages buffers of the streamed one, all BLOCK_D wide.

@@ -53,8 +53,7 @@ def test_specialise_like_the_launcher():
         pytest.skip("needs the compiled kernel object")
     q = torch.empty(2, 24, 1000, 64, dtype=torch.bfloat16, device="meta")
     args, const = attention.kernel_arguments(q, q, q, None, None, None, False, 0.1, "key_scale", torch.empty_like(q))
-    sig, const, attrs = aot.specialise(fn, args, {**const, "BLOCK_M": 64, "BLOCK_N": 64, "MASK_KEYS": True,
-                                                  "WARP_SPECIALIZE": False})
+    sig, const, attrs = aot.specialise(fn, args, {**const, "BLOCK_M": 64, "BLOCK_N": 64, "MASK_KEYS": True})
     names = fn.arg_names
     assert sig["Q"] == "*bf16" and [["tt.divisibility", 16]] == attrs[(names.index("Q"),)]
     assert sig["stride_qd"] == "constexpr" and const["stride_qd"] == 1

@@ -126,13 +126,25 @@ def as_ranges(per_row: list[list[tuple[int, int]]]) -> torch.Tensor:
 def row_ranges(draw, lq: int):
     """Rebalanced query ranges of one batch row: none, all rows, or up to 3 disjoint ranges."""
     kind = draw(st.sampled_from(["none", "all", "some", "some"]))
-    if kind == "none":
+    if kind == "none" or (kind == "some" and lq < 1):  # two distinct cuts need lq >= 1 (packed sequences can be empty)
         return []
     if kind == "all":
         return [(0, lq)]
     cuts = sorted(draw(st.sets(st.integers(0, lq), min_size=2, max_size=6)))
     pairs = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
     return [(s, e) for s, e in pairs if e > s]
+
+
+def test_row_ranges_draws_for_an_empty_sequence():
+    """Packed sequences can be empty: ``row_ranges(0)`` must draw (it raised hypothesis's InvalidArgument
+    whenever it picked "some", failing test_varlen_matches_float64_per_sequence at random)."""
+
+    @settings(max_examples=30, database=None, deadline=None)
+    @given(row_ranges(0))
+    def check(ranges):
+        assert ranges in ([], [(0, 0)])
+
+    check()
 
 
 HEADS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]  # (Hq, Hk): MHA, GQA, MQA
@@ -380,18 +392,19 @@ def test_compiles_fullgraph():
 
 
 def test_autotune_pruning_keeps_the_head_dim_row():
-    """Per-GPU tables: the pruner keeps the row of the padded head dim (fp32: the small tiles) and
-    never returns nothing; the interpreter has one config."""
+    """Per-GPU tables: the pruner keeps the row of the call's path (sm90: TMA or pointers) and padded head
+    dim (fp32: the small tiles) and never returns nothing; the interpreter has one config."""
     from dar.kernels import autotune
 
     assert autotune.candidate_configs(None) == [autotune.INTERPRETER_CONFIG]
-    for cap, table in (((9, 0), autotune._SM90), ((8, 0), autotune._SM80), ((7, 5), autotune._DEFAULT)):
+    for cap, tma, table in (((9, 0), True, autotune._SM90), ((9, 0), False, autotune._SM90_POINTERS),
+                            ((8, 0), False, autotune._SM80), ((7, 5), False, autotune._DEFAULT)):
         configs = autotune.candidate_configs(cap)
         prune = autotune.prune_for(cap)
         for dtype, block_d, lq in ((torch.float16, 64, 4096), (torch.bfloat16, 128, 4096), (torch.bfloat16, 256, 512),
                                    (torch.float32, 128, 4096), (torch.float16, 128, 16)):
             q = torch.empty(0, dtype=dtype)
-            kept = prune(configs, {"Q": q, "Lq": lq}, BLOCK_D=block_d, BLOCK_DV=block_d)
+            kept = prune(configs, {"Q": q, "Lq": lq}, BLOCK_D=block_d, BLOCK_DV=block_d, USE_TMA=tma)
             shapes = {autotune.shape_of(c) for c in kept}
             row = autotune._FP32 if dtype == torch.float32 else table[autotune.head_dim_class(block_d)]
             assert kept and shapes <= set(row)
@@ -401,15 +414,19 @@ def test_autotune_pruning_keeps_the_head_dim_row():
 
 _COMPILE_CHECK = """
 import json
-from dar.kernels.autotune import compile_report, _SM90, _SM80
-print(json.dumps([compile_report((9, 0), "bf16", 128, _SM90[128][0], causal=True),
+from dar.kernels import features
+from dar.kernels.autotune import _SM90, _SM90_POINTERS, _SM80
+from dar.kernels.compile_report import compile_report
+sm90 = _SM90 if features.TensorDescriptor is not None else _SM90_POINTERS  # the table of the path sm90 takes
+print(json.dumps([compile_report((9, 0), "bf16", 128, sm90[128][0], causal=True),
                   compile_report((8, 0), "bf16", 128, _SM80[128][0], prob_scale=True, causal=True)]))
 """
 
 
 def test_compiles_for_sm90_and_sm80_without_a_gpu():
-    """The real (non-interpreted) kernel compiles for Hopper and Ampere with the preferred config of
-    the D=128 table rows: no register spills, shared memory within each GPU's limit. Catches what
+    """The real (non-interpreted) kernel compiles for Hopper (by TMA where the Triton has host
+    descriptors, else by pointers) and Ampere with the preferred config of the D=128 table rows: no
+    register spills, shared memory within each GPU's limit. Catches what
     the interpreter cannot (e.g. non-constexpr globals, layouts, dot shapes). Runs Triton's
     ahead-of-time compiler and its bundled ptxas in a subprocess without TRITON_INTERPRET."""
     import json
@@ -653,8 +670,13 @@ def tma_in_interpreter(monkeypatch):
 def test_tma_path_matches_float64(tma_in_interpreter, layout, causal, mode):
     """Descriptor coordinates (batch, KV head, key row), zero-filled padding of a 24-wide head dim
     and of rows past Lk, GQA, all three program kinds (rows 0-31 plain, 32-63 all rebalanced,
-    64-79 straddling), the masked tail and a key bias."""
-    q, k, v = make_qkv(2, 4, 2, 80, 45, 24, 16, torch.bfloat16, layout, seed=21, spread=2.0)
+    64-79 straddling), the masked tail and a key bias. The interpreter of Triton 3.3-3.5 refuses
+    descriptor strides that are not multiples of 16 elements (it checks elements, not bytes): there
+    the head dim is 32 and the padding is left to the newer Tritons CI also runs."""
+    from dar.kernels import features
+
+    d = 32 if features.interpreter_descriptor_strides_in_elements() else 24
+    q, k, v = make_qkv(2, 4, 2, 80, 45, d, 16, torch.bfloat16, layout, seed=21, spread=2.0)
     gen = torch.Generator().manual_seed(22)
     w = (0.5 + torch.rand(2, 45, generator=gen)).to(DEVICE)
     bias = torch.randn(2, 45, generator=gen).to(DEVICE)
