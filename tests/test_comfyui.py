@@ -3,6 +3,8 @@
 independent float64 oracle, gamma = 0 bit-identical, the original MODEL unchanged, a custom attention
 func honoured, an existing override chained, an unsupported model refused by name, the node."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -135,7 +137,8 @@ def test_custom_func_honoured():
     # only my_attention ran (at most two kernel calls per attention call: rebalanced rows, plain rows)
     assert len(calls) == 2 and 2 <= len(seen) <= 4 and all(s[2] == joint for s in seen) and len(cl.calls) == len(seen)
     q, k, v, out = calls[0]
-    torch.testing.assert_close(out, _flat(dar.dar_attention(q, k, v, layout, CFG, backend="reference")), rtol=1e-9, atol=1e-9)
+    want = _flat(dar.dar_attention(q, k, v, layout, CFG, backend="reference"))
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["key_scale", "prob_scale"])
@@ -212,3 +215,34 @@ def test_node():
         node().patch(base, 0.5, 0.7, 0.3, 8, "key_scale", "minmax", "joint", "3-1", "", "auto")
     with pytest.raises(ValueError, match="SDXL"):
         node().patch(cl.ModelPatcher(cl.SDXL()), 0.5, 0.7, 0.3, 8, "key_scale", "minmax", "joint", "", "", "auto")
+
+
+def test_reference_image_num_tokens_cross_checked():
+    """Newer ComfyUI puts the per-reference token counts into transformer_options: equal counts rebalance,
+    different ones warn once and run unchanged (never rebalance on spans that disagree with the model)."""
+    base = _model("Flux")
+    x, t, ctx, rl = _inputs("Flux")
+    layout, joint = _expected("Flux", x, ctx, rl)
+    counts = [b - a for a, b in layout.ref]
+    plain, _ = _run(base, "Flux")
+    for given, rebalanced in ((counts, True), ([counts[0] + 1, counts[1]], False)):
+        patched = comfyui.apply(base, CFG, backend="reference")
+        patched.model_options["transformer_options"]["reference_image_num_tokens"] = given
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, _ = _run(patched, "Flux")
+        assert torch.equal(out, plain) is not rebalanced
+        said = [w for w in caught if "reference_image_num_tokens" in str(w.message)]
+        assert len(said) == (0 if rebalanced else 1)
+
+
+def test_install_writes_the_node_pack(tmp_path):
+    from dar.bindings.comfyui import install
+
+    with pytest.raises(FileNotFoundError, match="custom_nodes"):
+        install.install(tmp_path)
+    (tmp_path / "custom_nodes").mkdir()
+    target = install.install(tmp_path)
+    namespace = {}
+    exec(compile(target.read_text(), str(target), "exec"), namespace)
+    assert namespace["NODE_CLASS_MAPPINGS"] is comfyui.NODE_CLASS_MAPPINGS

@@ -99,8 +99,8 @@ def spans(family: Family, x, c_crossattn, ref_latents) -> Spans | None:
     if not ref_latents:
         return None
     if not isinstance(c_crossattn, torch.Tensor) or c_crossattn.dim() != 3:
-        raise ValueError(f"DAR ({family.name}): the text conditioning must be a (B, L, C) tensor, got "
-                         f"{type(c_crossattn).__name__ if not isinstance(c_crossattn, torch.Tensor) else tuple(c_crossattn.shape)}")
+        got = tuple(c_crossattn.shape) if isinstance(c_crossattn, torch.Tensor) else type(c_crossattn).__name__
+        raise ValueError(f"DAR ({family.name}): the text conditioning must be a (B, L, C) tensor, got {got}")
     text = int(c_crossattn.shape[1])
     target, _ = image_tokens(x, family.patch_size, "the noisy latent")
     refs, grids = [], []

@@ -194,8 +194,9 @@ def make_override(family: models.Family, settings: Settings, previous, said: _Sa
         fwd.layer += 1
         counted = opts.get(REF_TOKENS)
         if counted is not None and [int(n) for n in counted] != list(sp.ref_tokens):
-            said.warn("ref-tokens", f"DAR ({family.name}): ComfyUI's {REF_TOKENS} = {list(counted)} differs from the "
-                                    f"reference token counts DAR derived, {list(sp.ref_tokens)}; the forward ran unchanged")
+            said.warn("ref-tokens", f"DAR ({family.name}): ComfyUI's {REF_TOKENS} = {list(counted)} differs from "
+                                    f"the reference token counts DAR derived, {list(sp.ref_tokens)}; the forward ran "
+                                    f"unchanged")
             return attend(*args, **kwargs)
         if settings.config.gamma == 0 or not _selected(settings.layers, layer) or (
                 settings.steps is not None and (fwd.step is None or not _selected(settings.steps, fwd.step))):
@@ -259,7 +260,8 @@ def apply(model, cfg: DARConfig | None = None, *, backend: str = "auto", layers=
     from dar.backends import NAMES
 
     if not _is_patcher(model):
-        raise TypeError(f"dar.bindings.comfyui.apply expects a ComfyUI MODEL (a ModelPatcher), got {type(model).__name__}")
+        raise TypeError(f"dar.bindings.comfyui.apply expects a ComfyUI MODEL (a ModelPatcher), "
+                        f"got {type(model).__name__}")
     cfg = DARConfig() if cfg is None else cfg
     if not isinstance(cfg, DARConfig):
         raise TypeError(f"cfg must be a dar.DARConfig, got {type(cfg).__name__}")
