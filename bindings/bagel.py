@@ -46,11 +46,12 @@ import torch
 from dar.layout import TokenLayout
 from dar.varlen import VARLEN_BACKENDS
 
-from .diffusers import context, intercept
-from .diffusers.handle import DARHandle, ModelState, Settings, _layer_enter, _layer_exit, call_kwargs, \
-    check_options, user_layout_fn
-from .diffusers.layouts import NO_REFERENCES, Derived, NoLayout
-from .diffusers.steps import StepClock, StepFilter
+from .diffusers import intercept
+from .diffusers.handle import check_options
+from .runtime import context
+from .runtime.outcomes import NO_REFERENCES, Derived, NoLayout
+from .runtime.state import DARHandle, ModelState, Settings, call_kwargs, user_layout_fn
+from .runtime.steps import StepClock, StepFilter
 
 CLASS_NAME = "Bagel"
 CACHE_ATTR = "_dar_reference_keys"
@@ -154,10 +155,7 @@ class BagelState(ModelState):
             namespace = type(attn[0][1]).forward_inference.__globals__
             self.sites.append(intercept.acquire(namespace, "flash_attn_varlen_func", intercept.VARLEN))
             for index, (name, mod) in enumerate(attn):
-                frame = context.LayerFrame(self, index, name, True)
-                self.frames.append(frame)
-                self.hooks.append(mod.register_forward_pre_hook(functools.partial(_layer_enter, frame)))
-                self.hooks.append(mod.register_forward_hook(functools.partial(_layer_exit, frame), always_call=True))
+                context.hook_layer(self, index, name, mod)
             self.hooks.append(decoder.register_forward_pre_hook(self._cache_write, with_kwargs=True))
             self.hooks.append(decoder.register_forward_pre_hook(self._forward_enter, with_kwargs=True))
             self.hooks.append(decoder.register_forward_hook(self._forward_exit, with_kwargs=True, always_call=True))
