@@ -246,3 +246,25 @@ def test_install_writes_the_node_pack(tmp_path):
     namespace = {}
     exec(compile(target.read_text(), str(target), "exec"), namespace)
     assert namespace["NODE_CLASS_MAPPINGS"] is comfyui.NODE_CLASS_MAPPINGS
+
+
+def test_attention_map_node():
+    """DARRebalance(record_attention) then DARAttentionMap: one row per reference, before | after, as an IMAGE."""
+    rebalance, amap = (comfyui.NODE_CLASS_MAPPINGS[n]() for n in ("DARRebalance", "DARAttentionMap"))
+    assert comfyui.NODE_DISPLAY_NAME_MAPPINGS["DARAttentionMap"] == "DAR: Attention Map"
+    base = _model("Flux")
+    (patched,) = rebalance.patch(base, 0.5, 0.7, 0.3, 8, "key_scale", "minmax", "joint", "", "", "reference",
+                                 record_attention=True)
+    x, t, ctx, rl = _inputs("Flux")
+    with torch.no_grad():
+        cl.forward(patched.clone(), x, t, ctx, rl, sigmas=torch.tensor([1.0]), sample_sigmas=torch.tensor([1.0, 0.0]))
+    recorder = comfyui.patch.recorder_of(patched)
+    assert recorder is not None and recorder.steps == [0] and recorder.layers == [0, 1]
+    maps = recorder.reference_maps()
+    assert [m["shape"] for m in maps] == [(3, 2), (2, 3)]
+    (image,) = amap.render(patched, {"samples": x}, "", "", 64)
+    assert image.dim() == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    assert 0 <= float(image.min()) and float(image.max()) <= 1 and float(image.max()) > 0
+    assert not recorder.entries  # cleared for the next run
+    with pytest.raises(ValueError, match="record_attention"):
+        amap.render(base, {"samples": x})

@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
-import warnings
 
 import torch
 
 from dar.config import DARConfig
 from dar.delegate import AttentionKernel
 
+from ..runtime import WarnOnce
+from ..runtime.steps import StepFilter, int_set
 from . import models
 
 OVERRIDE = "optimized_attention_override"
 FORWARD_KEY = "dar_forward"  # the per-forward context in the transformer_options DAR hands down
 WRAPPER_KEY = "dar"  # DAR's key among the apply_model wrappers
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
+RECORDER_KEY = "dar_recorder"  # the Recorder of a clone patched with one (read by the DARAttentionMap node)
 REF_TOKENS = "reference_image_num_tokens"  # newer ComfyUI: per-reference token counts, set by the model
 _ARG_NAMES = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 
@@ -49,6 +50,7 @@ class Forward:
 
     spans: models.Spans
     step: int | None
+    timestep: float | None = None  # the current sigma, read only for a step callable that takes it
     layer: int = 0
 
 
@@ -57,7 +59,7 @@ class Settings:
     config: DARConfig
     backend: str
     layers: object  # None, a frozenset of non-negative ints, or callable(index) -> bool
-    steps: object  # None, a frozenset of non-negative ints, or callable(step) -> bool
+    steps: StepFilter  # sampling-step indices or callable(step) / (step, sigma) -> bool
     recorder: object | None
 
 
@@ -69,20 +71,15 @@ def _selected(choice, index: int) -> bool:
     return index in choice
 
 
-def _schedule(name: str, value):
-    """None, an int, an iterable of non-negative ints, or a callable -> what `_selected` takes."""
+def _layer_schedule(name: str, value):
+    """None, an int, an iterable of non-negative ints, or a callable -> what `_selected` takes. (The number
+    of joint attention calls is known only as the model runs, so no negative indices.)"""
     if value is None or callable(value):
         return value
-    items = [value] if isinstance(value, int) else value
-    try:
-        items = list(items)
-    except TypeError:
-        raise TypeError(f"{name} must be None, an int, an iterable of ints or a callable, "
-                        f"got {type(value).__name__}") from None
-    for x in items:
-        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-            raise ValueError(f"{name} must hold non-negative ints, got {x!r}")
-    return frozenset(items)
+    chosen = int_set(name, value, "(index)")
+    if any(i < 0 for i in chosen):
+        raise ValueError(f"{name} must hold non-negative indices, got {sorted(chosen)}")
+    return chosen
 
 
 def step_index(transformer_options: dict) -> int | None:
@@ -93,24 +90,6 @@ def step_index(transformer_options: dict) -> int | None:
         return None
     now = sigma.reshape(-1)[:1].to(schedule.device, schedule.dtype)
     return int((schedule.reshape(-1) - now).abs().argmin())
-
-
-class _Said:
-    """Warn once per reason for one patched model."""
-
-    def __init__(self):
-        self.keys: set[str] = set()
-        self.lock = threading.Lock()
-
-    def __deepcopy__(self, memo):  # shared by every copy of the model_options that holds it
-        return self
-
-    def warn(self, key: str, message: str) -> None:
-        with self.lock:
-            if key in self.keys:
-                return
-            self.keys.add(key)
-        warnings.warn(message, stacklevel=4)
 
 
 def _bind(args: tuple, kwargs: dict) -> dict | None:
@@ -164,7 +143,11 @@ def _comfy_kernel(attend, rest: dict, name: str) -> AttentionKernel:
     return AttentionKernel(fn, name=name, takes_bias=False, same_head_dims=True)
 
 
-def make_override(family: models.Family, settings: Settings, previous, said: _Said):
+def _filtered(steps: StepFilter) -> bool:
+    return steps.fn is not None or steps.indices is not None
+
+
+def make_override(family: models.Family, settings: Settings, previous, said: WarnOnce):
     """The ``optimized_attention_override`` DAR installs (chaining ``previous`` when set)."""
     from dar.api import dar_attention
 
@@ -176,7 +159,7 @@ def make_override(family: models.Family, settings: Settings, previous, said: _Sa
             return attend(*args, **kwargs)  # a forward without references, or not through DAR's wrapper
         a = _bind(args, kwargs)
         if a is None:
-            said.warn("bind", f"DAR ({family.name}): an attention call whose arguments do not match ComfyUI's "
+            said("bind", f"DAR ({family.name}): an attention call whose arguments do not match ComfyUI's "
                               f"(q, k, v, heads, mask, ...) ran unchanged")
             return attend(*args, **kwargs)
         heads, skip = int(a["heads"]), bool(a.get("skip_reshape", False))
@@ -185,7 +168,7 @@ def make_override(family: models.Family, settings: Settings, previous, said: _Sa
         sp = fwd.spans
         if q.shape[2] != sp.joint or k.shape[2] != sp.joint:
             if not family.refs_first:  # FLUX / Qwen-Image: every attention call is a joint one
-                said.warn(f"len-{q.shape[2]}-{k.shape[2]}",
+                said(f"len-{q.shape[2]}-{k.shape[2]}",
                           f"DAR ({family.name}): an attention call over {q.shape[2]} x {k.shape[2]} tokens where the "
                           f"joint sequence has {sp.joint} (text {sp.text}, target {sp.target}, references "
                           f"{list(sp.ref_tokens)}); that call ran unchanged (another patch changed the tokens?)")
@@ -194,13 +177,19 @@ def make_override(family: models.Family, settings: Settings, previous, said: _Sa
         fwd.layer += 1
         counted = opts.get(REF_TOKENS)
         if counted is not None and [int(n) for n in counted] != list(sp.ref_tokens):
-            said.warn("ref-tokens", f"DAR ({family.name}): ComfyUI's {REF_TOKENS} = {list(counted)} differs from "
+            said("ref-tokens", f"DAR ({family.name}): ComfyUI's {REF_TOKENS} = {list(counted)} differs from "
                                     f"the reference token counts DAR derived, {list(sp.ref_tokens)}; the forward ran "
                                     f"unchanged")
             return attend(*args, **kwargs)
-        if settings.config.gamma == 0 or not _selected(settings.layers, layer) or (
-                settings.steps is not None and (fwd.step is None or not _selected(settings.steps, fwd.step))):
+        if settings.config.gamma == 0 or not _selected(settings.layers, layer):
             return attend(*args, **kwargs)
+        if _filtered(settings.steps):
+            if fwd.step is None:
+                said("no-step", f"DAR ({family.name}): a step schedule is set but this forward's transformer_options "
+                                f"hold no sigmas / sample_sigmas (not run by a ComfyUI sampler); it ran unchanged")
+                return attend(*args, **kwargs)
+            if not settings.steps(fwd.step, fwd.timestep):
+                return attend(*args, **kwargs)
         v = _heads_first(a["v"], heads, skip)
         mask = a.get("mask")
         if isinstance(mask, torch.Tensor):  # ComfyUI's mask shapes -> broadcastable to (B, H, Lq, Lk)
@@ -234,12 +223,31 @@ def make_wrapper(family: models.Family, settings: Settings):
         sp = models.spans(family, x, c_crossattn, kwargs.get("ref_latents"))
         if sp is not None and settings.config.gamma != 0:
             opts = dict(opts)
-            step = step_index(opts) if settings.steps is not None or settings.recorder is not None else None
-            opts[FORWARD_KEY] = Forward(sp, step)
+            step = step_index(opts) if _filtered(settings.steps) or settings.recorder is not None else None
+            sigma = opts.get("sigmas")
+            timestep = float(sigma.reshape(-1)[0]) if settings.steps.needs_timestep and isinstance(
+                sigma, torch.Tensor) else None
+            opts[FORWARD_KEY] = Forward(sp, step, timestep)
         return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
 
     wrapper._dar_wrapper = True
     return wrapper
+
+
+class Shared:
+    """Holds an object every deep copy of model_options shares (a Recorder is one per patched model)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def recorder_of(model):
+    """The Recorder `apply(..., recorder=...)` attached to ``model`` (a patched clone), or None."""
+    held = getattr(model, "model_options", {}).get("transformer_options", {}).get(RECORDER_KEY)
+    return held.value if isinstance(held, Shared) else None
 
 
 def _is_patcher(model) -> bool:
@@ -254,7 +262,7 @@ def apply(model, cfg: DARConfig | None = None, *, backend: str = "auto", layers=
     weights (the attention itself always runs on the kernel ComfyUI selected). layers: None (all),
     non-negative indices of the joint attention calls of a forward (FLUX: double then single
     blocks), or callable(index) -> bool. steps: None (all), sampling-step indices, or
-    callable(step) -> bool. recorder: a `dar.Recorder` that sees every rebalanced call.
+    callable(step) or (step, sigma) -> bool (`dar.bindings.runtime.steps.StepFilter`). recorder: a `dar.Recorder` that sees every rebalanced call.
     Raises ValueError naming the model for a model DAR does not support.
     """
     from dar.backends import NAMES
@@ -270,13 +278,17 @@ def apply(model, cfg: DARConfig | None = None, *, backend: str = "auto", layers=
     if recorder is not None and not callable(getattr(recorder, "observe", None)):
         raise TypeError(f"recorder must have observe(...) (a dar.Recorder), got {type(recorder).__name__}")
     family = models.family_of(model)
-    settings = Settings(cfg, backend, _schedule("layers", layers), _schedule("steps", steps), recorder)
+    settings = Settings(cfg, backend, _layer_schedule("layers", layers), StepFilter(steps), recorder)
     patched = model.clone()
     opts = patched.model_options.setdefault("transformer_options", {})
     previous = opts.get(OVERRIDE)
     if getattr(previous, "_dar_override", False):  # DAR applied twice: the new settings replace the old
         previous = previous._dar_previous
-    opts[OVERRIDE] = make_override(family, settings, previous, _Said())
+    opts[OVERRIDE] = make_override(family, settings, previous, WarnOnce())
+    if recorder is not None:
+        opts[RECORDER_KEY] = Shared(recorder)
+    else:
+        opts.pop(RECORDER_KEY, None)
     wrappers = opts.setdefault("wrappers", {}).setdefault(APPLY_MODEL, {})
     wrappers[WRAPPER_KEY] = [make_wrapper(family, settings)]
     return patched
