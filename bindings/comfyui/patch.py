@@ -262,7 +262,8 @@ def apply(model, cfg: DARConfig | None = None, *, backend: str = "auto", layers=
     weights (the attention itself always runs on the kernel ComfyUI selected). layers: None (all),
     non-negative indices of the joint attention calls of a forward (FLUX: double then single
     blocks), or callable(index) -> bool. steps: None (all), sampling-step indices, or
-    callable(step) or (step, sigma) -> bool (`dar.bindings.runtime.steps.StepFilter`). recorder: a `dar.Recorder` that sees every rebalanced call.
+    callable(step) or (step, sigma) -> bool (`dar.bindings.runtime.steps.StepFilter`).
+    recorder: a `dar.Recorder` that sees every rebalanced call.
     Raises ValueError naming the model for a model DAR does not support.
     """
     from dar.backends import NAMES
