@@ -18,7 +18,7 @@ markers, its keys the cached ones followed by those; every attention layer calls
 What `enable` installs (nothing of BAGEL is imported or copied; the model is recognised by class):
 
 - the varlen interceptor on ``qwen2_navit.flash_attn_varlen_func`` (shared with OmniGen2's site);
-- wrappers (instance attributes, removed by `disable`) around ``forward_cache_update_vae`` /
+- wrappers (instance attributes; `disable` puts back exactly what the instance held before) around ``forward_cache_update_vae`` /
   ``forward_cache_update_vit``, which note where each reference image's tokens land in the cache:
   ``packed_indexes[packed_{vae,vit}_token_indexes]`` relative to each sequence's start. The positions
   are stored on the cache object itself (attribute ``_dar_reference_keys``) because BAGEL copies
@@ -46,15 +46,17 @@ import torch
 from dar.layout import TokenLayout
 from dar.varlen import VARLEN_BACKENDS
 
-from .diffusers import context, intercept
-from .diffusers.handle import DARHandle, ModelState, Settings, _layer_enter, _layer_exit, call_kwargs, \
-    check_options, user_layout_fn
-from .diffusers.layouts import NO_REFERENCES, Derived, NoLayout
-from .diffusers.steps import StepClock, StepFilter
+from .diffusers import intercept
+from .diffusers.handle import check_options
+from .runtime import context
+from .runtime.outcomes import NO_REFERENCES, Derived, NoLayout
+from .runtime.state import DARHandle, ModelState, Settings, call_kwargs, user_layout_fn
+from .runtime.steps import StepClock, StepFilter
 
 CLASS_NAME = "Bagel"
 CACHE_ATTR = "_dar_reference_keys"
 UNKNOWN = "unknown"  # a cache that held keys before DAR saw it write
+_ABSENT = object()  # no instance attribute of that name before enable
 LAYOUT_FN_HELP = ("pass layout_fn=callable(module, call_kwargs) -> list of TokenLayout (one per packed "
                   "sequence, ranges relative to the sequence) for the language model's forwards")
 
@@ -138,7 +140,7 @@ class BagelState(ModelState):
 
     def __init__(self, model, clock: StepClock):
         super().__init__(model, clock)
-        self.wrapped: list[str] = []
+        self.wrapped: list[tuple] = []  # (name, our wrapper, what the instance held before, live flag)
         self.pending = None  # reference keys noted by a cache-update wrapper, for the decoder's write hook
 
     def install(self, bagel) -> None:
@@ -153,10 +155,7 @@ class BagelState(ModelState):
             namespace = type(attn[0][1]).forward_inference.__globals__
             self.sites.append(intercept.acquire(namespace, "flash_attn_varlen_func", intercept.VARLEN))
             for index, (name, mod) in enumerate(attn):
-                frame = context.LayerFrame(self, index, name, True)
-                self.frames.append(frame)
-                self.hooks.append(mod.register_forward_pre_hook(functools.partial(_layer_enter, frame)))
-                self.hooks.append(mod.register_forward_hook(functools.partial(_layer_exit, frame), always_call=True))
+                context.hook_layer(self, index, name, mod)
             self.hooks.append(decoder.register_forward_pre_hook(self._cache_write, with_kwargs=True))
             self.hooks.append(decoder.register_forward_pre_hook(self._forward_enter, with_kwargs=True))
             self.hooks.append(decoder.register_forward_hook(self._forward_exit, with_kwargs=True, always_call=True))
@@ -170,22 +169,33 @@ class BagelState(ModelState):
             raise
 
     def _wrap(self, bagel, name: str, around) -> None:
+        # What the instance itself held before (a wrapper the user set, or nothing: the class's
+        # method), so that `remove` puts exactly that back.
+        before = vars(bagel).get(name, _ABSENT)
         original = getattr(bagel, name)
         sig = inspect.signature(original)
+        live = [True]
 
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
+            if not live[0]:  # removed, but still called through a wrapper set on top of it after enable
+                return original(*args, **kwargs)
             return around(original, sig, *args, **kwargs)
 
         wrapper._dar_wrapper = True
         setattr(bagel, name, wrapper)
-        self.wrapped.append(name)
+        self.wrapped.append((name, wrapper, before, live))
 
     def remove(self) -> None:
         bagel = self.model_ref()
-        for name in self.wrapped:
-            if bagel is not None and getattr(vars(bagel).get(name), "_dar_wrapper", False):
-                delattr(bagel, name)
+        for name, wrapper, before, live in reversed(self.wrapped):
+            live[0] = False
+            # A wrapper someone set on top of ours after enable stays; ours then passes calls through.
+            if bagel is not None and vars(bagel).get(name) is wrapper:
+                if before is _ABSENT:
+                    delattr(bagel, name)
+                else:
+                    setattr(bagel, name, before)
         self.wrapped.clear()
         self.pending = None
         super().remove()

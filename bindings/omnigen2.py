@@ -28,6 +28,8 @@ import torch
 
 from dar.layout import TokenLayout
 
+from .runtime.outcomes import NO_REFERENCES, Derived, NoLayout
+
 CLASS_NAME = "OmniGen2Transformer2DModel"
 
 
@@ -69,8 +71,6 @@ def _caption_lengths(mask: torch.Tensor, memo: dict) -> list[int]:
 
 def layouts(model, kw: dict, memo: dict):
     """The `Derived` layouts of one OmniGen2 forward (or a `NoLayout` saying why there are none)."""
-    from .diffusers.layouts import NO_REFERENCES, Derived, NoLayout
-
     hs, mask, refs = kw.get("hidden_states"), kw.get("text_attention_mask"), kw.get("ref_image_hidden_states")
     if hs is None or mask is None:
         return NoLayout("the forward received no hidden_states or text_attention_mask; pass layout_fn=")

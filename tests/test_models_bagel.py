@@ -172,3 +172,36 @@ def test_user_layout_fn():
 def test_rejects_flex_backend():
     with pytest.raises(ValueError, match="backend"):
         dar.enable(_model(), CFG, backend="flex")
+
+
+def test_disable_restores_the_users_own_wrappers():
+    """Issue 22 item 5: wrappers the user set on the instance before enable are back, the very same objects,
+    after disable; one set on top of DAR's after enable stays and DAR's beneath it passes calls through."""
+    model = _model()
+    names = ("forward_cache_update_vae", "forward_cache_update_vit", "generate_image", "_forward_flow")
+    seen = []
+    for name in names[:3]:
+        inner = getattr(model, name)
+
+        def user_wrapper(*args, _inner=inner, _name=name, **kwargs):
+            seen.append(_name)
+            return _inner(*args, **kwargs)
+
+        setattr(model, name, user_wrapper)
+    before = {name: vars(model).get(name) for name in names}
+    with torch.no_grad():
+        off = _generate(model, *_contexts(model))
+        handle = dar.enable(model, CFG)
+        flow = model._forward_flow
+
+        def on_top(*args, **kwargs):  # set after enable, over DAR's wrapper
+            return flow(*args, **kwargs)
+
+        model._forward_flow = on_top
+        handle.disable()
+        assert {name: vars(model).get(name) for name in names[:3]} == {n: before[n] for n in names[:3]}
+        assert vars(model)["_forward_flow"] is on_top
+        seen.clear()
+        after = _generate(model, *_contexts(model))
+    assert torch.equal(off, after)
+    assert set(seen) == set(names[:3])

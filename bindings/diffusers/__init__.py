@@ -21,12 +21,12 @@ import weakref
 
 import torch
 
-from .handle import DARHandle, ModelState, make_settings
-from .steps import StepClock
+from .handle import DARHandle, DiffusersState, make_settings
+from ..runtime.steps import StepClock
 
 __all__ = ["enable", "disable", "is_enabled", "DARHandle"]
 
-_models: "weakref.WeakKeyDictionary[torch.nn.Module, ModelState]" = weakref.WeakKeyDictionary()
+_models: "weakref.WeakKeyDictionary[torch.nn.Module, DiffusersState]" = weakref.WeakKeyDictionary()
 _pipelines: "weakref.WeakKeyDictionary[object, DARHandle]" = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
 
@@ -159,7 +159,7 @@ def is_enabled(target) -> bool:
 
 
 def _attach(handle: DARHandle, model, settings, layers) -> None:
-    handle.attach(ModelState(model, handle.clock), model, settings, layers, _models)
+    handle.attach(DiffusersState(model, handle.clock), model, settings, layers, _models)
 
 
 def _detach_all(handle: DARHandle) -> None:

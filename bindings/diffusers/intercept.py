@@ -29,7 +29,8 @@ from dar.api import dar_attention
 from dar.layout import TokenLayout
 from dar.varlen import VARLEN_BACKENDS, dar_attention_varlen
 
-from . import context, dispatch, parallel
+from ..runtime import context
+from . import dispatch, parallel
 
 logger = logging.getLogger("dar.bindings.diffusers")
 
@@ -376,6 +377,10 @@ class Site:
     @property
     def label(self) -> str:
         return f"{self.namespace.get('__name__', '?')}.{self.name}"
+
+    def release(self) -> None:
+        """Drop one user (`release`): how the shared runtime's `ModelState.remove` hands a site back."""
+        release(self)
 
 
 _sites: dict[tuple[int, str], Site] = {}

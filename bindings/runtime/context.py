@@ -1,5 +1,7 @@
 """Per-thread record of which enabled model and which attention layer are running right now.
 
+Shared by the bindings that intercept a module-level attention function (diffusers, OmniGen2, BAGEL).
+
 The interceptors replace a module-level name (``dispatch_attention_fn``) shared by every model of a
 family, so they need to know, at call time, whether the call comes from an enabled model and from
 which of its attention layers. Forward hooks push that onto two per-thread stacks:
@@ -101,3 +103,28 @@ class Active:
     @property
     def rebalanced(self) -> bool:
         return self.calls is not None or self.user is not None
+
+
+def layer_enter(frame, module, args):
+    """Forward pre-hook of an attention module: ``frame`` is running (``functools.partial(layer_enter, frame)``)."""
+    layers_stack().append(frame)
+
+
+def layer_exit(frame, module, args, output):
+    """Always-called forward hook of an attention module: ``frame`` is done."""
+    stack = layers_stack()
+    if stack and stack[-1] is frame:
+        stack.pop()
+    else:
+        remove_last(stack, frame)
+
+
+def hook_layer(state, index: int, name: str, module) -> LayerFrame:
+    """Make the `LayerFrame` of ``module`` and register its enter / exit hooks on ``state.hooks``."""
+    import functools
+
+    frame = LayerFrame(state, index, name, True)
+    state.frames.append(frame)
+    state.hooks.append(module.register_forward_pre_hook(functools.partial(layer_enter, frame)))
+    state.hooks.append(module.register_forward_hook(functools.partial(layer_exit, frame), always_call=True))
+    return frame

@@ -29,7 +29,8 @@ def _positional_arity(fn) -> int:
     return min(max(n, 1), 2)
 
 
-def _int_set(name: str, value, what: str) -> frozenset[int]:
+def int_set(name: str, value, what: str) -> frozenset[int]:
+    """An int or an iterable of ints as a frozenset (TypeError naming ``name`` otherwise)."""
     items = [value] if isinstance(value, numbers.Integral) else value
     try:
         items = list(items)
@@ -54,7 +55,7 @@ def layer_selection(layers, names: list[str]) -> list[bool]:
     if callable(layers):
         two = _positional_arity(layers) == 2
         return [bool(layers(i, name) if two else layers(i)) for i, name in enumerate(names)]
-    wanted = _int_set("layers", layers, "(index) or (index, name)")
+    wanted = int_set("layers", layers, "(index) or (index, name)")
     for i in wanted:
         if not -n <= i < n:
             raise ValueError(f"layers contains {i} but the model has {n} attention layers (indices 0..{n - 1})")
@@ -78,7 +79,7 @@ class StepFilter:
             self.fn = steps
             self.needs_timestep = _positional_arity(steps) == 2
             return
-        self.indices = _int_set("steps", steps, "(step) or (step, timestep)")
+        self.indices = int_set("steps", steps, "(step) or (step, timestep)")
         bad = [i for i in self.indices if i < 0]
         if bad:
             raise ValueError(f"steps must be non-negative step indices, got {sorted(bad)}")
