@@ -78,7 +78,8 @@ def table_report(tables=TABLES, head_dims=(64, 128, 256)) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     rows = table_report()
