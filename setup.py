@@ -25,7 +25,7 @@ packages = ["dar", *[f"dar.{p}" for p in find_packages(where="dar")], *[p for p 
 # release. An upper bound would exclude a release that breaks us; none does today.
 # - torch 2.5: BAGEL pins 2.5.1 and OmniGen2 2.6.0; installing dar there must not upgrade torch. CI runs the core,
 #   varlen and model bindings on 2.5.1 (Python 3.10), everything on 2.14.1 and the core, kernels and bindings
-#   on 2.13.0 and 2.15.0.
+#   on 2.15.0.
 # - triton: not a requirement. CUDA builds of torch bring the triton they were built with (the ecosystem's way:
 #   declaring it again would pull a ~1 GB wheel into CPU-only installs, where the kernels cannot run anyway);
 #   without it the triton backend is unavailable and dar.backends / `dar info` say why. The test extra names it,
@@ -33,7 +33,7 @@ packages = ["dar", *[f"dar.{p}" for p in find_packages(where="dar")], *[p for p 
 # - diffusers 0.38: 0.36 and 0.37 lay out QwenImage text differently (txt_seq_lens) and fail the binding tests.
 # - openai 1.55.3: older releases pass `proxies` to httpx, which httpx 0.28 removed (every judge call fails).
 extras = {
-    "test": ["pytest", "hypothesis", "pytest-benchmark", "triton; platform_system == 'Linux'"],
+    "test": ["pytest", "hypothesis", "pytest-benchmark", "pytest-xdist", "triton; platform_system == 'Linux'"],
     "diffusers": ["diffusers>=0.38", "transformers>=5.0", "accelerate", "pillow", "matplotlib"],
     "transformers": ["transformers>=5.0"],
     "eval": ["pyyaml", "tqdm", "matplotlib", "scipy", "openai>=1.55.3", "pillow"],

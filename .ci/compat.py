@@ -7,8 +7,8 @@ checks what setup.py declares, around it:
   the suite last ran green with, so a red main run with a green pinned row points at an upstream release), the
   oldest release setup.py declares of transformers, diffusers and openai, and BAGEL's and OmniGen2's
   transformers pins for the model bindings; each row leaves the pinned set installed for the next;
-- in venvs of their own: torch 2.13.0 (CPU build on this disk) and 2.15.0 (the newest release), each with the
-  triton it brings, and torch 2.5.1 on Python 3.10 (the oldest declared torch; BAGEL's pin).
+- in venvs of their own: torch 2.15.0 (the newest release) with the triton it brings, torch 2.5.1 on Python 3.10
+  (the oldest declared torch; BAGEL's pin), and triton 3.6.0, 3.4.0 and 3.2.0 over the main run's torch.
 
 A failing row fails CI unless setup.py's range excludes that version. Prints a table of rows x result at the end.
 
@@ -47,16 +47,14 @@ JUDGE_TESTS = ["tests/eval/test_eval_judges.py", "tests/eval/test_eval_secrets.p
 # pins, so the main run and this row share them).
 PINNED_TESTS = sorted({*TRANSFORMERS_TESTS, *DIFFUSERS_TESTS, *MODEL_TESTS, "tests/eval", "tests/test_recorder.py",
                        "tests/test_demo.py", "tests/test_examples.py", "tests/test_cli.py", "tests/test_packaging.py"})
-# torch 2.13: the core, the kernels (interpreter) and compile, including a compiled diffusers transformer; the
-# library bindings are the library rows' business (and the full Qwen-Image-Edit pipeline needs a torchvision,
-# which no build on this disk or index provides beside the CPU build of torch 2.13).
-TORCH_TESTS = ["tests/test_*.py", "tests/test_diffusers_binding.py",
-               *(f"!tests/test_{name}" for name in ("diffusers_*.py", "pipeline_*.py", "parallel_*.py",
-                                                   "transformers_*.py", "models_*.py", "recorder.py", "demo.py",
-                                                   "examples.py", "cli.py"))]
-# The newest torch: the torch 2.13 set plus the bindings that need no torchvision (no torchvision release for it
-# is on this disk, and the index's builds of it want the CUDA torch).
-NEW_TORCH_TESTS = [p for p in TORCH_TESTS if p not in ("!tests/test_transformers_*.py", "!tests/test_models_*.py")]
+# The newest torch: the core, the kernels (interpreter), flex, compile (a compiled diffusers transformer
+# included), varlen and the bindings that need no torchvision (no torchvision release for it is on this disk,
+# and the index's builds of it want the CUDA torch). Left to the main run: what does not depend on torch's
+# release (the fuzzing, the benchmark harness, packaging, the CLI, the demo and examples).
+NEW_TORCH_TESTS = ["tests/test_*.py", "tests/test_diffusers_binding.py",
+                   *(f"!tests/test_{name}" for name in ("diffusers_*.py", "pipeline_*.py", "parallel_*.py",
+                                                       "recorder.py", "demo.py", "examples.py", "cli.py",
+                                                       "fuzz_oracle.py", "bench_harness.py", "packaging.py"))]
 # The oldest torch cannot run the kernels (its triton is too old): the core, varlen and model bindings.
 OLD_TORCH_TESTS = ["tests/test_semantics.py", "tests/test_validation.py", "tests/test_sampling_and_plan.py",
                    "tests/test_compile.py", "tests/test_backend_availability.py",
@@ -77,6 +75,9 @@ class Row:
     seconds: float = 0.0
     resolved: str = ""
     fatal: bool = True
+    # pytest-xdist workers: the kernel-heavy rows run the Triton interpreter, one core per process; two workers
+    # take about 2/3 of the time on the 2 cores CI has (the rows' tests share no files or ports).
+    workers: int = 1
     counts: dict = field(default_factory=dict)
 
 
@@ -92,12 +93,9 @@ ROWS = [
     Row("transformers-4.51.3", "transformers", "4.51.3", MODEL_TESTS, "OmniGen2's pinned environment",
         also=("diffusers>=0.38",)),
     Row("openai-oldest", "openai", "oldest", JUDGE_TESTS, "oldest release setup.py declares"),
-    Row("torch-2.13.0", "torch", "2.13.0", TORCH_TESTS, "CPU build on this disk, with the triton it pins",
-        venv=dict(python=sys.executable, first=["torch==2.13.0", "triton==3.7.1"], extras="test,diffusers,transformers",
-                  constrain=True)),
     Row("torch-2.15.0", "torch", "2.15.0", NEW_TORCH_TESTS, "newest torch release, with the triton it brings",
         venv=dict(python=sys.executable, first=["torch==2.15.0"], extras="test,diffusers,transformers",
-                  constrain=True, uncapped=True)),
+                  constrain=True, uncapped=True), workers=2),
     Row("torch-2.5.1", "torch", "2.5.1", OLD_TORCH_TESTS, "oldest declared torch (BAGEL's pin), Python 3.10",
         venv=dict(python="python3.10", first=["torch==2.5.1"], extras=None,
                   plain=["einops", "pytest", "hypothesis", "pytest-benchmark", "transformers==4.49.0"],
@@ -117,7 +115,7 @@ KERNEL_TESTS = ["tests/test_triton_*.py", "tests/test_varlen_triton.py", "tests/
 # torch and triton, and these tests exercise triton's compiler and interpreter, not torch's.
 ROWS += [
     Row(f"triton-{version}", "triton", version, KERNEL_TESTS, why,
-        venv=dict(python=sys.executable, overlay=[f"triton=={version}", "numpy<2.4"]))
+        venv=dict(python=sys.executable, overlay=[f"triton=={version}", "numpy<2.4"]), workers=2)
     for version, why in (("3.6.0", "the lent GPU machine's triton (torch 2.11.0 there; 2.14.1 here, Python 3.11)"),
                          ("3.4.0", "the first triton with host TMA descriptors (torch 2.8.0's; 2.14.1 here)"),
                          ("3.2.0", "OmniGen2's pin, pointer loads only (torch 2.6.0's; 2.14.1 here)"))
@@ -177,7 +175,9 @@ def expand(patterns: list[str]) -> list[str]:
 
 def run_tests(python: str, files: list[str], row: Row) -> bool:
     env = dict(os.environ, TRITON_INTERPRET="1", HYPOTHESIS_PROFILE="ci", MPLBACKEND="Agg")
-    res = sh([python, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-o", "addopts="], cwd=ROOT, env=env,
+    xdist = ["-n", str(row.workers)] if row.workers > 1 else []
+    res = sh([python, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-o", "addopts=", *xdist], cwd=ROOT,
+             env=env,
              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = res.stdout.strip().splitlines()
     summary = tail[-1] if tail else ""

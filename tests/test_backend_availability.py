@@ -1,6 +1,6 @@
 """Which backends load in this environment, and that one which cannot says why.
 
-CI runs this file on torch 2.14.1 / triton 3.8.0 (main run), on triton 3.7.1, 3.6.0, 3.4.0, 3.2.0 and on torch
+CI runs this file on torch 2.14.1 / triton 3.8.0 (main run), on torch 2.15.0 / triton 3.9.0, triton 3.6.0, 3.4.0, 3.2.0 and torch
 2.5.1 / triton 3.1.0 (compatibility stage), so both sides of each check below are exercised: the triton backend
 is available from 3.2 on (the kernels probe what each release offers, dar.kernels.features) and reports the
 triton it needs on 3.1; the flex backend likewise with the FlexAttention feature it needs.

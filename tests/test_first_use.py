@@ -67,3 +67,22 @@ def test_bench_first_call_writes_its_report(tmp_path):
     assert summary["runs"] == 1 and summary["dar_first_s"] > 0 and summary["sdpa_first_s"] > 0
     assert summary["dynamo_loaded"] is False
     assert result.with_suffix(".md").is_file()
+
+
+def test_sampler_is_marked_constant_exactly_as_torch_marks_it():
+    # dar.sampling sets what torch.compiler.assume_constant_result sets, without importing torch._dynamo; if
+    # torch changes how it marks a function, this fails (and so would a fullgraph compile of a DAR call).
+    import torch
+
+    from dar.sampling import _assume_constant_result, sample_positions
+
+    def ours():
+        return 0
+
+    def theirs():
+        return 0
+
+    _assume_constant_result(ours)
+    torch.compiler.assume_constant_result(theirs)
+    assert vars(ours) == vars(theirs) and vars(theirs)
+    assert vars(sample_positions) == vars(theirs)

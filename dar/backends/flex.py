@@ -36,7 +36,7 @@ if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
     # torch 2.5's BlockMask covers whole blocks only, so a block mask could not express Lq, Lk that are not
     # multiples of 128; the backend is unavailable there (and says so) rather than wrong.
     raise ImportError(f"the flex backend needs a FlexAttention whose BlockMask.from_kv_blocks takes seq_lengths, "
-                      f"which torch {torch.__version__} lacks (torch 2.13 and 2.14 are tested)")
+                      f"which torch {torch.__version__} lacks (torch 2.14 and 2.15 are tested)")
 
 BLOCK = 128  # FlexAttention's default sparse block size.
 
