@@ -38,8 +38,8 @@ import importlib.util, os, sys
 root = os.path.realpath(sys.argv[1])
 assert os.path.realpath(sys.path[0] or os.getcwd()) == root, sys.path[:2]
 import kernels, bindings
-for mod in (kernels, bindings):
-    assert not os.path.realpath(mod.__file__).startswith(root + os.sep), mod.__file__
+for mod in (kernels, bindings):  # (an installed package may live under the root too: a .venv in the clone)
+    assert not os.path.realpath(mod.__file__).startswith(os.path.join(root, mod.__name__) + os.sep), mod.__file__
 assert bindings.STAND_IN
 import dar.kernels, dar.bindings  # the folders themselves, under their installed names
 assert os.path.realpath(dar.kernels.__file__).startswith(root + os.sep)
