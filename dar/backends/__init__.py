@@ -23,7 +23,7 @@ import warnings
 import torch as _torch
 
 from ..call import DARCall
-from .base import CALL_KINDS, Backend
+from .base import CALL_KINDS, FLEX_CANNOT_RUN, Backend
 from .tuner import Tuner
 
 logger = logging.getLogger("dar")
@@ -101,8 +101,7 @@ def check_backend(name, kind: str | None = None, what: str = "backend") -> str:
         raise ValueError(f"{what} must be one of {NAMES}, got {name!r}")
     if kind is not None and name != "auto":
         assert kind in CALL_KINDS, kind
-        backend = _instance(name)
-        why = None if isinstance(backend, ImportError) else backend.cannot_run_kind(kind)
+        why = _cannot_run(name, kind)
         if why is not None:
             raise ValueError(f"{what}={name!r} cannot run {kind} calls: {why}")
     return name
@@ -110,8 +109,16 @@ def check_backend(name, kind: str | None = None, what: str = "backend") -> str:
 
 def names_for(kind: str) -> tuple[str, ...]:
     """The names (``"auto"`` included) whose backend declares it can run calls of ``kind``."""
-    return tuple(n for n in NAMES if n == "auto" or isinstance(_instance(n), ImportError)
-                 or _instance(n).cannot_run_kind(kind) is None)
+    return tuple(n for n in NAMES if n == "auto" or _cannot_run(n, kind) is None)
+
+
+def _cannot_run(name: str, kind: str) -> str | None:
+    """Why the backend ``name`` declares it cannot run calls of ``kind``; for one that cannot load here, what is
+    declared without its module (`FLEX_CANNOT_RUN`), else None (the call then raises the ImportError)."""
+    backend = _instance(name)
+    if isinstance(backend, ImportError):
+        return FLEX_CANNOT_RUN.get(kind) if name == "flex" else None
+    return backend.cannot_run_kind(kind)
 
 
 def get_backend(name: str) -> Backend:

@@ -25,6 +25,10 @@ from ..call import DARCall
 from ..config import MODES
 
 CALL_KINDS = ("dense", "packed", "sharded")
+# What the flex backend can never run, declared here rather than only on its class: its module does not import
+# where FlexAttention lacks what it needs (torch 2.5), and the registry still refuses these kinds by name there.
+FLEX_CANNOT_RUN = {
+    "packed": "flex has no varlen path (packed sequences run on reference, torch, torch:<kernel> or triton)"}
 
 
 class Backend(abc.ABC):

@@ -25,7 +25,7 @@ import torch
 
 from ..call import DARCall
 from .. import scoring
-from .base import Backend
+from .base import FLEX_CANNOT_RUN, Backend
 
 try:  # FlexAttention appeared in torch 2.5; the registry turns ImportError into "unavailable".
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -172,8 +172,7 @@ def _block_mask(call: DARCall) -> BlockMask | None:
 class FlexBackend(Backend):
     name = "flex"
     masks = "key"  # the block mask and score_mod read a (B, Lk) key bias and the causal rule
-    cannot_run = {
-        "packed": "flex has no varlen path (packed sequences run on reference, torch, torch:<kernel> or triton)"}
+    cannot_run = FLEX_CANNOT_RUN
 
     def unsupported(self, call: DARCall) -> str | None:
         why = self.mask_refusal(call)
