@@ -171,11 +171,14 @@ def select_backend(name, call, weights_only: bool = False) -> Backend:
         if env:
             name = check_backend(env, what=f"the {ENV} environment variable")
     if name != "auto":
-        backend = get_backend(name)
-        reason = backend.refusal(call)
-        if reason is not None:
-            raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
-        return backend
+        # A kind the backend declares it cannot run is refused even where its module cannot load (flex, torch 2.5).
+        reason = _cannot_run(name, call.kind)
+        if reason is None:
+            backend = get_backend(name)
+            reason = backend.refusal(call)
+            if reason is None:
+                return backend
+        raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
     if weights_only or call.kind == "packed":
         return default_backend(call)
     return TUNER.choose(call)
