@@ -112,12 +112,16 @@ def names_for(kind: str) -> tuple[str, ...]:
     return tuple(n for n in NAMES if n == "auto" or _cannot_run(n, kind) is None)
 
 
+# What a backend cannot run, known without importing its module (which may fail to import here).
+_DECLARED_WITHOUT_MODULE = {"flex": FLEX_CANNOT_RUN}
+
+
 def _cannot_run(name: str, kind: str) -> str | None:
     """Why the backend ``name`` declares it cannot run calls of ``kind``; for one that cannot load here, what is
-    declared without its module (`FLEX_CANNOT_RUN`), else None (the call then raises the ImportError)."""
+    declared without its module (`_DECLARED_WITHOUT_MODULE`), else None (the call then raises the ImportError)."""
     backend = _instance(name)
     if isinstance(backend, ImportError):
-        return FLEX_CANNOT_RUN.get(kind) if name == "flex" else None
+        return _DECLARED_WITHOUT_MODULE.get(name, {}).get(kind)
     return backend.cannot_run_kind(kind)
 
 
