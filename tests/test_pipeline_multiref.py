@@ -510,6 +510,12 @@ def test_zimage_omni_pipeline():
     transformer = mod.ZImageTransformer2DModel(in_channels=4, dim=128, n_layers=1, n_refiner_layers=1, n_heads=1,
                                                n_kv_heads=1, cap_feat_dim=32, siglip_feat_dim=16,
                                                axes_dims=[32, 48, 48], axes_lens=[256, 64, 64]).eval()
+    # diffusers < 0.39 leaves the padding tokens uninitialised (torch.empty), so a run could read NaN
+    # from them; later releases start them at zero, as here.
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if name.endswith("pad_token"):
+                param.zero_()
     siglip = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                     num_attention_heads=2, patch_size=16, num_patches=16)).eval()
     processor = Siglip2ImageProcessor(patch_size=16, max_num_patches=16)
