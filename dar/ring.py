@@ -18,7 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .call import resolve_scale
+from .call import check_tensors, resolve_scale
 from .config import MODES
 from .delegate import row_pieces, scaled_keys
 
@@ -100,14 +100,14 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
         ``q``), the log-sum-exp of the shard's logits as rebalanced. A batch row whose keys in this
         shard are all masked gets ``out = 0`` and ``lse = -inf``.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise TypeError(f"{name} must be a 4-D torch.Tensor (B, H, L, D)")
+    if not isinstance(v, torch.Tensor):  # (None would mean a weights-only call to the shared checks)
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    check_tensors(q, k, v, packed=False)  # the checks every entry point makes (dtypes, devices, GQA heads)
     b, hq, lq, d = q.shape
     hk, lc = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or hq % hk:
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not (B, Hq, Lq, D), "
-                         f"(B, Hk, Lc, D), (B, Hk, Lc, Dv) with Hq % Hk == 0")
+                         f"(B, Hk, Lc, D), (B, Hk, Lc, Dv)")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if weights is not None and tuple(weights.shape) != (b, lc):

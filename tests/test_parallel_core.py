@@ -256,6 +256,16 @@ def test_ring_attention_checks_its_arguments():
         dar.ring_attention(q, q, q, mode="nope")
     with pytest.raises(ValueError, match="rows range"):
         dar.ring_attention(q, q, q, torch.ones(1, 4), [((2, 9),)])
+    # The checks every entry point shares (dar.call.check_tensors): the ring took mismatched dtypes and
+    # GQA head counts that do not divide before they were shared.
+    with pytest.raises(TypeError, match="k has dtype torch.float64 but q has torch.float32"):
+        dar.ring_attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="multiple of the number of key heads"):
+        dar.ring_attention(torch.randn(1, 3, 4, 8), q, q)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        dar.ring_attention(q[0], q, q)
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        dar.ring_attention(q, q, None)
 
 
 def test_ring_attention_bf16_rounds_k_prime_once(monkeypatch):

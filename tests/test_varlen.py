@@ -274,3 +274,21 @@ def test_torch_path_compiles_fullgraph():
         return dar.dar_attention_varlen(q, k, v, cq, cq, 6, 6, lays, cfg, backend="torch")
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_and_dense_calls_are_one_call_object():
+    """Issue 21: one call object for dense and packed calls, validated in one place (dar.call); a packed
+    call is a `DARCall` whose ``packing`` holds flash-attn's bookkeeping and whose causal flag is the
+    mask's."""
+    from dar.call import DARCall, make_call, make_packed_call
+    from dar.varlen import VarlenCall
+
+    q = torch.randn(7, 2, 8)
+    cus = torch.tensor([0, 3, 7], dtype=torch.int32)
+    lay = dar.TokenLayout(ref=[(0, 2)], gen=[(2, 3)])
+    packed = make_packed_call(q, q, q, cus, cus, 4, 4, lay, None, None, True)
+    dense = make_call(q[None, :4].transpose(1, 2), q[None, :4].transpose(1, 2), None, lay, None, None, None, False)
+    assert type(packed) is type(dense) is DARCall is VarlenCall
+    assert (packed.kind, dense.kind) == ("packed", "dense") and dense.packing is None
+    assert packed.packing.num_seqs == 2 and packed.packing.lengths == ((3, 3), (4, 4))
+    assert packed.mask.is_causal and packed.mask.mask is None and (packed.mask.lq, packed.mask.lk) == (4, 4)

@@ -163,7 +163,7 @@ TUNER = Tuner(get_backend, default_backend)
 
 
 def select_backend(name, call, weights_only: bool = False) -> Backend:
-    """Resolve ``backend=`` for a dense (`DARCall`) or packed (`dar.varlen.call.VarlenCall`) call;
+    """Resolve ``backend=`` for a dense or packed `DARCall`;
     raise, with the reason, if a named backend cannot run it.
 
     ``weights_only``: only the key weights are needed (the attention runs elsewhere), so "auto"

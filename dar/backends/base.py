@@ -1,7 +1,7 @@
 """The backend interface: what every DAR backend implements, and what it declares it can run.
 
-A backend runs two kinds of call object: a dense `dar.call.DARCall` (``call.kind == "dense"``) and a
-packed `dar.varlen.call.VarlenCall` (``"packed"``). A sharded call (``head_group=`` / ``seq_group=``)
+A backend runs one call object, `dar.call.DARCall`, in two kinds: dense (``call.kind == "dense"``) and
+packed (``"packed"``, its ``packing`` set). A sharded call (``head_group=`` / ``seq_group=``)
 runs its attention as a dense call on this rank's tensors, so its kind is checked by name only.
 
 Capabilities are declared, each refusal with its reason, so that every entry point refuses the same
@@ -83,7 +83,7 @@ class Backend(abc.ABC):
         """(B, Hq, Lq, Dv) output in q's dtype (step 7); ``weights=None`` means plain attention."""
 
     def packed_key_weights(self, call) -> torch.Tensor:
-        """(total_k,) float32 key weights of a packed call (`dar.varlen.call.VarlenCall`)."""
+        """(total_k,) float32 key weights of a packed call (a `DARCall` with ``packing`` set)."""
         return self.packed.key_weights(call, self)
 
     def packed_attention(self, call, weights: torch.Tensor | None) -> torch.Tensor:

@@ -12,10 +12,13 @@ import torch
 
 from ..autocast import outside_autocast
 from ..backends import get_backend, names_for, select_backend
-from ..call import check_return_weights, unit_weights, with_weights
+from ..call import DARCall, check_return_weights, make_packed_call, unit_weights, with_weights
 from ..collectives import all_reduce
 from ..parallel import check_group
-from .call import VarlenCall, make_varlen_call
+
+# The packed call object: `dar.call.DARCall` with its ``packing`` set (one call object for dense and packed
+# calls); the name stays for code that annotated with it.
+VarlenCall = DARCall
 
 # The backend names that can run packed calls (every name but those declaring they cannot).
 VARLEN_BACKENDS = names_for("packed")
@@ -38,7 +41,7 @@ def _head_group(head_group, seq_group):
     return check_group("head_group", head_group)
 
 
-def _weights(impl, call: VarlenCall, head_group) -> torch.Tensor:
+def _weights(impl, call: DARCall, head_group) -> torch.Tensor:
     # With the heads split, the statistics are the torch implementation's, summed over the group.
     if head_group is None:
         return impl.packed_key_weights(call)
@@ -57,7 +60,7 @@ def compute_key_weights_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: t
     range, and every key of a sequence with no generated-image queries or no reference keys, get 1.
     """
     head_group = _head_group(head_group, seq_group)
-    call = make_varlen_call(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
+    call = make_packed_call(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
                             softmax_scale, causal)
     impl = select_backend(backend, call)
     if not call.plan.active:
@@ -102,7 +105,7 @@ def dar_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         raise TypeError("v must be a torch.Tensor (use dar.compute_key_weights_varlen for weights alone)")
     check_return_weights(return_weights)
     head_group = _head_group(head_group, seq_group)
-    call = make_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
+    call = make_packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layouts, cfg,
                             softmax_scale, causal)
     impl = select_backend(backend, call)
     w = _weights(impl, call, head_group) if call.plan.active else None

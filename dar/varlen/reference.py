@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..call import make_call, unit_weights
-from .call import VarlenCall
+from ..call import DARCall, make_call, unit_weights
 
 
 def bottom_right_causal(lq: int, lk: int, device) -> torch.Tensor:
@@ -21,27 +20,27 @@ def bottom_right_causal(lq: int, lk: int, device) -> torch.Tensor:
     return (j <= i + (lk - lq))[None, None]
 
 
-def _sequences(call: VarlenCall):
-    cq = call.cu_seqlens_q.tolist()
-    ck = call.cu_seqlens_k.tolist()
-    for n in range(call.num_seqs):
+def _sequences(call: DARCall):
+    cq = call.packing.cu_seqlens_q.tolist()
+    ck = call.packing.cu_seqlens_k.tolist()
+    for n in range(call.packing.num_seqs):
         yield n, cq[n], cq[n + 1], ck[n], ck[n + 1]
 
 
-def _dense_call(call: VarlenCall, n: int, q0: int, q1: int, k0: int, k1: int, with_v: bool):
+def _dense_call(call: DARCall, n: int, q0: int, q1: int, k0: int, k1: int, with_v: bool):
     q = call.q[q0:q1].transpose(0, 1)[None]
     k = call.k[k0:k1].transpose(0, 1)[None]
     v = call.v[k0:k1].transpose(0, 1)[None] if with_v else None
-    mask = bottom_right_causal(q1 - q0, k1 - k0, q.device) if call.causal else None
+    mask = bottom_right_causal(q1 - q0, k1 - k0, q.device) if call.mask.is_causal else None
     return make_call(q, k, v, call.layouts[n], call.cfg, mask, call.scale, False)
 
 
-def unsupported(call: VarlenCall, dense) -> str | None:
+def unsupported(call: DARCall, dense) -> str | None:
     """The oracle runs every packed call."""
     return None
 
 
-def key_weights(call: VarlenCall, dense) -> torch.Tensor:
+def key_weights(call: DARCall, dense) -> torch.Tensor:
     """``dense``: the dense reference backend, run on each sequence."""
     w = unit_weights(call.k.shape[0], device=call.q.device)
     for n, q0, q1, k0, k1 in _sequences(call):
@@ -53,7 +52,7 @@ def key_weights(call: VarlenCall, dense) -> torch.Tensor:
     return w
 
 
-def attention(call: VarlenCall, weights: torch.Tensor | None, dense) -> torch.Tensor:
+def attention(call: DARCall, weights: torch.Tensor | None, dense) -> torch.Tensor:
     q, v = call.q, call.v
     out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     for n, q0, q1, k0, k1 in _sequences(call):

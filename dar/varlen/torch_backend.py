@@ -24,24 +24,23 @@ import torch
 from .. import delegate, scoring
 from ..call import DARCall, planned_call
 from ..masks import as_bias
-from .call import VarlenCall
 
 
 
 class _Frame:
     """Device index tensors mapping packed rows to the padded frame (no host reads)."""
 
-    def __init__(self, call: VarlenCall):
+    def __init__(self, call: DARCall):
         dev = call.q.device
-        cu_q = call.cu_seqlens_q.long()
-        cu_k = call.cu_seqlens_k.long()
+        cu_q = call.packing.cu_seqlens_q.long()
+        cu_k = call.packing.cu_seqlens_k.long()
         self.len_q = cu_q[1:] - cu_q[:-1]  # (N,)
         self.len_k = cu_k[1:] - cu_k[:-1]
         self.cu_q, self.cu_k = cu_q, cu_k
-        self.lk = call.max_seqlen_k
+        self.lk = call.packing.max_seqlen_k
         # Offset of query i in the padded frame: 0, or Lk_n - Lq_n under the causal rule.
-        self.shift = (self.len_k - self.len_q) if call.causal else torch.zeros_like(self.len_q)
-        self.lq = call.max_seqlen_k if call.causal else call.max_seqlen_q
+        self.shift = (self.len_k - self.len_q) if call.mask.is_causal else torch.zeros_like(self.len_q)
+        self.lq = call.packing.max_seqlen_k if call.mask.is_causal else call.packing.max_seqlen_q
         cols = torch.arange(self.lk, device=dev)
         self.key_valid = cols[None, :] < self.len_k[:, None]  # (N, Lk)
         self.key_index = (cu_k[:-1, None] + cols[None, :]).clamp_(0, max(call.k.shape[0] - 1, 0))
@@ -52,12 +51,12 @@ class _Frame:
         self.row_index = (cu_q[:-1, None] + self.row_query).clamp_(0, max(call.q.shape[0] - 1, 0))
         # Packed row -> (sequence, padded row); searchsorted runs on the device.
         tq = torch.arange(call.q.shape[0], device=dev)
-        self.seq_of_q = torch.searchsorted(cu_q[1:], tq, right=True).clamp_(max=max(call.num_seqs - 1, 0))
+        self.seq_of_q = torch.searchsorted(cu_q[1:], tq, right=True).clamp_(max=max(call.packing.num_seqs - 1, 0))
         p = tq - cu_q[self.seq_of_q] + self.shift[self.seq_of_q]
         self.q_row = p.clamp(0, max(self.lq - 1, 0))
         self.q_has_key = (p >= 0) & (p < self.lq) & (self.len_k[self.seq_of_q] > 0)
         tk = torch.arange(call.k.shape[0], device=dev)
-        self.seq_of_k = torch.searchsorted(cu_k[1:], tk, right=True).clamp_(max=max(call.num_seqs - 1, 0))
+        self.seq_of_k = torch.searchsorted(cu_k[1:], tk, right=True).clamp_(max=max(call.packing.num_seqs - 1, 0))
         self.k_col = (tk - cu_k[self.seq_of_k]).clamp(0, max(self.lk - 1, 0))
 
     def keys(self, t: torch.Tensor) -> torch.Tensor:
@@ -79,29 +78,29 @@ class _Frame:
         """(N, Lk) -> (total_k,)."""
         return w[self.seq_of_k, self.k_col]
 
-    def dense_call(self, call: VarlenCall) -> DARCall:
+    def dense_call(self, call: DARCall) -> DARCall:
         """The padded problem as a dense call: padded keys masked out (not causal), or SDPA's top-left
         causal rule on the square frame. Its plan is the packed call's (query coordinates)."""
-        mask = None if call.causal else self.key_valid[:, None, None, :]
+        mask = None if call.mask.is_causal else self.key_valid[:, None, None, :]
         return planned_call(self.queries(call.q), self.keys(call.k), self.keys(call.v), call.cfg, call.scale,
-                            call.plan, mask, call.causal, call.layouts)
+                            call.plan, mask, call.mask.is_causal, call.layouts)
 
-    def rows(self, call: VarlenCall, dense: DARCall) -> delegate.QueryRows:
+    def rows(self, call: DARCall, dense: DARCall) -> delegate.QueryRows:
         """The rebalanced rows in the padded frame. Not causal, row ``p`` is query ``p``: the plan's.
         Causal, sequence ``n``'s queries sit ``Lk_n - Lq_n`` rows down, an offset only the device knows:
         no shared ranges (unless every row is rebalanced), and the indicator gathered on the device."""
         rows = delegate.plan_rows(dense)
-        if not call.causal:
+        if not call.mask.is_causal:
             return rows
 
         def indicator() -> torch.Tensor:
-            on = call.plan.tensors(call.q.device).rebalanced_rows(max(call.max_seqlen_q, 1))  # (N, max_seqlen_q)
+            on = call.plan.tensors(call.q.device).rebalanced_rows(max(call.packing.max_seqlen_q, 1))  # (N, max_seqlen_q)
             return on.gather(1, self.row_query.clamp(max=on.shape[1] - 1)) & self.row_valid  # (N, Lq')
 
         return delegate.QueryRows(((0, self.lq),) if rows.every else None, self.lq, indicator)
 
 
-def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
+def _sampled_mass(call: DARCall, fr: _Frame) -> torch.Tensor:
     """(N, Lk) float32 attention mass of each sequence's sampled queries (steps 3-4)."""
     q, k = call.q, call.k
     lk = fr.lk
@@ -112,7 +111,7 @@ def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
     rows = (fr.cu_q[:-1, None] + s).clamp_(0, max(q.shape[0] - 1, 0))
     qs = q[rows].permute(0, 2, 1, 3)  # (N, Hq, M, D)
     allowed = fr.key_valid[:, None, :]  # (N, 1 -> M, Lk)
-    if call.causal:
+    if call.mask.is_causal:
         cols = torch.arange(lk, device=q.device)
         allowed = allowed & (cols[None, None, :] <= (s + fr.len_k[:, None] - fr.len_q[:, None])[..., None])
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -120,18 +119,18 @@ def _sampled_mass(call: VarlenCall, fr: _Frame) -> torch.Tensor:
     return scoring.mass_of_rows(qs, fr.keys(k), bias, valid, call.scale)
 
 
-def unsupported(call: VarlenCall, backend) -> str | None:
+def unsupported(call: DARCall, backend) -> str | None:
     """Why the torch backend ``backend`` (plain ``torch`` or ``torch:<SDPA kernel>``) cannot run the
     packed ``call``, or None. Head-dim limits of the padded frame's form are checked when it runs."""
     why = backend.device_refusal(call)
-    if why is None and call.v is not None and not call.causal and backend.sdp == "flash" \
+    if why is None and call.v is not None and not call.mask.is_causal and backend.sdp == "flash" \
             and call.q.device.type == "cuda":
         why = ("SDPA's CUDA flash kernel takes no attn_mask, and non-causal packed sequences run with a "
                "key-padding mask")
     return why
 
 
-def key_weights(call: VarlenCall, backend=None, reduce_mass=None) -> torch.Tensor:
+def key_weights(call: DARCall, backend=None, reduce_mass=None) -> torch.Tensor:
     """(total_k,) float32 key weights (steps 1-6), aligned with ``k``; no autograd graph.
 
     ``reduce_mass``: with the heads split over ranks, sums the ``(N, Lk)`` mass of this rank's heads
@@ -147,11 +146,11 @@ def key_weights(call: VarlenCall, backend=None, reduce_mass=None) -> torch.Tenso
         return fr.unpad_keys(w)
 
 
-def attention(call: VarlenCall, weights: torch.Tensor | None, backend) -> torch.Tensor:
+def attention(call: DARCall, weights: torch.Tensor | None, backend) -> torch.Tensor:
     """(total_q, Hq, Dv) in q's dtype (step 7) on the padded frame, through the delegate kernel of the
     dense torch backend ``backend`` (SDPA, or one of its kernels)."""
     q, k, v = call.q, call.k, call.v
-    if q.shape[0] == 0 or k.shape[0] == 0 or call.max_seqlen_k == 0:
+    if q.shape[0] == 0 or k.shape[0] == 0 or call.packing.max_seqlen_k == 0:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
     fr = _Frame(call)
     dense = fr.dense_call(call)

@@ -17,26 +17,26 @@ except ImportError as exc:
     raise ImportError(f"the triton varlen path needs the `triton` package ({exc})") from exc
 
 from ..backends.triton import rebalancing, unsupported_tensors
+from ..call import DARCall
 from ..kernels.scoring import key_weights_varlen as _key_weights_kernel
-from .call import VarlenCall
 
 
-def unsupported(call: VarlenCall, backend=None) -> str | None:
+def unsupported(call: DARCall, backend=None) -> str | None:
     """Why the triton varlen path cannot run ``call`` (a sentence naming the input), or None."""
-    return unsupported_tensors(call.q, call.k, call.v, call.num_seqs, "N")
+    return unsupported_tensors(call.q, call.k, call.v, call.packing.num_seqs, "N")
 
 
-def key_weights(call: VarlenCall, backend=None) -> torch.Tensor:
+def key_weights(call: DARCall, backend=None) -> torch.Tensor:
     pt = call.plan.tensors(call.q.device)
     cfg = call.cfg
     with torch.no_grad():  # w is piecewise constant in q and k: outside autograd, as in every backend
-        return _key_weights_kernel(call.q, call.k, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q,
-                                   call.max_seqlen_k, pt.samples, pt.ref_ranges, pt.ref_groups, call.plan.num_groups,
-                                   call.causal, call.scale, cfg.gamma, cfg.tau_high, cfg.tau_low, cfg.thresholds)
+        return _key_weights_kernel(call.q, call.k, call.packing.cu_seqlens_q, call.packing.cu_seqlens_k, call.packing.max_seqlen_q,
+                                   call.packing.max_seqlen_k, pt.samples, pt.ref_ranges, pt.ref_groups, call.plan.num_groups,
+                                   call.mask.is_causal, call.scale, cfg.gamma, cfg.tau_high, cfg.tau_low, cfg.thresholds)
 
 
-def attention(call: VarlenCall, weights: torch.Tensor | None, backend=None) -> torch.Tensor:
+def attention(call: DARCall, weights: torch.Tensor | None, backend=None) -> torch.Tensor:
     weights, gen_ranges = rebalancing(call, weights)
     return torch.ops.dar.rebalanced_attention_varlen(
-        call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
-        weights, gen_ranges, call.causal, call.scale, call.cfg.mode)
+        call.q, call.k, call.v, call.packing.cu_seqlens_q, call.packing.cu_seqlens_k, call.packing.max_seqlen_q, call.packing.max_seqlen_k,
+        weights, gen_ranges, call.mask.is_causal, call.scale, call.cfg.mode)
