@@ -327,7 +327,7 @@ def enable(target, config=None, *, layout_fn=None, layers=None, steps=None, reco
         if state is not None:
             state.configure(settings, layers)
             return state.owner
-        handle = DARHandle(target, StepClock(per_forward=False))
+        handle = DARHandle(target, StepClock(per_forward=False), disable)
         handle.attach(BagelState(model, handle.clock), model, settings, layers, _states)
         return handle
 

@@ -81,7 +81,7 @@ def enable(target, config=None, *, layout_fn=None, layers=None, steps=None, reco
             settings = make_settings(target, config, backend, layout_fn, steps, recorder)
             state = _models.get(target)
             if state is None:
-                handle = DARHandle(target, StepClock(per_forward=True))
+                handle = DARHandle(target, StepClock(per_forward=True), disable)
                 _attach(handle, target, settings, layers)
                 return handle
             state.configure(settings, layers)
@@ -99,7 +99,7 @@ def enable(target, config=None, *, layout_fn=None, layers=None, steps=None, reco
                 scheduler = getattr(target, "scheduler", None)
                 counts_scheduler = callable(getattr(scheduler, "step", None)) and callable(
                     getattr(scheduler, "set_timesteps", None))
-                handle = DARHandle(target, StepClock(per_forward=not counts_scheduler))
+                handle = DARHandle(target, StepClock(per_forward=not counts_scheduler), disable)
                 try:
                     for m, s in zip(models, all_settings):
                         _attach(handle, m, s, layers)

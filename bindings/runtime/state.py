@@ -239,8 +239,11 @@ class DARHandle:
     `reset_steps` sets it back to 0. Usable as a context manager that disables on exit.
     """
 
-    def __init__(self, target, clock: StepClock):
+    def __init__(self, target, clock: StepClock, disable: Callable[[object], None]):
+        """``disable``: the owning binding's own ``disable(target)``, so the handle needs no route back
+        through the dispatcher (`dar.bindings`) that imported the binding."""
         self._target_ref = weakref.ref(target)
+        self._disable = disable
         self.clock = clock
         self.states: list[ModelState] = []
         self.scheduler_patches: list[tuple] = []  # (scheduler, name, wrapper, had_attr, previous)
@@ -291,11 +294,9 @@ class DARHandle:
         return state
 
     def disable(self) -> None:
-        from .. import disable  # the routing dispatcher: this handle may belong to another binding (BAGEL)
-
         target = self.target
         if target is not None:
-            disable(target)
+            self._disable(target)
 
     def __enter__(self):
         return self
