@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 
 import pytest
 import torch
@@ -182,6 +183,37 @@ def _varlen(rank, world):
         dar.dar_attention_varlen(q, k, v, cu, cu, 12, 12, layouts, seq_group=dist.group.WORLD)
 
 
+def _route(rank, world):
+    """Issue 21: following this rank's q from `dar_attention`, a sequence-sharded call enters each module of
+    its route once: no module is entered again while it is still on the stack (the sharded pipeline used to
+    enter dar.parallel eight times, through the bindings and back)."""
+    gen = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 2, 8, 8, generator=gen) for _ in range(3))
+    chains = []
+
+    def follow(frame, event, arg):
+        if event != "call" or not frame.f_globals.get("__name__", "").startswith("dar") \
+                or not any(x is q or getattr(x, "q", None) is q for x in frame.f_locals.values()):  # q or its call
+            return
+        mods, f = [], frame
+        while f is not None:
+            name = f.f_globals.get("__name__", "")
+            if name.startswith("dar") and (not mods or mods[-1] != name):
+                mods.append(name)
+            f = f.f_back
+        chains.append(mods[::-1])
+
+    sys.setprofile(follow)
+    try:
+        dar.dar_attention(q, k, v, TokenLayout(ref=[(0, 6 * world)], gen=[(6 * world, 8 * world)]),
+                          DARConfig(num_samples=4), seq_group=dist.group.WORLD, backend="torch")
+    finally:
+        sys.setprofile(None)
+    assert any("dar.parallel" in c and "dar.backends.torch" in c for c in chains), chains  # the route was followed
+    for c in chains:
+        assert len(c) == len(set(c)), c
+
+
 def _worker(rank: int, world: int) -> None:
     torch.manual_seed(0)
     rng = random.Random(world)
@@ -211,6 +243,7 @@ def _worker(rank: int, world: int) -> None:
         ran += 1
     _varlen(rank, world)
     _errors(rank, world)
+    _route(rank, world)
     assert ran == len(kinds) * (len(_configs()) + 1)
 
 
