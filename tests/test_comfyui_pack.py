@@ -36,9 +36,9 @@ def load_like_comfyui(pack):
 """
 
 
-def _clone(tmp_path: Path) -> Path:
-    """custom_nodes/dar-attention holding what a git clone holds that the pack uses (not the .venv, not tests)."""
-    pack = tmp_path / "ComfyUI" / "custom_nodes" / "dar-attention"
+def _clone(tmp_path: Path, folder: str = "dar-attention") -> Path:
+    """custom_nodes/<folder> holding what a git clone holds that the pack uses (not the .venv, not tests)."""
+    pack = tmp_path / "ComfyUI" / "custom_nodes" / folder
     pack.mkdir(parents=True)
     for name in ("__init__.py", "pyproject.toml", "requirements.txt", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, pack / name)
@@ -98,14 +98,20 @@ def test_clone_uses_installed_dar(tmp_path):
         sys.modules.pop(str(pack).replace(".", "_x_"), None)
 
 
-def test_clone_without_pip_install_uses_its_own_dar(tmp_path):
+@pytest.mark.parametrize("folder", ["dar-attention", "dar"])
+def test_clone_without_pip_install_uses_its_own_dar(tmp_path, folder):
     """No dar installed: the pack imports the clone's dar/, kernels/ as dar.kernels and bindings/ as
-    dar.bindings (setup.py's layout), and adds nothing to sys.path."""
-    pack = _clone(tmp_path)
+    dar.bindings (setup.py's layout), and adds nothing to sys.path. A clone in custom_nodes/dar with custom_nodes/
+    on sys.path (as some ComfyUI setups have it) is found as "dar" itself: the same holds."""
+    pack = _clone(tmp_path, folder)
     res = _run_without(tmp_path, {"dar", "dar_attention"}, rf"""
 import importlib.util
 pack = {str(pack)!r}
-assert importlib.util.find_spec("dar") is None, importlib.util.find_spec("dar")
+if {folder == "dar"}:
+    sys.path.insert(0, os.path.dirname(pack))
+    assert importlib.util.find_spec("dar").origin == os.path.join(pack, "__init__.py")
+else:
+    assert importlib.util.find_spec("dar") is None, importlib.util.find_spec("dar")
 path = list(sys.path)
 module, mappings, names, web = load_like_comfyui(pack)
 import dar, dar.kernels, dar.bindings, dar.bindings.comfyui
