@@ -264,6 +264,22 @@ def test_newest_comfyui_reference_counts_agree(name, refs):
     assert all(torch.equal(a[3], b[3]) for a, b in zip(outs[0][1], outs[1][1]))
 
 
+def test_dropped_wrapper_warns():
+    """A ComfyUI that replaced the model_options' wrappers with the ModelPatcher's own would leave DAR's wrapper out:
+    DAR cannot see the references then, and says so once instead of running plain silently."""
+    base = _model("Flux")
+    plain, _ = _run(base, "Flux")
+    patched = comfyui.apply(base, CFG)
+    patched.model_options["transformer_options"]["wrappers"] = {}  # what such a ComfyUI hands the model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = _run(patched, "Flux")
+        _run(patched, "Flux")
+    assert torch.equal(out, plain)
+    said = [str(w.message) for w in caught if "apply_model wrapper is missing" in str(w.message)]
+    assert len(said) == 1 and "FLUX.1 / Kontext" in said[0], said
+
+
 def test_install_writes_the_node_pack(tmp_path):
     from dar.bindings.comfyui import install
 
