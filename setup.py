@@ -1,10 +1,6 @@
 """dar: Dynamic Attention Rebalancing kernels for multi-image composition models."""
 
-from pathlib import Path
-
 from setuptools import find_packages, setup
-
-here = Path(__file__).parent
 
 
 def subpackages(root: str, dotted: str) -> dict[str, str]:
@@ -20,9 +16,10 @@ def subpackages(root: str, dotted: str) -> dict[str, str]:
 package_dir = {"dar": "dar", **subpackages("kernels", "dar.kernels"), **subpackages("bindings", "dar.bindings")}
 packages = ["dar", *[f"dar.{p}" for p in find_packages(where="dar")], *[p for p in package_dir if p != "dar"]]
 
-# Version bounds are claims, and CI checks each one (.ci/run, compatibility stage in .ci/compat.py): every lower
-# bound is a release CI installs and tests, alongside the exact versions of .ci/constraints.txt and the newest
-# release. An upper bound would exclude a release that breaks us; none does today.
+# Version bounds (here and in pyproject.toml's dependencies) are claims, and CI checks each one (.ci/run,
+# compatibility stage in .ci/compat.py): every lower bound is a release CI installs and tests, alongside the exact
+# versions of .ci/constraints.txt and the newest release. An upper bound would exclude a release that breaks us;
+# none does today.
 # - torch 2.5: BAGEL pins 2.5.1 and OmniGen2 2.6.0; installing dar there must not upgrade torch. CI runs the core,
 #   varlen and model bindings on 2.5.1 (Python 3.10), everything on 2.14.1 and the core, kernels and bindings
 #   on 2.15.0.
@@ -41,17 +38,10 @@ extras = {
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 
+# Name, version, description, Python and install requirements are in pyproject.toml's [project] (the Comfy Registry
+# reads them there too); the extras stay here, next to their reasons.
 setup(
-    name="dar-attention",
-    version="0.1.0",
-    description="Dynamic Attention Rebalancing: fused Triton kernels and drop-in bindings for multi-image composition",
-    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
     packages=sorted(set(packages)),
     package_dir=package_dir,
-    install_requires=["torch>=2.5", "numpy", "einops"],
     extras_require=extras,
-    entry_points={"console_scripts": ["dar=dar.cli:main"]},
-    license="Apache-2.0",
 )

@@ -24,6 +24,7 @@ def _default_attention():
     cl.selected.clear()
     yield
     cl.selected.clear()
+    cl.contract["reference_image_num_tokens"] = False
 
 
 def _model(name):
@@ -234,6 +235,49 @@ def test_reference_image_num_tokens_cross_checked():
         assert torch.equal(out, plain) is not rebalanced
         said = [w for w in caught if "reference_image_num_tokens" in str(w.message)]
         assert len(said) == (0 if rebalanced else 1)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("refs", REFS)
+def test_newest_comfyui_reference_counts_agree(name, refs):
+    """Newer ComfyUI's FLUX / Qwen-Image set reference_image_num_tokens themselves: DAR's counts equal them for
+    any number and size of references, so the pinned and the newest contract rebalance alike, without a warning."""
+    patched = comfyui.apply(_model(name), CFG, backend="reference")
+    seen = []
+    patched.model_options["transformer_options"]["optimized_attention_override"] = \
+        lambda func, *a, **kw: seen.append(kw["transformer_options"].get("reference_image_num_tokens")) or func(*a, **kw)
+    patched = comfyui.apply(patched, CFG, backend="reference")  # DAR chains the recording override
+    outs = []
+    for newest in (False, True):
+        cl.contract["reference_image_num_tokens"] = newest
+        seen.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs.append(_run(patched, name, refs=refs))
+        assert not [w for w in caught if "DAR" in str(w.message)]
+        counts = [n for n in seen if n is not None]
+        assert len(counts) == (2 * 2 if newest and name != "Omnigen2" else 0)  # 2 joint layers x 2 kernel calls
+    x, _, ctx, rl = _inputs(name, refs=refs)
+    layout, _ = _expected(name, x, ctx, rl)
+    assert all(c == [b - a for a, b in layout.ref] for c in counts)
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+def test_dropped_wrapper_warns():
+    """A ComfyUI that replaced the model_options' wrappers with the ModelPatcher's own would leave DAR's wrapper out:
+    DAR cannot see the references then, and says so once instead of running plain silently."""
+    base = _model("Flux")
+    plain, _ = _run(base, "Flux")
+    patched = comfyui.apply(base, CFG)
+    patched.model_options["transformer_options"]["wrappers"] = {}  # what such a ComfyUI hands the model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = _run(patched, "Flux")
+        _run(patched, "Flux")
+    assert torch.equal(out, plain)
+    said = [str(w.message) for w in caught if "apply_model wrapper is missing" in str(w.message)]
+    assert len(said) == 1 and "FLUX.1 / Kontext" in said[0], said
 
 
 def test_install_writes_the_node_pack(tmp_path):

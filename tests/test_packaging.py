@@ -21,6 +21,11 @@ def test_wheel_maps_kernels_and_bindings_under_dar(tmp_path):
     assert "dar = dar.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
     # A CPU-only torch stays without triton: only the test extra (and so all) asks for it (CUDA builds of torch bring it).
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    # Name, version, Python, requirements and licence come from pyproject.toml's [project] (the Comfy Registry reads them)
+    for line in ("Name: dar-attention", "Version: 0.1.0", "Requires-Python: >=3.10", "Requires-Dist: torch>=2.5",
+                 "Requires-Dist: numpy", "Requires-Dist: einops", "License-Expression: Apache-2.0",
+                 "Description-Content-Type: text/markdown"):
+        assert line in meta.splitlines(), line
     needs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist:") and "triton" in ln]
     assert needs and all('extra == "test"' in ln or 'extra == "all"' in ln for ln in needs), needs
 

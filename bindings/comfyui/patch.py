@@ -155,8 +155,15 @@ def make_override(family: models.Family, settings: Settings, previous, said: War
         attend = func if previous is None else functools.partial(previous, func)
         opts = kwargs.get("transformer_options")
         fwd = opts.get(FORWARD_KEY) if isinstance(opts, dict) else None
-        if not isinstance(fwd, Forward):
-            return attend(*args, **kwargs)  # a forward without references, or not through DAR's wrapper
+        if not isinstance(fwd, Forward):  # a forward without references, or one DAR's wrapper did not see:
+            if isinstance(opts, dict) and WRAPPER_KEY not in opts.get("wrappers", {}).get(APPLY_MODEL, {}):
+                # the wrapper travels in the MODEL's model_options; a ComfyUI that replaces those wrappers with
+                # the ModelPatcher's own (an older upstream version did) would leave DAR off without a word
+                said("no-wrapper", f"DAR ({family.name}): DAR's apply_model wrapper is missing from this forward's "
+                                   f"transformer_options['wrappers'] (this ComfyUI dropped the wrappers the MODEL's "
+                                   f"model_options carry), so DAR cannot see the references: the attention runs "
+                                   f"unchanged")
+            return attend(*args, **kwargs)
         a = _bind(args, kwargs)
         if a is None:
             said("bind", f"DAR ({family.name}): an attention call whose arguments do not match ComfyUI's "

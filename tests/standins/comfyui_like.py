@@ -12,6 +12,9 @@ in ComfyUI's code (and checked on the real code, docs/comfyui.md "Verification")
 - The diffusion models build the joint sequence as ComfyUI's do: ``[text | target | refs]`` (FLUX,
   Qwen-Image), ``[text | refs | target]`` (OmniGen2, with a refiner call over the target alone),
   each latent padded to the patch size; FLUX.2's text is padded to 512 by `Flux2.extra_conds`.
+- ``contract["reference_image_num_tokens"]``: off, the pinned ComfyUI (2026-01-07); on, newer upstream, whose
+  FLUX and Qwen-Image ``_forward`` put the per-reference token counts, in ``ref_latents`` order, into a copy of
+  ``transformer_options`` before the blocks run (OmniGen2's does not).
 """
 
 import copy
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 calls = []  # (name, q, k, v, out) of every call that reached `attention_pytorch`
 attention_calls = []  # (q, k, v, out) of every model attention call, as the model sees it (after any override)
 selected = {}  # "func": the attention "the user selected" (ComfyUI's optimized_attention), by default pytorch
+contract = {"reference_image_num_tokens": False}  # which ComfyUI the models follow (module docstring)
 
 
 def wrap_attn(func):
@@ -92,6 +96,8 @@ class _Diffusion(torch.nn.Module):
         img = self.img_in(_patchify(x, p))
         n_img = img.shape[1]
         refs = [self.img_in(_patchify(r, p)) for r in (ref_latents or ())]
+        if refs and contract["reference_image_num_tokens"] and not self.refs_first:
+            transformer_options = {**transformer_options, "reference_image_num_tokens": [r.shape[1] for r in refs]}
         if self.refs_first:  # OmniGen2: a refiner over the target alone, then [text | refs | target]
             img = self._attend(self.joint_layers, img, transformer_options)
             seq = torch.cat([txt, *refs, img], dim=1)
