@@ -13,7 +13,8 @@
 # commit them, and the regenerated README table, afterwards. Each step has its own time limit and
 # a failing step does not stop the others; the exit status is the number of failed steps.
 #
-# Python packages the machine lacks (diffusers, for the end-to-end step) are installed from wheels
+# Python packages the machine lacks (diffusers, for the end-to-end step; a setuptools new enough for
+# pyproject.toml's [project] table, for the editable install) are installed from wheels
 # in .whl/ at the repository root when that folder exists (docs/benchmarks.md says how to fetch
 # them). The project itself is installed editable without dependencies, so the machine's torch and
 # triton are the ones measured. When $OUT is set (the device tool's output folder), the log and
