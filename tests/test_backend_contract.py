@@ -12,8 +12,8 @@ import dar
 from dar.backends import get_backend
 from dar.call import make_call
 from dar.scoring import sampled_attention_mass, weights_from_mass
-from oracle import dar_float64, stable_keys
-from tolerances import assert_close
+from tests.support.oracle import dar_float64, stable_keys
+from tests.support.tolerances import assert_close
 
 BACKENDS = ["reference", "torch", "flex", "triton"]
 

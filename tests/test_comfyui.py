@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import dar
-import oracle
+from tests.support import oracle
 from dar.bindings import comfyui
 from dar.bindings.comfyui import models as cmodels
-from standins import comfyui_like as cl
+from tests.support.standins import comfyui_like as cl
 
 CFG = dar.DARConfig(gamma=0.5, num_samples=8, sampling="strided")
 FAMILIES = {"Flux": cl.FluxModel, "Flux2": cl.Flux2, "QwenImage": cl.QwenImage, "Omnigen2": cl.Omnigen2}

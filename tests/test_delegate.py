@@ -19,9 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dar
 from dar import delegate
-from oracle import dar_float64, stable_keys
-from strategies import cases
-from tolerances import OUTPUT_TOL, THRESHOLD_MARGIN, assert_close, key_scale_bound
+from tests.support.oracle import dar_float64, stable_keys
+from tests.support.strategies import cases
+from tests.support.tolerances import OUTPUT_TOL, THRESHOLD_MARGIN, assert_close, key_scale_bound
 
 
 class Counting:

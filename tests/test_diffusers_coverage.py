@@ -19,20 +19,20 @@ from dar.bindings.diffusers import layouts
 
 # The tests that verify each supported family's layout (module, function).
 LAYOUT_TESTS = {
-    "QwenImageTransformer2DModel": [("test_diffusers_binding", "test_matches_reference_on_captured_calls"),
-                                    ("test_pipeline_qwen_edit", "test_dar_on_off_gamma0_and_recorder")],
-    "Flux2Transformer2DModel": [("test_diffusers_binding", "test_matches_reference_on_captured_calls"),
-                                ("test_pipeline_multiref", "test_flux2_klein_kv_pipeline")],
-    "FluxTransformer2DModel": [("test_diffusers_binding", "test_matches_reference_on_captured_calls"),
-                               ("test_pipeline_multiref", "test_visualcloze_pipeline")],
-    "QwenImage21Transformer2DModel": [("test_pipeline_multiref", "test_qwenimage21_kv_cache")],
-    "JoyImageEditPlusTransformer3DModel": [("test_pipeline_multiref", "test_joyimage_edit_plus")],
-    "Flux3Transformer2DModel": [("test_pipeline_multiref", "test_flux3_references")],
-    "BriaFiboTransformer2DModel": [("test_pipeline_multiref", "test_bria_fibo_edit_ids")],
-    "OmniGenTransformer2DModel": [("test_diffusers_binding", "test_matches_reference_on_captured_calls")],
-    "GlmImageTransformer2DModel": [("test_pipeline_multiref", "test_glm_image_kv_cache_pipeline")],
-    "ZImageTransformer2DModel": [("test_pipeline_multiref", "test_zimage_omni_pipeline")],
-    "BriaFibo2Transformer2DModel": [("test_pipeline_multiref", "test_bria_fibo2_edit_pipeline")],
+    "QwenImageTransformer2DModel": [("tests.test_diffusers_binding", "test_matches_reference_on_captured_calls"),
+                                    ("tests.test_pipeline_qwen_edit", "test_dar_on_off_gamma0_and_recorder")],
+    "Flux2Transformer2DModel": [("tests.test_diffusers_binding", "test_matches_reference_on_captured_calls"),
+                                ("tests.test_pipeline_multiref", "test_flux2_klein_kv_pipeline")],
+    "FluxTransformer2DModel": [("tests.test_diffusers_binding", "test_matches_reference_on_captured_calls"),
+                               ("tests.test_pipeline_multiref", "test_visualcloze_pipeline")],
+    "QwenImage21Transformer2DModel": [("tests.test_pipeline_multiref", "test_qwenimage21_kv_cache")],
+    "JoyImageEditPlusTransformer3DModel": [("tests.test_pipeline_multiref", "test_joyimage_edit_plus")],
+    "Flux3Transformer2DModel": [("tests.test_pipeline_multiref", "test_flux3_references")],
+    "BriaFiboTransformer2DModel": [("tests.test_pipeline_multiref", "test_bria_fibo_edit_ids")],
+    "OmniGenTransformer2DModel": [("tests.test_diffusers_binding", "test_matches_reference_on_captured_calls")],
+    "GlmImageTransformer2DModel": [("tests.test_pipeline_multiref", "test_glm_image_kv_cache_pipeline")],
+    "ZImageTransformer2DModel": [("tests.test_pipeline_multiref", "test_zimage_omni_pipeline")],
+    "BriaFibo2Transformer2DModel": [("tests.test_pipeline_multiref", "test_bria_fibo2_edit_pipeline")],
 }
 
 

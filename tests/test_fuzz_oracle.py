@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 import dar
 from dar.backends import get_backend
-from oracle import dar_float64, pinned, stable_keys
-from strategies import NONFINITE, nonfinite_cases
-from varlen_cases import bottom_right_mask, oracle, varlen_cases
-from tolerances import THRESHOLD_MARGIN, assert_close
+from tests.support.oracle import dar_float64, pinned, stable_keys
+from tests.support.strategies import NONFINITE, nonfinite_cases
+from tests.support.varlen_cases import bottom_right_mask, oracle, varlen_cases
+from tests.support.tolerances import THRESHOLD_MARGIN, assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN arithmetic is the point here
 

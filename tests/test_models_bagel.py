@@ -9,8 +9,8 @@ import torch
 
 import dar
 from dar.bindings import bagel
-from standins import bagel_like
-from standins.flash_attn_like import flash_attn_varlen_func as flash_stub
+from tests.support.standins import bagel_like
+from tests.support.standins.flash_attn_like import flash_attn_varlen_func as flash_stub
 
 CFG = dar.DARConfig(gamma=0.5, num_samples=4, sampling="strided")
 TEXT, PROMPT = [3, 4], [5, 2]

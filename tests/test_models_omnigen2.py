@@ -9,8 +9,8 @@ import torch
 
 import dar
 from dar.bindings import omnigen2
-from standins import omnigen2_like
-from standins.flash_attn_like import flash_attn_varlen_func as flash_stub
+from tests.support.standins import omnigen2_like
+from tests.support.standins.flash_attn_like import flash_attn_varlen_func as flash_stub
 
 CFG = dar.DARConfig(gamma=0.5, num_samples=8, sampling="strided")
 REFS, TARGET, CAPS = ((8, 8), (4, 8)), (8, 8), (5, 3)  # latents (H, W), patch 2: 16 + 8 reference tokens, 16 target
@@ -80,7 +80,7 @@ def test_joint_layers_match_reference_backend(flash, backend):
 
 @pytest.mark.parametrize("flash", [True, False])
 def test_disable_and_gamma_zero_are_exact(flash):
-    from standins import omnigen2_like as mod
+    from tests.support.standins import omnigen2_like as mod
 
     model = _model(flash)
     kw = omnigen2_like.inputs(REFS, TARGET, CAPS)

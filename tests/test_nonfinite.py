@@ -15,8 +15,8 @@ import torch
 
 import dar
 from dar.backends import get_backend
-from oracle import dar_float64, pinned
-from tolerances import assert_close
+from tests.support.oracle import dar_float64, pinned
+from tests.support.tolerances import assert_close
 
 BACKENDS = ["reference", "torch", "flex", "triton"]
 # NaN/inf arithmetic inside the reference, numpy and Triton's interpreter warns; that is the point here.
@@ -186,7 +186,7 @@ def test_rows_with_no_allowed_key_dense(backend, mask_kind, value):
 @pytest.mark.parametrize("value", [NAN, INF, None], ids=["nan", "inf", "finite"])
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_rows_with_no_allowed_key_packed(backend, value):
-    from varlen_cases import VarlenCase, cu, oracle
+    from tests.support.varlen_cases import VarlenCase, cu, oracle
 
     _backend_or_skip(backend)
     # Sequence 0: Lq 10 > Lk 6, causal (bottom-right), so its first 4 queries see no key, and a non-finite
@@ -215,7 +215,7 @@ def test_packed_nonfinite_stays_in_its_sequence(backend, where, causal):
     # "Exactly dar_attention applied to each sequence on its own": a NaN in sequence 1 never reaches
     # sequence 0, even where a backend pads sequence 0 to the longest one (found by the packed fuzz:
     # the torch backend's padding columns held sequence 1's keys and values).
-    from varlen_cases import VarlenCase, cu, oracle
+    from tests.support.varlen_cases import VarlenCase, cu, oracle
 
     _backend_or_skip(backend)
     lens = [3, 9]

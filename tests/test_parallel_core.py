@@ -18,7 +18,7 @@ import dar
 from dar import DARConfig, TokenLayout
 from dar import parallel, scoring
 from dar.call import make_call
-from dist_harness import run_world
+from tests.support.dist_harness import run_world
 
 MODES = ("key_scale", "prob_scale")
 NORMALIZE = ("joint", "per_image")
@@ -264,7 +264,7 @@ def test_ring_attention_bf16_rounds_k_prime_once(monkeypatch):
     within the documented bound (tests/tolerances.py: OUTPUT_TOL plus the K' rounding bound)."""
     from dar import delegate, ring
     from dar.backends import get_backend
-    from tolerances import UNIT_ROUNDOFF, assert_close_within, key_scale_bound
+    from tests.support.tolerances import UNIT_ROUNDOFF, assert_close_within, key_scale_bound
 
     gen = torch.Generator().manual_seed(4)
     b, hq, hk, length, d = 2, 4, 2, 18, 16

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import dar
 from dar import TokenLayout
 from dar import parallel as dp
-from dist_harness import run_world
+from tests.support.dist_harness import run_world
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, OmniGenTransformer2DModel  # noqa: E402

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from hypothesis import assume, given, strategies as st
 
 import dar
-from oracle import dar_float64, stable_keys
-from strategies import cases
-from tolerances import THRESHOLD_MARGIN, assert_close
+from tests.support.oracle import dar_float64, stable_keys
+from tests.support.strategies import cases
+from tests.support.tolerances import THRESHOLD_MARGIN, assert_close
 
 BACKENDS = ["reference", "torch"]
 

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 import dar  # noqa: E402
 from dar.bindings import transformers as dar_tf  # noqa: E402
-from oracle import dar_float64, stable_keys  # noqa: E402
-from tolerances import THRESHOLD_MARGIN  # noqa: E402
+from tests.support.oracle import dar_float64, stable_keys  # noqa: E402
+from tests.support.tolerances import THRESHOLD_MARGIN  # noqa: E402
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402

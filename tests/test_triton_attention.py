@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tolerances import OUTPUT_TOL, UNIT_ROUNDOFF, assert_close, assert_close_within, key_scale_bound
+from tests.support.tolerances import OUTPUT_TOL, UNIT_ROUNDOFF, assert_close, assert_close_within, key_scale_bound
 
 attention = pytest.importorskip("dar.kernels.attention", reason="triton is not installed")
 

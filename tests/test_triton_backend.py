@@ -19,9 +19,9 @@ from hypothesis import given, settings
 import dar
 from dar.backends import get_backend, select_backend
 from dar.call import make_call
-from oracle import dar_float64, stable_keys
-from strategies import cases
-from tolerances import THRESHOLD_MARGIN, assert_close
+from tests.support.oracle import dar_float64, stable_keys
+from tests.support.strategies import cases
+from tests.support.tolerances import THRESHOLD_MARGIN, assert_close
 
 attention = pytest.importorskip("dar.kernels.attention", reason="triton is not installed")
 DEVICE = "cpu" if attention.INTERPRETED else "cuda"

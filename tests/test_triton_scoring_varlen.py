@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import dar
 from dar.plan import make_plan
-from oracle import dar_float64, stable_keys
-from tolerances import THRESHOLD_MARGIN
+from tests.support.oracle import dar_float64, stable_keys
+from tests.support.tolerances import THRESHOLD_MARGIN
 
 scoring = pytest.importorskip("dar.kernels.scoring")
 

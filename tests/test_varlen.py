@@ -8,9 +8,9 @@ from hypothesis import assume, given, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dar
-from oracle import stable_keys
-from tolerances import THRESHOLD_MARGIN, assert_close
-from varlen_cases import bottom_right_mask, cu, oracle, varlen_cases
+from tests.support.oracle import stable_keys
+from tests.support.tolerances import THRESHOLD_MARGIN, assert_close
+from tests.support.varlen_cases import bottom_right_mask, cu, oracle, varlen_cases
 
 BACKENDS = ["reference", "torch"]
 

@@ -8,9 +8,9 @@ from hypothesis import assume, given, settings
 
 import dar
 from dar.varlen import triton_unavailable
-from oracle import stable_keys
-from tolerances import THRESHOLD_MARGIN, assert_close
-from varlen_cases import cu, oracle, varlen_cases
+from tests.support.oracle import stable_keys
+from tests.support.tolerances import THRESHOLD_MARGIN, assert_close
+from tests.support.varlen_cases import cu, oracle, varlen_cases
 
 why = triton_unavailable()
 if why is not None and not torch.cuda.is_available():

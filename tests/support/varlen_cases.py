@@ -9,8 +9,8 @@ import torch
 from hypothesis import strategies as st
 
 import dar
-from oracle import dar_float64
-from strategies import configs, ranges
+from .oracle import dar_float64
+from .strategies import configs, ranges
 
 # (Hq, Hk, D): OmniGen2's shape (21 query heads, 7 KV heads, head dim 120) and small ones.
 HEADS = [(21, 7, 120), (4, 2, 8), (3, 3, 12), (2, 1, 4)]
