@@ -18,21 +18,23 @@ import torch
 from dar.bindings.diffusers import layouts
 
 # The tests that verify each supported family's layout (module, function).
+BINDING, MULTIREF = "tests.bindings.test_diffusers", "tests.bindings.test_diffusers_pipeline_multiref"
+QWEN_EDIT = "tests.bindings.test_diffusers_pipeline_qwen_edit"
 LAYOUT_TESTS = {
-    "QwenImageTransformer2DModel": [("tests.test_diffusers_binding", "test_matches_reference_on_captured_calls"),
-                                    ("tests.test_pipeline_qwen_edit", "test_dar_on_off_gamma0_and_recorder")],
-    "Flux2Transformer2DModel": [("tests.test_diffusers_binding", "test_matches_reference_on_captured_calls"),
-                                ("tests.test_pipeline_multiref", "test_flux2_klein_kv_pipeline")],
-    "FluxTransformer2DModel": [("tests.test_diffusers_binding", "test_matches_reference_on_captured_calls"),
-                               ("tests.test_pipeline_multiref", "test_visualcloze_pipeline")],
-    "QwenImage21Transformer2DModel": [("tests.test_pipeline_multiref", "test_qwenimage21_kv_cache")],
-    "JoyImageEditPlusTransformer3DModel": [("tests.test_pipeline_multiref", "test_joyimage_edit_plus")],
-    "Flux3Transformer2DModel": [("tests.test_pipeline_multiref", "test_flux3_references")],
-    "BriaFiboTransformer2DModel": [("tests.test_pipeline_multiref", "test_bria_fibo_edit_ids")],
-    "OmniGenTransformer2DModel": [("tests.test_diffusers_binding", "test_matches_reference_on_captured_calls")],
-    "GlmImageTransformer2DModel": [("tests.test_pipeline_multiref", "test_glm_image_kv_cache_pipeline")],
-    "ZImageTransformer2DModel": [("tests.test_pipeline_multiref", "test_zimage_omni_pipeline")],
-    "BriaFibo2Transformer2DModel": [("tests.test_pipeline_multiref", "test_bria_fibo2_edit_pipeline")],
+    "QwenImageTransformer2DModel": [(BINDING, "test_matches_reference_on_captured_calls"),
+                                    (QWEN_EDIT, "test_dar_on_off_gamma0_and_recorder")],
+    "Flux2Transformer2DModel": [(BINDING, "test_matches_reference_on_captured_calls"),
+                                (MULTIREF, "test_flux2_klein_kv_pipeline")],
+    "FluxTransformer2DModel": [(BINDING, "test_matches_reference_on_captured_calls"),
+                               (MULTIREF, "test_visualcloze_pipeline")],
+    "QwenImage21Transformer2DModel": [(MULTIREF, "test_qwenimage21_kv_cache")],
+    "JoyImageEditPlusTransformer3DModel": [(MULTIREF, "test_joyimage_edit_plus")],
+    "Flux3Transformer2DModel": [(MULTIREF, "test_flux3_references")],
+    "BriaFiboTransformer2DModel": [(MULTIREF, "test_bria_fibo_edit_ids")],
+    "OmniGenTransformer2DModel": [(BINDING, "test_matches_reference_on_captured_calls")],
+    "GlmImageTransformer2DModel": [(MULTIREF, "test_glm_image_kv_cache_pipeline")],
+    "ZImageTransformer2DModel": [(MULTIREF, "test_zimage_omni_pipeline")],
+    "BriaFibo2Transformer2DModel": [(MULTIREF, "test_bria_fibo2_edit_pipeline")],
 }
 
 

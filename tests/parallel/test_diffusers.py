@@ -325,7 +325,7 @@ def test_traffic_arithmetic():
 
 def test_benchmark_traffic_within_target():
     """benchmarks/parallel_traffic.py: DAR adds at most 1% to the model's own context-parallel traffic."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_traffic.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "parallel_traffic.py"
     spec = importlib.util.spec_from_file_location("parallel_traffic", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

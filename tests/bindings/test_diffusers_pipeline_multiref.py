@@ -27,7 +27,7 @@ import torch
 
 import dar
 from dar import TokenLayout
-from tests.test_diffusers_binding import capture, plain, reference
+from tests.bindings.test_diffusers import capture, plain, reference
 
 # One min-max group per reference range, so the checks tell apart layouts that cover the same keys
 # but split them into images differently.

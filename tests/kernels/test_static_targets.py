@@ -26,7 +26,7 @@ aot = pytest.importorskip("dar.kernels.aot", reason="triton is not installed")
 if aot.tools_available() is not None:
     pytest.skip(f"no CUDA tools in the triton wheel: {aot.tools_available()}", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 features = pytest.importorskip("dar.kernels.features")
 VARIANTS = ("attn-plain", "attn-key_scale", "attn-key_scale-plain_rows", "attn-key_scale-per_row", "attn-prob_scale",
             "attn-plain-tail", "attn-key_scale-tail", "attn-key_scale-tail-masked", "yardstick")

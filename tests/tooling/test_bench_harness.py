@@ -18,7 +18,7 @@ import torch
 import dar
 from dar.bench import correctness, e2e, impls, kernels, main, report, shapes, table, timing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -19,7 +19,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 import dar
 from dar.bindings import diffusers as dd
 from dar.bindings.diffusers import dispatch, intercept
-from tests.test_diffusers_binding import _qwen, run
+from tests.bindings.test_diffusers import _qwen, run
 
 REGISTRY = _AttentionBackendRegistry
 

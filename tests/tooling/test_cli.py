@@ -18,7 +18,7 @@ from dar.bench import main as bench_main
 from dar.config import DARConfig
 from dar.extras import MissingExtra
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_version(capsys):
