@@ -2,7 +2,7 @@
 
 Kernels here are SDPA wrapped to behave like kernels with fewer capabilities (no additive mask,
 aligned head dims, equal q/k/v head dims), counting their calls. Every one is checked against the
-independent float64 oracle (tests/oracle.py) over hypothesis cases.
+independent float64 oracle (tests/support/oracle.py) over hypothesis cases.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BAGEL through the stand-in model (tests/standins/bagel_like.py): reference keys tracked as the context is
+"""BAGEL through the stand-in model (tests/support/standins/bagel_like.py): reference keys tracked as the context is
 written into the KV cache (VAE and ViT tokens, CFG copies included), denoising calls rebalanced and matching
 the reference backend on the captured packed q/k/v; disable / gamma = 0 exact; steps; Recorder; errors."""
 

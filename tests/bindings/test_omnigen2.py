@@ -1,4 +1,4 @@
-"""OmniGen2 through the stand-in transformer (tests/standins/omnigen2_like.py): both attention paths
+"""OmniGen2 through the stand-in transformer (tests/support/standins/omnigen2_like.py): both attention paths
 (flash varlen and SDPA) rebalanced with the layout read from the forward, matching the reference backend
 on the captured q/k/v; refiners untouched; disable / gamma = 0 exact; Recorder."""
 

@@ -2,7 +2,7 @@
 
 Checked here: outside a DAR context (and with gamma=0) the "dar" implementation reproduces transformers'
 "sdpa" for forward passes and cached generate(); with DAR on, every attention call equals the reference
-backend and the independent float64 oracle (tests/oracle.py) on the q/k/v/mask captured from the model, with
+backend and the independent float64 oracle (tests/support/oracle.py) on the q/k/v/mask captured from the model, with
 layouts built here from the known absolute positions; cached decoding equals a no-cache recomputation; and
 bad inputs raise errors that name them. No downloads: every model is built from a config on the CPU.
 """

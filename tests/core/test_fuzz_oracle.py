@@ -1,4 +1,4 @@
-"""Every backend against the independent float64 oracle (tests/oracle.py) over hypothesis cases, half
+"""Every backend against the independent float64 oracle (tests/support/oracle.py) over hypothesis cases, half
 of them with NaN / +-inf inputs (docs/semantics.md, "Non-finite inputs"): dense calls, packed sequences
 (`dar.dar_attention_varlen`, `dar.compute_key_weights_varlen`, the oracle applied per sequence) and user
 attention kernels (`dar_attention(..., attention_fn=)`, a `dar.AttentionKernel` of each capability or a

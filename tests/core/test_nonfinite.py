@@ -1,5 +1,5 @@
 """Non-finite inputs (docs/semantics.md, "Non-finite inputs"): every class of NaN / inf in q, k, v and
-a float mask, on every backend, against the float64 oracle (tests/oracle.py).
+a float mask, on every backend, against the float64 oracle (tests/support/oracle.py).
 
 Weights must equal the oracle's exactly (they never see a non-finite value); outputs must match it on
 the entries the semantics pins, and the clean batch row must still be rebalanced.

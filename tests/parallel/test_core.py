@@ -261,7 +261,7 @@ def test_ring_attention_checks_its_arguments():
 def test_ring_attention_bf16_rounds_k_prime_once(monkeypatch):
     """bf16 ring shards (issue 22 item 6): K' = w ⊙ K is the shared helper's (w applied unrounded in float32,
     the product rounded once), and the merged output is the single-device float64 result with the same w
-    within the documented bound (tests/tolerances.py: OUTPUT_TOL plus the K' rounding bound)."""
+    within the documented bound (tests/support/tolerances.py: OUTPUT_TOL plus the K' rounding bound)."""
     from dar import delegate, ring
     from dar.backends import get_backend
     from tests.support.tolerances import UNIT_ROUNDOFF, assert_close_within, key_scale_bound
