@@ -47,8 +47,8 @@ JUDGE_TESTS = ["tests/eval/test_eval_judges.py", "tests/eval/test_eval_secrets.p
 # The pinned row: every test whose outcome depends on a library other than torch / triton (which the README
 # pins, so the main run and this row share them).
 PINNED_TESTS = sorted({*TRANSFORMERS_TESTS, *DIFFUSERS_TESTS, *MODEL_TESTS, "tests/eval",
-                       "tests/bindings/test_recorder.py", "tests/tooling/test_demo.py",
-                       "tests/tooling/test_examples.py", "tests/tooling/test_cli.py", "tests/tooling/test_packaging.py"})
+                       "tests/bindings/test_recorder.py", *(f"tests/tooling/test_{name}.py" for name in
+                                                            ("demo", "examples", "cli", "packaging"))})
 # The newest torch: the core, the backends, the kernels (interpreter), flex, compile (a compiled diffusers
 # transformer included), varlen and the bindings that need no torchvision (no torchvision release for it is on
 # this disk, and the index's builds of it want the CUDA torch). Left to the main run: what does not depend on
