@@ -38,27 +38,29 @@ CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
 DIST = "dar-attention"
 
 # transformers rows: its binding, compile, and the pipeline whose text encoder is a transformers model.
-TRANSFORMERS_TESTS = ["tests/test_transformers_*.py", "tests/test_compile*.py", "tests/test_pipeline_qwen_edit.py"]
-DIFFUSERS_TESTS = ["tests/test_diffusers_*.py", "tests/test_pipeline_*.py", "tests/test_parallel_diffusers*.py",
-                   "tests/test_compile*.py"]
-MODEL_TESTS = ["tests/test_models_*.py", "tests/test_varlen*.py"]
+TRANSFORMERS_TESTS = ["tests/bindings/test_transformers.py", "tests/core/test_compile.py",
+                      "tests/bindings/test_diffusers_pipeline_qwen_edit.py"]
+DIFFUSERS_TESTS = ["tests/bindings/test_diffusers*.py", "tests/parallel/test_diffusers.py",
+                   "tests/core/test_compile.py"]
+MODEL_TESTS = ["tests/bindings/test_bagel.py", "tests/bindings/test_omnigen2.py", "tests/varlen/test_*.py"]
 JUDGE_TESTS = ["tests/eval/test_eval_judges.py", "tests/eval/test_eval_secrets.py"]
 # The pinned row: every test whose outcome depends on a library other than torch / triton (which the README
 # pins, so the main run and this row share them).
-PINNED_TESTS = sorted({*TRANSFORMERS_TESTS, *DIFFUSERS_TESTS, *MODEL_TESTS, "tests/eval", "tests/test_recorder.py",
-                       "tests/test_demo.py", "tests/test_examples.py", "tests/test_cli.py", "tests/test_packaging.py"})
-# The newest torch: the core, the kernels (interpreter), flex, compile (a compiled diffusers transformer
-# included), varlen and the bindings that need no torchvision (no torchvision release for it is on this disk,
-# and the index's builds of it want the CUDA torch). Left to the main run: what does not depend on torch's
-# release (the fuzzing, the benchmark harness, packaging, the CLI, the demo and examples).
-NEW_TORCH_TESTS = ["tests/test_*.py", "tests/test_diffusers_binding.py",
-                   *(f"!tests/test_{name}" for name in ("diffusers_*.py", "pipeline_*.py", "parallel_*.py",
-                                                       "recorder.py", "demo.py", "examples.py", "cli.py",
-                                                       "fuzz_oracle.py", "bench_harness.py", "packaging.py"))]
+PINNED_TESTS = sorted({*TRANSFORMERS_TESTS, *DIFFUSERS_TESTS, *MODEL_TESTS, "tests/eval",
+                       "tests/bindings/test_recorder.py", *(f"tests/tooling/test_{name}.py" for name in
+                                                            ("demo", "examples", "cli", "packaging"))})
+# The newest torch: the core, the backends, the kernels (interpreter), flex, compile (a compiled diffusers
+# transformer included), varlen and the bindings that need no torchvision (no torchvision release for it is on
+# this disk, and the index's builds of it want the CUDA torch). Left to the main run: what does not depend on
+# torch's release (the fuzzing, the benchmark harness, packaging, the CLI, the demo and examples).
+NEW_TORCH_TESTS = ["tests/core/test_*.py", "tests/backends/test_*.py", "tests/kernels/test_*.py",
+                   "tests/varlen/test_*.py", "tests/bindings/test_*.py", "tests/tooling/test_first_use.py",
+                   *(f"!tests/{name}" for name in ("bindings/test_diffusers_*.py", "bindings/test_recorder.py",
+                                                  "core/test_fuzz_oracle.py"))]
 # The oldest torch cannot run the kernels (its triton is too old): the core, varlen and model bindings.
-OLD_TORCH_TESTS = ["tests/test_semantics.py", "tests/test_validation.py", "tests/test_sampling_and_plan.py",
-                   "tests/test_compile.py", "tests/test_backend_availability.py",
-                   *MODEL_TESTS]
+OLD_TORCH_TESTS = ["tests/core/test_semantics.py", "tests/core/test_validation.py",
+                   "tests/core/test_sampling_and_plan.py", "tests/core/test_compile.py",
+                   "tests/backends/test_availability.py", *MODEL_TESTS]
 
 
 @dataclass
@@ -111,8 +113,8 @@ ROWS = [
 # interpreter, against the oracle and the reference backend, and the static targets compiled for sm_90a and
 # sm_80 with that Triton. numpy < 2.4: the interpreter before Triton 3.7 turns one-element arrays into ints,
 # which numpy 2.4 made an error (docs/kernels.md).
-KERNEL_TESTS = ["tests/test_triton_*.py", "tests/test_varlen_triton.py", "tests/test_static_*.py",
-                "tests/test_backend_availability.py"]
+KERNEL_TESTS = ["tests/kernels/test_*.py", "tests/backends/test_triton.py", "tests/varlen/test_triton.py",
+                "tests/backends/test_availability.py"]
 # Each row is a venv over the main run's packages (torch 2.14.1, the project) with that triton on top: torch's
 # own pairing (2.11.0 / 2.8.0 / 2.6.0) brings several GB of CUDA wheels from the index, measured at over 10
 # minutes per row here, which the 45-minute CI budget cannot hold for three rows. The kernels import only

@@ -113,9 +113,11 @@ export HYPOTHESIS_PROFILE=ci MPLBACKEND=Agg PYTHONUNBUFFERED=1
 
 # --- 1. every CUDA test: the kernel files (their cuda-only tests run here, the rest on the GPU
 # instead of the interpreter), then every other test marked for CUDA -------------------------
-KERNEL_TESTS=$(ls tests/test_triton_*.py tests/test_varlen*.py 2>/dev/null | tr '\n' ' ')
-CUDA_TESTS=$(grep -l -E "cuda_only|requires_cuda|torch\.cuda\.is_available\(\)" tests/test_*.py 2>/dev/null \
-  | grep -v -E "tests/test_triton_|tests/test_varlen" | tr '\n' ' ')
+KERNEL_TESTS=$(ls tests/kernels/test_attention.py tests/kernels/test_scoring*.py tests/backends/test_triton.py \
+  tests/varlen/test_*.py 2>/dev/null | tr '\n' ' ')
+# shellcheck disable=SC2086
+CUDA_TESTS=$(grep -l -E "cuda_only|requires_cuda|torch\.cuda\.is_available\(\)" tests/*/test_*.py 2>/dev/null \
+  | grep -v -E "^tests/eval/" | grep -v -x -F -f <(printf '%s\n' $KERNEL_TESTS) | tr '\n' ' ')
 # shellcheck disable=SC2086
 gpu_step "kernel tests on the GPU" 150 "$PY" -m pytest $KERNEL_TESTS -q -p no:cacheprovider -x --durations=5
 if [ -n "$CUDA_TESTS" ]; then

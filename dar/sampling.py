@@ -12,7 +12,7 @@ def _assume_constant_result(fn):
 
     That decorator imports dynamo (several seconds, most of a first CPU call of `dar.dar_attention`) only to set
     this attribute, which dynamo reads when a compiled function calls ``fn``. Setting it directly keeps the
-    import for code that compiles; tests/test_first_use.py checks that the two decorators mark a function alike.
+    import for code that compiles; tests/tooling/test_first_use.py checks that the two decorators mark a function alike.
     """
     fn._dynamo_marked_constant = True
     return fn

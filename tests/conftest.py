@@ -1,5 +1,4 @@
 import os
-import sys
 
 import torch
 
@@ -9,9 +8,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
-
-# Tests import the shared helpers (oracle.py, strategies.py) as top-level modules.
-sys.path.insert(0, os.path.dirname(__file__))
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, derandomize=True,

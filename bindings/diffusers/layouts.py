@@ -623,7 +623,7 @@ def family_of(model) -> Family | None:
 
 
 # Every other diffusers transformer whose attention DAR could intercept, with why it has no automatic
-# layout. tests/test_diffusers_coverage.py enumerates the installed diffusers' transformers and fails
+# layout. tests/bindings/test_diffusers_coverage.py enumerates the installed diffusers' transformers and fails
 # on any class that is neither supported (with a layout test) nor listed here, so a new release's
 # multi-reference model cannot go unnoticed. Entries for classes an older diffusers lacks are fine.
 NOT_MULTI_REFERENCE = "not multi-reference"

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from eval_fakes import FakeOpenAIServer, Reply, build_micon, build_mico, micon_reply
+from tests.eval.eval_fakes import FakeOpenAIServer, Reply, build_micon, build_mico, micon_reply
 from PIL import Image
 
 from dar.eval.jobs import benchmark_jobs

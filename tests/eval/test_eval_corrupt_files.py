@@ -4,7 +4,7 @@ import json
 import warnings
 
 import pytest
-from eval_fakes import ScriptedJudge, build_mico, make_png
+from tests.eval.eval_fakes import ScriptedJudge, build_mico, make_png
 
 from dar.eval.compare import compare
 from dar.eval.judges import ResponseCache, TransformersJudge

@@ -2,8 +2,8 @@
 (issue 22, item 4)."""
 
 import pytest
-from eval_fakes import ScriptedJudge, build_micon, micon_reply
-from test_eval_input_paths import GROUP, good_case, mico_reply
+from tests.eval.eval_fakes import ScriptedJudge, build_micon, micon_reply
+from tests.eval.test_eval_input_paths import GROUP, good_case, mico_reply
 
 from dar.eval.mico import run_mico
 from dar.eval.micon import run_micon
@@ -15,7 +15,7 @@ BAD_OUTPUTS = {"empty": b"", "text": b"this is not an image at all", "short": b"
 
 @pytest.mark.parametrize("content", list(BAD_OUTPUTS))
 def test_mico_bad_generated_image_is_a_generation_error(tmp_path, content):
-    from eval_fakes import write_jsonl
+    from tests.eval.eval_fakes import write_jsonl
 
     bench, results = tmp_path / "bench", tmp_path / "results"
     cases = [good_case(bench, results, "m", i) for i in range(3)]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from eval_fakes import ScriptedJudge, build_micon, make_png, micon_reply, write_jsonl
+from tests.eval.eval_fakes import ScriptedJudge, build_micon, make_png, micon_reply, write_jsonl
 
 from dar.eval.inputs import case_id_problem, image_content_problem, image_path_problem
 from dar.eval.jobs import benchmark_jobs

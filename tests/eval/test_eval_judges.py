@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_fakes import FakeOpenAIServer, Reply, Status, make_png
+from tests.eval.eval_fakes import FakeOpenAIServer, Reply, Status, make_png
 
 from dar.eval.judges import ArcFaceEmbedder, JudgeError, OpenAIJudge, ResponseCache, TransformersJudge, ask_parsed
 from dar.eval.judges.faces import cosine_similarity_matrix

@@ -2,8 +2,8 @@
 
 import os
 
-from eval_fakes import ScriptedJudge, make_png, write_jsonl
-from test_eval_input_paths import GROUP, good_case, mico_reply
+from tests.eval.eval_fakes import ScriptedJudge, make_png, write_jsonl
+from tests.eval.test_eval_input_paths import GROUP, good_case, mico_reply
 
 from dar.eval.mico import run_mico
 from dar.eval.runs import CASES_DIR, RunStore, _file_name

@@ -10,7 +10,7 @@ import json
 import warnings
 
 import pytest
-from eval_fakes import ScriptedJudge, build_mico
+from tests.eval.eval_fakes import ScriptedJudge, build_mico
 
 from dar.eval.mico import FORMULA_SCALE, FORMULAS, case_score, face_score, run_mico, scoring, visibility_weight
 from dar.eval.report import summarize

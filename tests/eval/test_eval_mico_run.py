@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from eval_fakes import FakeEmbedder, ScriptedJudge, build_mico, tail, unit
+from tests.eval.eval_fakes import FakeEmbedder, ScriptedJudge, build_mico, tail, unit
 
 from dar.eval.mico import run_mico
 from dar.eval.report import summarize, to_markdown

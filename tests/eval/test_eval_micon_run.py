@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from eval_fakes import FakeOpenAIServer, Reply, ScriptedJudge, build_micon, make_png, micon_reply
+from tests.eval.eval_fakes import FakeOpenAIServer, Reply, ScriptedJudge, build_micon, make_png, micon_reply
 from PIL import Image
 
 from dar.eval.judges import OpenAIJudge

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_fakes import FakeOpenAIServer, Reply, build_mico
+from tests.eval.eval_fakes import FakeOpenAIServer, Reply, build_mico
 
 from dar.eval.judges import OpenAIJudge, ask_parsed
 from dar.eval.replies import parse_yes_no

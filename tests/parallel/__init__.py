@@ -1,0 +1,1 @@
+"""Context parallelism: sharded and ring attention on gloo ranks, and the diffusers context-parallel path."""

@@ -1,0 +1,1 @@
+"""Packed (varlen) calls: every backend per sequence, and the packed Triton path."""
