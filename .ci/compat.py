@@ -52,11 +52,12 @@ PINNED_TESTS = sorted({*TRANSFORMERS_TESTS, *DIFFUSERS_TESTS, *MODEL_TESTS, "tes
 # The newest torch: the core, the backends, the kernels (interpreter), flex, compile (a compiled diffusers
 # transformer included), varlen and the bindings that need no torchvision (no torchvision release for it is on
 # this disk, and the index's builds of it want the CUDA torch). Left to the main run: what does not depend on
-# torch's release (the fuzzing, the benchmark harness, packaging, the CLI, the demo and examples).
+# torch's release (the fuzzing, the benchmark harness, packaging and the node-pack entry, the CLI, the demo and
+# examples).
 NEW_TORCH_TESTS = ["tests/core/test_*.py", "tests/backends/test_*.py", "tests/kernels/test_*.py",
                    "tests/varlen/test_*.py", "tests/bindings/test_*.py", "tests/tooling/test_first_use.py",
                    *(f"!tests/{name}" for name in ("bindings/test_diffusers_*.py", "bindings/test_recorder.py",
-                                                  "core/test_fuzz_oracle.py"))]
+                                                  "bindings/test_comfyui_pack.py", "core/test_fuzz_oracle.py"))]
 # The oldest torch cannot run the kernels (its triton is too old): the core, varlen and model bindings.
 OLD_TORCH_TESTS = ["tests/core/test_semantics.py", "tests/core/test_validation.py",
                    "tests/core/test_sampling_and_plan.py", "tests/core/test_compile.py",

@@ -1,5 +1,5 @@
 """The ComfyUI node pack (dar.bindings.comfyui) against the stand-in of ComfyUI's calling contract
-(tests/standins/comfyui_like.py): layouts per model family, DAR vs the reference backend and an
+(tests/support/standins/comfyui_like.py): layouts per model family, DAR vs the reference backend and an
 independent float64 oracle, gamma = 0 bit-identical, the original MODEL unchanged, a custom attention
 func honoured, an existing override chained, an unsupported model refused by name, the node."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"dar": ROOT / "dar", "dar.kernels": ROOT / "kernels", "dar.bindings": ROOT / "bindings"}
 # kernels/__init__.py imports dar._toplevel only when the checkout's kernels/ folder is imported under the plain
 # name `kernels` (to hand the import to the installed package of that name); as dar.kernels it never runs.

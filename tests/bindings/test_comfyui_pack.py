@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # What ComfyUI's loader does with custom_nodes/<folder> (see above); `pack` is the folder's path.
 LOAD_LIKE_COMFYUI = r"""
