@@ -31,7 +31,7 @@ logger = logging.getLogger("dar")
 BACKENDS = ("reference", "torch", "triton", "flex", "auto")
 ENV = "DAR_BACKEND"
 _warned: set[str] = set()
-# The SDPA kernels of the torch backend (dar.backends.torch.SDP_KERNELS), written out so that naming them imports
+# The SDPA kernels of the torch backend (dar.backends.sdpa.SDP_KERNELS), written out so that naming them imports
 # nothing.
 TORCH_KERNELS = ("torch:flash", "torch:cudnn", "torch:efficient", "torch:math")
 NAMES = (*BACKENDS, *TORCH_KERNELS)
