@@ -15,17 +15,17 @@ One program owns a ``BLOCK_M`` tile of query rows of one (batch, head) and strea
 ``BLOCK_N`` tiles with the online softmax (running max ``m``, running sum ``l``, fp32 accumulator),
 in base 2. The host turns ``w`` into the per-key term the loop needs (``w * scale * log2 e`` for
 key_scale; for prob_scale, whose ``e^(l + ln w) = e^l * w`` multiplies the probabilities, ``w``
-itself on the TMA path and ``log2 w`` on the pointer path), one ``(BLOCK_N,)`` float32 load per key tile. The program is specialised once,
-before its key loop, by what its rows are: all plain rows run the plain loop (the same code as
-plain flash attention), all rebalanced rows the weighted loop (on the TMA path, for key_scale the
-plain loop over ``K' = w * K``, for prob_scale the plain scores with ``V' = w * V`` and a
-w-weighted row sum; the host builds K' or V' once per call, rounded to the input dtype), and only
-a program straddling the edge of a rebalanced range runs the loop that selects per row. Key tiles
-that need masking (the partial last tile, the tiles on the causal diagonal) are peeled off into
-the same three loops, masked, after the main ones, so the main loops carry no mask. On sm90+ K, V
-and Q arrive through TMA tensor descriptors (``USE_TMA``) where the installed Triton has host
-descriptors (3.4+, `features`); older GPUs, older Tritons and the interpreter load through
-pointers, one loop with the per-row rule.
+itself on the TMA path and ``log2 w`` on the pointer path), one ``(BLOCK_N,)`` float32 load per key
+tile. The program is specialised once, before its key loop, by what its rows are: all plain rows run
+the plain loop (the same code as plain flash attention), all rebalanced rows the weighted loop (on
+the TMA path, for key_scale the plain loop over ``K' = w * K``, for prob_scale the plain scores with
+``V' = w * V`` and a w-weighted row sum; the host builds K' or V' once per call, rounded to the
+input dtype), and only a program straddling the edge of a rebalanced range runs the loop that
+selects per row. Key tiles that need masking (the partial last tile, the tiles on the causal
+diagonal) are peeled off into the same three loops, masked, after the main ones, so the main loops
+carry no mask. On sm90+ K, V and Q arrive through TMA tensor descriptors (``USE_TMA``) where the
+installed Triton has host descriptors (3.4+, `features`); older GPUs, older Tritons and the
+interpreter load through pointers, one loop with the per-row rule.
 
 Output: ``(B, Hq, Lq, Dv)`` in q's dtype, laid out like q (see `empty_output`).
 """
@@ -96,14 +96,14 @@ def _attend(acc, l_i, m_i, k_src, v_src, lo, hi, KIND: tl.constexpr, MASK: tl.co
             BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the key tiles ``[lo, hi)`` into the online softmax state ``(acc, l_i, m_i)``.
 
-    KIND is the program's kind (_PLAIN, _WEIGHTED, _PER_ROW). MASK: the tiles may cross the
-    sequence's end or the causal diagonal, so loads are predicated and logits masked to -inf;
-    only the peeled tail runs with MASK. ``k_src`` / ``v_src``: on the TMA path the K and V
-    descriptors, ``kv_row`` being the descriptor row of key 0; on the pointer path pointers at key
-    ``lo`` of this head. ``wk_row`` holds the host's per-key term (key_scale: ``w * scale * log2 e``,
-    prob_scale: ``w``). The varying arguments come first (which K and V, which tiles, which loop);
-    the kernel names the rest, which are the same at every call. The weighted loop (KIND _WEIGHTED,
-    prob_scale) expects ``v_src`` to hold V' = w * V.
+    KIND is the program's kind (_PLAIN, _WEIGHTED, _PER_ROW). MASK: the tiles may cross the sequence's
+    end or the causal diagonal, so loads are predicated and logits masked to -inf; only the peeled tail
+    runs with MASK. ``k_src`` / ``v_src``: on the TMA path the K and V descriptors, ``kv_row`` being the
+    descriptor row of key 0; on the pointer path pointers at key ``lo`` of this head. ``wk_row`` holds
+    the host's per-key term (key_scale: ``w * scale * log2 e``, prob_scale: ``w`` on the TMA path,
+    ``log2 w`` on the pointer path, see LOG_W). The varying arguments come first (which K and V, which
+    tiles, which loop); the kernel names the rest, which are the same at every call. The weighted loop
+    (KIND _WEIGHTED, prob_scale) expects ``v_src`` to hold V' = w * V.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -556,11 +556,11 @@ def kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal: bool, scale: f
     passes ``meta`` tensors.
 
     Dense: the op's 4-D tensors. Packed: ``varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k)`` and (1, H, total, D) views of the packed tensors. ``w`` is turned here into
-    the per-key term the kernel's loop uses: ``w * scale * log2 e`` (key_scale), or for prob_scale
-    ``w`` (TMA path) or ``log2 w`` (pointer path), one small elementwise op on the device; on the TMA path key_scale also gets ``K' = w * K``
-    (DESC_KW) and prob_scale ``V' = w * V`` (DESC_VW).
-    ``capability`` (None: interpreter) decides between TMA descriptors and pointers.
+    max_seqlen_k)`` and (1, H, total, D) views of the packed tensors. ``w`` is turned here into the
+    per-key term the kernel's loop uses: ``w * scale * log2 e`` (key_scale), or for prob_scale ``w`` (TMA
+    path) or ``log2 w`` (pointer path), one small elementwise op on the device; on the TMA path
+    key_scale also gets ``K' = w * K`` (DESC_KW) and prob_scale ``V' = w * V`` (DESC_VW). ``capability``
+    (None: interpreter) decides between TMA descriptors and pointers.
     """
     b, hq, lq, d = q.shape
     _, hk, lk, dv = v.shape
