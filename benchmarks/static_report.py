@@ -106,10 +106,13 @@ def attention_call(*, lq=L_PLAIN, lk=None, hq=24, hk=24, d=128, dv=None, batch=2
 
 
 # The attention kernel's loops in SASS order, which is program order (they run one after the
-# other): with key weights the plain, weighted and per-row main loops, then the masked tail (when
-# key tiles need masking); without, the main loop and the tail. `attention_loops` checks each
-# against its signature, so a reordering by the compiler fails loudly instead of mislabelling.
-LOOP_ORDER = {True: ("plain", "weighted", "per_row", "tail"), False: ("plain", "tail")}
+# other): with key weights the plain, weighted and per-row main loops, then (when key tiles need
+# masking) the same three kinds over the masked tail; without, the main loop and the tail.
+# `attention_loops` checks each against its signature, so a reordering by the compiler fails
+# loudly instead of mislabelling.
+LOOP_ORDER = {True: ("plain", "weighted", "per_row", "tail", "weighted_tail", "per_row_tail"),
+              False: ("plain", "tail")}
+_MAIN_LOOPS = {True: 3, False: 1}
 
 
 def attention_loops(loops, weights: bool, folded: bool = False) -> dict:
@@ -118,13 +121,17 @@ def attention_loops(loops, weights: bool, folded: bool = False) -> dict:
     "weighted" loop loads no weights."""
     names = LOOP_ORDER[weights][:len(loops)]
     named = dict(zip(names, loops))
-    if len(loops) not in (len(LOOP_ORDER[weights]) - 1, len(LOOP_ORDER[weights])):
+    if len(loops) not in (_MAIN_LOOPS[weights], len(LOOP_ORDER[weights])):
         raise RuntimeError(f"expected {LOOP_ORDER[weights]} loops, found {len(loops)}")
     w_loads = lambda lp: lp.count("LDGSTS") + lp.count("LDG.")  # noqa: E731  (K/V come by TMA on sm90+)
-    if weights and "weighted" in named:
-        # folded: the weighted loop is the plain loop on K' (with a key bias both load the bias)
-        ok = ((w_loads(named["weighted"]) == w_loads(named["plain"]) if folded else w_loads(named["weighted"]) > 0)
-              and named["per_row"].count("FSEL") > named["weighted"].count("FSEL") and w_loads(named["per_row"]) > 0)
+    for names in (("plain", "weighted", "per_row"), ("tail", "weighted_tail", "per_row_tail")) if weights else ():
+        plain, weighted, per_row = (named.get(n) for n in names)
+        if weighted is None:
+            continue
+        # folded: the weighted loop is the plain loop on K' (with a key bias both load the bias);
+        # prob_scale's loads w for its row sum. The per-row loop selects per score.
+        ok = ((w_loads(weighted) == w_loads(plain) if folded else w_loads(weighted) > 0)
+              and per_row.count("FSEL") > weighted.count("FSEL") and w_loads(per_row) > 0)
         if not ok:
             raise RuntimeError("the weighted / per-row loops do not look like themselves: loop order changed?")
     return named
@@ -173,8 +180,12 @@ attention_variant("attn-key_scale-tail", "key_scale, Qwen 3 refs L 16584", lq=L_
                   baseline="attn-plain-tail", loop="weighted")
 attention_variant("attn-prob_scale-tail", "prob_scale, Qwen 3 refs L 16584", lq=L_QWEN3, weights=True,
                   mode="prob_scale", baseline="attn-plain-tail", loop="weighted")
-attention_variant("attn-key_scale-tail-masked", "key_scale, L 16584: the peeled masked tail loop", lq=L_QWEN3,
-                  weights=True, baseline="attn-plain-tail-masked", loop="tail")
+attention_variant("attn-key_scale-tail-masked", "key_scale, L 16584: the peeled masked tail, every row rebalanced",
+                  lq=L_QWEN3, weights=True, baseline="attn-plain-tail-masked", loop="weighted_tail")
+attention_variant("attn-key_scale-tail-masked-plain_rows", "key_scale, L 16584: the masked tail, no row rebalanced",
+                  lq=L_QWEN3, weights=True, baseline="attn-plain-tail-masked", loop="tail")
+attention_variant("attn-key_scale-tail-masked-per_row", "key_scale, L 16584: the masked tail, a range edge",
+                  lq=L_QWEN3, weights=True, baseline="attn-plain-tail-masked", loop="per_row_tail")
 attention_variant("attn-key_scale-bias", "key_scale with a key-padding bias, L 16384", weights=True, key_bias=True,
                   loop="weighted")
 attention_variant("attn-causal", "DAR off, causal, L 16384", causal=True)

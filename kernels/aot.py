@@ -181,9 +181,16 @@ class Loop:
         """Instructions whose opcode starts with ``prefix`` (``"HGMMA"``, ``"FSEL"``, ``"LDG."``...)."""
         return sum(op.startswith(prefix) for op in self.ops)
 
+    def late_loads(self) -> int:
+        """Plain global loads (LDG) issued after the loop's first wait on its tensor-core work
+        (``WARPGROUP.DEPBAR`` on sm_90a): loads issued before it overlap the first product (QK^T)."""
+        wait = next((i for i, op in enumerate(self.ops) if op.startswith("WARPGROUP.DEPBAR")), len(self.ops))
+        return sum(op.startswith("LDG.") for op in self.ops[wait:])
+
     def summary(self) -> dict:
         bases = Counter(op.split(".")[0] for op in self.ops)
         return {"instructions": self.instructions, "mma": sum(bool(_MMA.match(op)) for op in self.ops),
+                "ldg_after_mma_wait": self.late_loads(),
                 "hgmma": bases["HGMMA"], "utmaldg": bases["UTMALDG"], "ldgsts": bases["LDGSTS"],
                 "ldg": bases["LDG"], "lds": bases["LDS"] + bases["LDSM"], "fsel": bases["FSEL"],
                 "mufu": bases["MUFU"], "bar": bases["BAR"] + bases["SYNCS"], "opcodes": dict(bases.most_common())}

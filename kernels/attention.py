@@ -14,16 +14,18 @@ allowed key outputs 0, as SDPA does.
 One program owns a ``BLOCK_M`` tile of query rows of one (batch, head) and streams the keys in
 ``BLOCK_N`` tiles with the online softmax (running max ``m``, running sum ``l``, fp32 accumulator),
 in base 2. The host turns ``w`` into the per-key term the loop needs (``w * scale * log2 e`` for
-key_scale, ``log2 w`` for prob_scale), one ``(BLOCK_N,)`` float32 load per key tile. The program
-is specialised once, before its key loop, by what its rows are: all plain rows run the plain loop
-(the same code as plain flash attention), all rebalanced rows the weighted loop (one vector of
-per-key terms for every row; for key_scale on the TMA path, the plain loop over ``K' = w * K``,
-which the host builds once per call, rounded to k's dtype), and only a program straddling the
-edge of a rebalanced range runs the loop that selects per row. Key tiles that need masking (the
-partial last tile, the tiles on the causal diagonal) are peeled off into a short masked loop after
-the main one, so the main loop carries no mask. On sm90+ K, V and Q arrive through TMA tensor
-descriptors (``USE_TMA``) where the installed Triton has host descriptors (3.4+, `features`); older
-GPUs, older Tritons and the interpreter load through pointers.
+key_scale; for prob_scale, whose ``e^(l + ln w) = e^l * w`` multiplies the probabilities, ``w``
+itself on the TMA path and ``log2 w`` on the pointer path), one ``(BLOCK_N,)`` float32 load per key
+tile. The program is specialised once, before its key loop, by what its rows are: all plain rows run
+the plain loop (the same code as plain flash attention), all rebalanced rows the weighted loop (on
+the TMA path, for key_scale the plain loop over ``K' = w * K``, for prob_scale the plain scores with
+``V' = w * V`` and a w-weighted row sum; the host builds K' or V' once per call, rounded to the
+input dtype), and only a program straddling the edge of a rebalanced range runs the loop that
+selects per row. Key tiles that need masking (the partial last tile, the tiles on the causal
+diagonal) are peeled off into the same three loops, masked, after the main ones, so the main loops
+carry no mask. On sm90+ K, V and Q arrive through TMA tensor descriptors (``USE_TMA``) where the
+installed Triton has host descriptors (3.4+, `features`); older GPUs, older Tritons and the
+interpreter load through pointers, one loop with the per-row rule.
 
 Output: ``(B, Hq, Lq, Dv)`` in q's dtype, laid out like q (see `empty_output`).
 """
@@ -94,26 +96,44 @@ def _attend(acc, l_i, m_i, k_src, v_src, lo, hi, KIND: tl.constexpr, MASK: tl.co
             BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the key tiles ``[lo, hi)`` into the online softmax state ``(acc, l_i, m_i)``.
 
-    KIND is the program's kind (_PLAIN, _WEIGHTED, _PER_ROW). MASK: the tiles may cross the
-    sequence's end or the causal diagonal, so loads are predicated and logits masked to -inf;
-    only the peeled tail runs with MASK. ``k_src`` / ``v_src``: on the TMA path the K and V
-    descriptors, ``kv_row`` being the descriptor row of key 0; on the pointer path pointers at key
-    ``lo`` of this head. ``wk_row`` holds the host's per-key term (key_scale: ``w * scale * log2 e``,
-    prob_scale: ``log2 w``). The varying arguments come first (which K and V, which tiles, which loop);
-    the kernel names the rest, which are the same at every call.
+    KIND is the program's kind (_PLAIN, _WEIGHTED, _PER_ROW). MASK: the tiles may cross the sequence's
+    end or the causal diagonal, so loads are predicated and logits masked to -inf; only the peeled tail
+    runs with MASK. ``k_src`` / ``v_src``: on the TMA path the K and V descriptors, ``kv_row`` being the
+    descriptor row of key 0; on the pointer path pointers at key ``lo`` of this head. ``wk_row`` holds
+    the host's per-key term (key_scale: ``w * scale * log2 e``, prob_scale: ``w`` on the TMA path,
+    ``log2 w`` on the pointer path, see LOG_W). The varying arguments come first (which K and V, which
+    tiles, which loop); the kernel names the rest, which are the same at every call. The weighted loop
+    (KIND _WEIGHTED, prob_scale) expects ``v_src`` to hold V' = w * V.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
-    # Plain tiles without bias or mask take the row max on the raw scores and fold the scale into
-    # the exponent's FMA, exp2(qk * c - m): one instruction per score fewer than scaling first.
-    FAST: tl.constexpr = (KIND == 0 and not MASK) and not HAS_BIAS  # no chained `and`: Triton 3.2
-    # Logits can be -inf (masked / padded keys): a row whose keys so far are all -inf has m = -inf,
-    # and subtracting 0 instead keeps exp2(-inf - m) at 0 rather than NaN. (log2 w is never -inf:
-    # the host clamps it, see `kernel_arguments`.)
-    GUARD: tl.constexpr = MASK or HAS_BIAS
+    # prob_scale's per-row loop: on the TMA path it multiplies p by the selected w after the
+    # exponential (e^(l + ln w) = e^l w, ``wk_row`` holding w); on the pointer path it adds the
+    # selected log2 w to the logits (``wk_row`` holding log2 w, -inf for w = 0), which needs fewer
+    # registers there (the sm80 D64 table entry spilled with the product).
+    LOG_W: tl.constexpr = PROB_SCALE and not USE_TMA
+    # Where the logits before any bias are scale * qk (the plain kind, the weighted kind, whose
+    # prob_scale w_j multiplies e^(l_ij) through V' = w * V and the row sum, and prob_scale's
+    # per-row kind on the TMA path), tiles without bias take the row max on the raw scores and fold
+    # the scale into the exponent's FMA, exp2(qk * c - m): one instruction per score fewer than
+    # scaling first. Masked tiles do the same on qk with its masked entries set to -inf, which
+    # needs c > 0 (-inf * c).
+    SCORES_PLAIN: tl.constexpr = KIND != 2 or (PROB_SCALE and USE_TMA)
+    FAST: tl.constexpr = (SCORES_PLAIN and not HAS_BIAS) and (POS_SCALE or not MASK)  # no chained `and`: 3.2
+    # Logits can be -inf (masked / padded keys, log2 0): a row whose keys so far are all -inf has
+    # m = -inf, and subtracting 0 instead keeps exp2(-inf - m) at 0 rather than NaN.
+    GUARD: tl.constexpr = (MASK or HAS_BIAS) or LOG_W
+    # On the TMA path the masked range is the peeled tail, which without causality is the one
+    # partial last tile: its key mask is known before the loop (the pointer path masks every tile),
+    # and is kept as an additive 0 / -inf vector rather than as predicates, which ptxas would park
+    # in general registers and unpack in the loop. (Keys past seq_k are zeros past the tensor's end,
+    # or the next packed sequence's keys: finite either way, so adding -inf masks them.)
+    ONE_TILE: tl.constexpr = (USE_TMA and MASK) and not IS_CAUSAL
+    if ONE_TILE:
+        tail_bias = tl.where(offs_n < seq_k - lo, 0.0, float("-inf"))
     k_tile = k_src
     v_tile = v_src
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -127,41 +147,47 @@ def _attend(acc, l_i, m_i, k_src, v_src, lo, hi, KIND: tl.constexpr, MASK: tl.co
         if DOT_F32:  # interpreter only: see the note on DOT_F32 in the kernel
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if KIND != 0:
+            if MASK:
+                wk = tl.load(wk_row + cols, mask=key_ok, other=0.0)
+            else:
+                wk = tl.load(wk_row + cols)
 
+        if MASK:
+            allowed = key_ok[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (cols[None, :] <= diag_rows[:, None])
         if FAST:
+            if ONE_TILE:
+                qk = qk + tail_bias[None, :]
+            elif MASK:
+                qk = tl.where(allowed, qk, float("-inf"))
             if POS_SCALE:
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             else:  # max of c * x over x is c * min x when c < 0
                 m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-        else:
-            if KIND != 0:
-                if MASK:
-                    wk = tl.load(wk_row + cols, mask=key_ok, other=0.0)
-                else:
-                    wk = tl.load(wk_row + cols)
-            if KIND == 0:
-                s = qk * qk_scale
-            elif KIND == 1:
-                # key_scale's all-rebalanced programs run the plain loop over K' = w * K instead
-                tl.static_assert(PROB_SCALE, "the weighted loop is prob_scale's only")
-                s = qk * qk_scale + wk[None, :]
+            if GUARD:
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
-                if PROB_SCALE:
-                    s = qk * qk_scale + tl.where(row_on[:, None], wk[None, :], 0.0)
-                else:
-                    s = qk * tl.where(row_on[:, None], wk[None, :], qk_scale)
+                m_ref = m_new
+            p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+            alpha = tl.math.exp2(m_i - m_ref)
+        else:
+            if SCORES_PLAIN:
+                s = qk * qk_scale
+            elif LOG_W:
+                s = qk * qk_scale + tl.where(row_on[:, None], wk[None, :], 0.0)
+            else:
+                s = qk * tl.where(row_on[:, None], wk[None, :], qk_scale)
             if HAS_BIAS:
                 if MASK:
                     bias = tl.load(bias_row + cols * stride_biasn, mask=key_ok, other=float("-inf"))
                 else:
                     bias = tl.load(bias_row + cols * stride_biasn)
                 s += (bias * _LOG2E)[None, :]
-            if MASK:
-                allowed = key_ok[None, :]
-                if IS_CAUSAL:
-                    allowed = allowed & (cols[None, :] <= diag_rows[:, None])
+            if ONE_TILE:
+                s = s + tail_bias[None, :]
+            elif MASK:
                 s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             if GUARD:
@@ -170,7 +196,15 @@ def _attend(acc, l_i, m_i, k_src, v_src, lo, hi, KIND: tl.constexpr, MASK: tl.co
                 m_ref = m_new
             p = tl.math.exp2(s - m_ref[:, None])
             alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if KIND == 2:
+            if PROB_SCALE and USE_TMA:  # e^(l + ln w) = e^l * w: the row max stays on the unweighted logits
+                p = p * tl.where(row_on[:, None], wk[None, :], 1.0)
+        if KIND == 1:
+            # key_scale's all-rebalanced programs run the plain loop over K' = w * K instead
+            tl.static_assert(PROB_SCALE, "the weighted loop is prob_scale's only")
+            l_i = l_i * alpha + tl.sum(p * wk[None, :], 1)
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
 
         # acc = alpha * acc + P V, with P rounded to V's dtype as the tensor cores want.
         if USE_TMA:
@@ -191,8 +225,63 @@ def _attend(acc, l_i, m_i, k_src, v_src, lo, hi, KIND: tl.constexpr, MASK: tl.co
 
 
 @triton.jit
+def _attend_by_kind(acc, l_i, m_i, lo, hi, none_on, all_on, MASK: tl.constexpr, DESC_K, DESC_V, DESC_KW, DESC_VW,
+                    q, kv_b, kv_h, kv_row, wk_row, bias_row, row_on, diag_rows, seq_k, stride_biasn, qk_scale,
+                    HAS_W: tl.constexpr, IS_CAUSAL: tl.constexpr, PROB_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """TMA path: the key tiles ``[lo, hi)`` through the loop of the program's kind (``none_on``: no
+    row rebalanced, ``all_on``: every row), as three loops in a row of which two get empty ranges.
+
+    key_scale, every row rebalanced: scale * <q, k_j> * w_j = scale * <q, w_j k_j>, so the plain
+    loop over the host's K' = w * K (DESC_KW), the row max folding into exp2's FMA. prob_scale:
+    e^(l_ij + ln w_j) = e^(l_ij) w_j, so the weighted loop scores as the plain one and takes w_j
+    through the host's V' = w * V (DESC_VW) and the row sum: one FMA per score, as plain.
+    """
+    if HAS_W:
+        end_plain = tl.where(none_on, hi, lo)
+        end_weighted = tl.where(all_on, hi, lo)
+        end_per_row = tl.where(none_on | all_on, lo, hi)
+    else:
+        end_plain = hi
+    acc, l_i, m_i = _attend(acc, l_i, m_i, DESC_K, DESC_V, lo, end_plain, _PLAIN, MASK, q=q, kv_b=kv_b, kv_h=kv_h,
+                            kv_row=kv_row, wk_row=wk_row, bias_row=bias_row, row_on=row_on, diag_rows=diag_rows,
+                            seq_k=seq_k, stride_kn=0, stride_kd=0, stride_vn=0, stride_vd=0,
+                            stride_biasn=stride_biasn, qk_scale=qk_scale, USE_TMA=True, IS_CAUSAL=IS_CAUSAL,
+                            PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS, POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N,
+                            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                            DOT_F32=DOT_F32, DOT_PRECISION=DOT_PRECISION)
+    if HAS_W:
+        if PROB_SCALE:
+            weighted_k = DESC_K
+            weighted_v = DESC_VW
+        else:
+            weighted_k = DESC_KW
+            weighted_v = DESC_V
+        for kind in tl.static_range(1, 3):  # _WEIGHTED (key_scale: _PLAIN over K'), then _PER_ROW
+            if kind == 1:
+                k_src = weighted_k
+                v_src = weighted_v
+                end = end_weighted
+            else:
+                k_src = DESC_K
+                v_src = DESC_V
+                end = end_per_row
+            acc, l_i, m_i = _attend(acc, l_i, m_i, k_src, v_src, lo, end,
+                                    (_WEIGHTED if PROB_SCALE else _PLAIN) if kind == 1 else _PER_ROW, MASK, q=q,
+                                    kv_b=kv_b, kv_h=kv_h, kv_row=kv_row, wk_row=wk_row, bias_row=bias_row,
+                                    row_on=row_on, diag_rows=diag_rows, seq_k=seq_k, stride_kn=0, stride_kd=0,
+                                    stride_vn=0, stride_vd=0, stride_biasn=stride_biasn, qk_scale=qk_scale,
+                                    USE_TMA=True, IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS,
+                                    POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+                                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32, DOT_PRECISION=DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _rebalanced_attention_fwd(
-    Q, K, V, WK, GEN, BIAS, Out, CU_Q, CU_K, DESC_Q, DESC_K, DESC_V, DESC_KW,
+    Q, K, V, WK, GEN, BIAS, Out, CU_Q, CU_K, DESC_Q, DESC_K, DESC_V, DESC_KW, DESC_VW,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -304,79 +393,49 @@ def _rebalanced_attention_fwd(
         row_on = row_ok
     if USE_TMA:
         # Which rows DAR rebalances decides the loop, once per program. The three kinds run one
-        # after the other, and the program's kind gives all its full tiles to one of them (the
+        # after the other, and the program's kind gives all its key tiles to one of them (the
         # other two get empty ranges): sequential loops, because ptxas serialised every wgmma
         # (C7515) when each kind had its loop in its own branch. The range ends go through a warp
         # vote so that ptxas knows them to be warp-uniform and keeps the loops' addressing in
-        # uniform registers.
+        # uniform registers. The tiles needing a mask (the partial last tile, the causal diagonal's)
+        # are peeled off into the same three loops, masked, after the main ones: a program whose
+        # rows are all plain or all rebalanced runs its tail without the per-row select too.
         if HAS_W:
             n_on = tl.sum(row_on.to(tl.int32), 0)
             none_on = _warp_uniform(n_on == 0, DOT_F32)
             all_on = _warp_uniform(n_on == tl.minimum(seq_q - m0, BLOCK_M), DOT_F32)
-            end_plain = tl.where(none_on, full, 0)
-            end_weighted = tl.where(all_on, full, 0)
-            end_per_row = tl.where(none_on | all_on, 0, full)
         else:
-            end_plain = full
-        acc, l_i, m_i = _attend(acc, l_i, m_i, DESC_K, DESC_V, 0, end_plain, _PLAIN, False, q=q, kv_b=desc_b,
-                                      kv_h=off_hk, kv_row=kv_row, wk_row=wk_row, bias_row=bias_row, row_on=row_on,
-                                      diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn, stride_kd=stride_kd,
-                                      stride_vn=stride_vn, stride_vd=stride_vd, stride_biasn=stride_biasn,
-                                      qk_scale=qk_scale, USE_TMA=USE_TMA, IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE,
-                                      HAS_BIAS=HAS_BIAS, POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                                      HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
-                                      DOT_PRECISION=DOT_PRECISION)
-        if HAS_W:
-            # key_scale, every row rebalanced: scale * <q, k_j> * w_j = scale * <q, w_j k_j>, so the plain
-            # loop over the host's K' = w * K (DESC_KW), the row max folding into exp2's FMA; prob_scale
-            # runs the weighted loop over K.
-            if PROB_SCALE:
-                weighted_k = DESC_K
-            else:
-                weighted_k = DESC_KW
-            acc, l_i, m_i = _attend(acc, l_i, m_i, weighted_k, DESC_V, 0, end_weighted,
-                                          _WEIGHTED if PROB_SCALE else _PLAIN, False, q=q, kv_b=desc_b,
-                                          kv_h=off_hk, kv_row=kv_row, wk_row=wk_row, bias_row=bias_row,
-                                          row_on=row_on, diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn,
-                                          stride_kd=stride_kd, stride_vn=stride_vn, stride_vd=stride_vd,
-                                          stride_biasn=stride_biasn, qk_scale=qk_scale, USE_TMA=USE_TMA,
-                                          IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS,
-                                          POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                                          HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
-                                          DOT_PRECISION=DOT_PRECISION)
-            acc, l_i, m_i = _attend(acc, l_i, m_i, DESC_K, DESC_V, 0, end_per_row, _PER_ROW, False, q=q,
-                                          kv_b=desc_b, kv_h=off_hk, kv_row=kv_row, wk_row=wk_row, bias_row=bias_row,
-                                          row_on=row_on, diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn,
-                                          stride_kd=stride_kd, stride_vn=stride_vn, stride_vd=stride_vd,
-                                          stride_biasn=stride_biasn, qk_scale=qk_scale, USE_TMA=USE_TMA,
-                                          IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS,
-                                          POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                                          HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
-                                          DOT_PRECISION=DOT_PRECISION)
-        # The peeled tail: the partial last key tile and the causal diagonal's tiles, masked, with the
-        # per-row rule (correct for every kind of program).
-        tail_lo = full
-        tail_hi = hi
-        tail_k = DESC_K
-        tail_v = DESC_V
+            none_on = True
+            all_on = False
+        acc, l_i, m_i = _attend_by_kind(acc, l_i, m_i, 0, full, none_on, all_on, False, DESC_K, DESC_V, DESC_KW,
+                                        DESC_VW, q=q, kv_b=desc_b, kv_h=off_hk, kv_row=kv_row, wk_row=wk_row,
+                                        bias_row=bias_row, row_on=row_on, diag_rows=diag_rows, seq_k=seq_k,
+                                        stride_biasn=stride_biasn, qk_scale=qk_scale, HAS_W=HAS_W,
+                                        IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS,
+                                        POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                                        HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
+                                        DOT_PRECISION=DOT_PRECISION)
+        if MASK_KEYS:
+            acc, l_i, m_i = _attend_by_kind(acc, l_i, m_i, full, hi, none_on, all_on, True, DESC_K, DESC_V,
+                                            DESC_KW, DESC_VW, q=q, kv_b=desc_b, kv_h=off_hk, kv_row=kv_row,
+                                            wk_row=wk_row, bias_row=bias_row, row_on=row_on, diag_rows=diag_rows,
+                                            seq_k=seq_k, stride_biasn=stride_biasn, qk_scale=qk_scale, HAS_W=HAS_W,
+                                            IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS,
+                                            POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                                            HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                                            DOT_F32=DOT_F32, DOT_PRECISION=DOT_PRECISION)
     else:
         # Pointer path (pre-Hopper GPUs, Tritons without host descriptors, the interpreter): one loop
         # over every key tile, masked throughout when any tile needs it, with the per-row rule when
         # there are weights. On sm80 the specialised loops and the peeled tail ran out of registers.
-        tail_lo = 0
-        tail_hi = hi
-        tail_k = k_head
-        tail_v = v_head
-    if MASK_KEYS or not USE_TMA:
-        acc, l_i, m_i = _attend(acc, l_i, m_i, tail_k, tail_v, tail_lo, tail_hi,
-                                      _PER_ROW if HAS_W else _PLAIN, MASK_KEYS, q=q, kv_b=desc_b, kv_h=off_hk,
-                                      kv_row=kv_row, wk_row=wk_row, bias_row=bias_row, row_on=row_on,
-                                      diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn, stride_kd=stride_kd,
-                                      stride_vn=stride_vn, stride_vd=stride_vd, stride_biasn=stride_biasn,
-                                      qk_scale=qk_scale, USE_TMA=USE_TMA, IS_CAUSAL=IS_CAUSAL, PROB_SCALE=PROB_SCALE,
-                                      HAS_BIAS=HAS_BIAS, POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                                      HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_F32=DOT_F32,
-                                      DOT_PRECISION=DOT_PRECISION)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, k_head, v_head, 0, hi, _PER_ROW if HAS_W else _PLAIN, MASK_KEYS,
+                                q=q, kv_b=desc_b, kv_h=off_hk, kv_row=kv_row, wk_row=wk_row, bias_row=bias_row,
+                                row_on=row_on, diag_rows=diag_rows, seq_k=seq_k, stride_kn=stride_kn,
+                                stride_kd=stride_kd, stride_vn=stride_vn, stride_vd=stride_vd,
+                                stride_biasn=stride_biasn, qk_scale=qk_scale, USE_TMA=USE_TMA, IS_CAUSAL=IS_CAUSAL,
+                                PROB_SCALE=PROB_SCALE, HAS_BIAS=HAS_BIAS, POS_SCALE=POS_SCALE, BLOCK_N=BLOCK_N,
+                                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                                DOT_F32=DOT_F32, DOT_PRECISION=DOT_PRECISION)
 
     # Epilogue: normalise; rows that saw no allowed key have l = 0 and acc = 0 and output 0.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -497,36 +556,41 @@ def kernel_arguments(q, k, v, w, gen_ranges, key_bias, is_causal: bool, scale: f
     passes ``meta`` tensors.
 
     Dense: the op's 4-D tensors. Packed: ``varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k)`` and (1, H, total, D) views of the packed tensors. ``w`` is turned here into
-    the per-key term the kernel's loop uses: ``w * scale * log2 e`` (key_scale) or ``log2 w``
-    (prob_scale), one small elementwise op on the device; on the TMA path key_scale also gets
-    ``K' = w * K`` (DESC_KW). ``capability`` (None: interpreter) decides between TMA descriptors
-    and pointers.
+    max_seqlen_k)`` and (1, H, total, D) views of the packed tensors. ``w`` is turned here into the
+    per-key term the kernel's loop uses: ``w * scale * log2 e`` (key_scale), or for prob_scale ``w`` (TMA
+    path) or ``log2 w`` (pointer path), one small elementwise op on the device; on the TMA path
+    key_scale also gets ``K' = w * K`` (DESC_KW) and prob_scale ``V' = w * V`` (DESC_VW). ``capability``
+    (None: interpreter) decides between TMA descriptors and pointers.
     """
     b, hq, lq, d = q.shape
     _, hk, lk, dv = v.shape
     has_w, has_bias = w is not None, key_bias is not None
     dummy = out  # stands in for absent optional tensors; their loads are compiled out
-    if has_w:
-        # prob_scale: log2 0 = -inf becomes the lowest finite float, which still gives that key
-        # exp2(...) = 0 exactly; it differs from -inf only in a row whose every key has w = 0
-        # (DAR's weights are 1 +- gamma with gamma < 1, never 0), and keeps -inf out of the loop.
-        wk = (w * (scale * LOG2E) if mode == "key_scale"
-              else torch.log2(w).clamp_min(torch.finfo(torch.float32).min)).contiguous()
-    WK, GEN, BIAS = (wk if has_w else dummy), (gen_ranges if has_w else dummy), (key_bias if has_bias else dummy)
+    use_tma = _use_tma(capability, q, k, v)
     cu_q, cu_k, lq, lk = varlen if varlen is not None else (dummy, dummy, lq, lk)
     block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
-    use_tma = _use_tma(capability, q, k, v)
     # key_scale on the TMA path: K' = w * K for the programs whose rows are all rebalanced (they run
     # the plain loop over it). One extra read and write of k per call, a transient tensor the size
     # of k, laid out like k, the product rounded once to k's dtype (`shared.scaled_keys`).
     kw = scaled_keys(k, w) if use_tma and has_w and mode == "key_scale" else None
-    if kw is not None and not _tma_capable(kw):  # k strided in a way its dense copy cannot be
-        use_tma, kw = False, None
-    descs = dict(DESC_Q=None, DESC_K=None, DESC_V=None, DESC_KW=None)
+    # prob_scale on the TMA path: V' = w * V likewise, for the weighted loop of the programs whose
+    # rows are all rebalanced (their p_ij w_j v_j is p_ij v'_j).
+    vw = scaled_keys(v, w) if use_tma and has_w and mode == "prob_scale" else None
+    if (kw is not None and not _tma_capable(kw)) or (vw is not None and not _tma_capable(vw)):
+        use_tma, kw, vw = False, None, None  # k / v strided in a way their dense copy cannot be
+    if has_w:
+        # prob_scale: the TMA path multiplies p by w (e^(l + ln w) = e^l w), so w goes in as it is;
+        # the pointer path adds log2 w (-inf for w = 0) to the logits (see LOG_W in `_attend`).
+        if mode == "key_scale":
+            wk = (w * (scale * LOG2E)).contiguous()
+        else:
+            wk = (w if use_tma else torch.log2(w)).contiguous()
+    WK, GEN, BIAS = (wk if has_w else dummy), (gen_ranges if has_w else dummy), (key_bias if has_bias else dummy)
+    descs = dict(DESC_Q=None, DESC_K=None, DESC_V=None, DESC_KW=None, DESC_VW=None)
     if use_tma:
         descs.update(DESC_Q=_descriptor(q, block_d), DESC_K=_descriptor(k, block_d), DESC_V=_descriptor(v, block_dv),
-                     DESC_KW=None if kw is None else _descriptor(kw, block_d))
+                     DESC_KW=None if kw is None else _descriptor(kw, block_d),
+                     DESC_VW=None if vw is None else _descriptor(vw, block_dv))
     names = ("stride_qb", "stride_qh", "stride_qm", "stride_qd", "stride_kb", "stride_kh", "stride_kn", "stride_kd",
              "stride_vb", "stride_vh", "stride_vn", "stride_vd", "stride_ob", "stride_oh", "stride_om", "stride_od")
     args = dict(Q=q, K=k, V=v, WK=WK, GEN=GEN, BIAS=BIAS, Out=out, CU_Q=cu_q, CU_K=cu_k, **descs,
@@ -563,8 +627,8 @@ def rebalanced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: O
     q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv): any strides, fp16/bf16/fp32.
     w (B, Lk) float32 and gen_ranges (B, G, 2) int32 (half-open rebalanced query ranges, (0, 0)
     padding), both None for plain attention; w >= 0 (prob_scale: a key with w = 0 gets probability
-    0, and a row whose every key has w = 0 averages them instead of outputting 0; DAR's weights are
-    never 0). key_bias (B, Lk) float32 additive, -inf = padded key.
+    0, and a row whose every allowed key has w = 0 outputs 0, like a row with no allowed key; DAR's
+    weights are never 0). key_bias (B, Lk) float32 additive, -inf = padded key.
     Returns (B, Hq, Lq, Dv) in q's dtype, laid out like q (`empty_output`).
     """
     _check(q, k, v, w, gen_ranges, key_bias, mode)

@@ -58,10 +58,10 @@ def set_descriptor_blocks(nargs: dict) -> None:
     if nargs.get("DESC_Q") is None:
         return
     rows = {"DESC_Q": nargs["BLOCK_M"], "DESC_K": nargs["BLOCK_N"], "DESC_V": nargs["BLOCK_N"],
-            "DESC_KW": nargs["BLOCK_N"]}
+            "DESC_KW": nargs["BLOCK_N"], "DESC_VW": nargs["BLOCK_N"]}
     for name, r in rows.items():
         desc = nargs.get(name)
-        if desc is None:  # DESC_KW: only key_scale calls have K'
+        if desc is None:  # only key_scale calls have K' (DESC_KW), prob_scale V' (DESC_VW)
             continue
         desc.block_shape = [1, 1, r, desc.block_shape[-1]]
 

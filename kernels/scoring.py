@@ -29,7 +29,7 @@ Public entry points, all `torch.library` custom ops traceable by ``torch.compile
 `key_statistics_varlen` (plain Python: r and w from one run, for inspection).
 
 Verification status: every path here is tested on the CPU with ``TRITON_INTERPRET=1``
-(tests/test_triton_scoring.py, tests/test_triton_scoring_varlen.py). The compiled kernels are read by
+(tests/kernels/test_scoring.py, tests/kernels/test_scoring_varlen.py). The compiled kernels are read by
 ``benchmarks/static_report.py`` (SASS, registers, spills) but have not run on a GPU: the autotuning
 tables (scoring_autotune.py; their pruning logic is unit-tested), bf16 ``tl.dot`` without the
 interpreter's fp32 upcast, the split heuristic's performance and 64-bit offsets past 2^31 elements are

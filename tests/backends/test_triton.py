@@ -1,8 +1,8 @@
 """``backend="triton"`` through the public API: weights and output against the reference backend
-and the independent float64 oracle (tests/oracle.py), routing of unsupported inputs, and
+and the independent float64 oracle (tests/support/oracle.py), routing of unsupported inputs, and
 torch.compile(fullgraph=True) through both Triton ops.
 
-On the CPU this needs ``TRITON_INTERPRET=1`` (as CI sets); tolerances are tests/tolerances.py's.
+On the CPU this needs ``TRITON_INTERPRET=1`` (as CI sets); tolerances are tests/support/tolerances.py's.
 """
 
 from __future__ import annotations

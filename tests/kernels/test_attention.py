@@ -4,7 +4,7 @@ Checked against two independent float64 computations written here: the logits ru
 with an explicit softmax, and PyTorch's SDPA run in float64 (with ``k * w`` or a ``+ ln w`` mask
 standing in for DAR). On the CPU this needs ``TRITON_INTERPRET=1`` (set before anything imports
 dar); on a CUDA machine without it the same tests run on the GPU, and the ``cuda``-only tests at
-the bottom add larger shapes. Accuracy bounds are tests/tolerances.py's OUTPUT_TOL, the one place
+the bottom add larger shapes. Accuracy bounds are tests/support/tolerances.py's OUTPUT_TOL, the one place
 they are stated.
 """
 
@@ -343,6 +343,29 @@ def test_large_finite_key_bias_is_not_a_mask():
     case = (q, k, v, None, None, bias, False, 0.1, "key_scale")
     assert_close(op(*case), sdpa_attention(*case), torch.float32)
 
+
+
+@pytest.mark.parametrize("path", ["pointers", "tma"])
+def test_prob_scale_zero_weights(path, monkeypatch):
+    """prob_scale multiplies the probabilities by w (e^(l + ln w) = e^l w): a key with w = 0 gets
+    probability 0, and a rebalanced row whose every key has w = 0 outputs 0, as the float64 oracle
+    gives (every logit -inf), through the weighted, per-row and masked-tail loops of the TMA path
+    as through the pointer path. (Before, ln 0 was clamped to the lowest float and such a row
+    averaged its values.)"""
+    if path == "tma":
+        if not attention.INTERPRETED or attention.TensorDescriptor is None:
+            pytest.skip("the interpreter runs the TMA path only when interpreting, with TensorDescriptor available")
+        monkeypatch.setattr(attention, "_TMA_IN_INTERPRETER", True)
+    q, k, v = make_qkv(2, 2, 2, 40, 36, 32, 32, torch.float16, seed=31)
+    w = 0.5 + torch.rand(2, 36, generator=torch.Generator().manual_seed(32))
+    w[0, ::3] = 0.0
+    w[1] = 0.0
+    case = (q, k, v, w.to(DEVICE), as_ranges([[(0, 40)], [(8, 40)]]), None, False, 0.3, "prob_scale")
+    args, _ = attention.kernel_arguments(*case, out=attention.empty_output(q, 32), capability=None)
+    assert (args["DESC_VW"] is not None) == (path == "tma")
+    got = op(*case)
+    assert_close(got, exact_attention(*case), torch.float16)
+    assert not got[1, :, 8:].any() and got[1, :, :8].abs().sum() > 0
 
 def test_w_none_is_plain_attention():
     q, k, v = make_qkv(2, 4, 1, 40, 40, 24, 24, torch.float16, "blhd", seed=13)
@@ -684,6 +707,7 @@ def test_tma_path_matches_float64(tma_in_interpreter, layout, causal, mode):
     case = (q, k, v, w, gr, bias, causal, 0.4, mode)
     args, const = attention.kernel_arguments(*case, out=attention.empty_output(q, 16), capability=None)
     assert const["USE_TMA"] and (args["DESC_KW"] is not None) == (mode == "key_scale")
+    assert (args["DESC_VW"] is not None) == (mode == "prob_scale")
     if mode == "prob_scale":
         assert_close(op(*case), exact_attention(*case), torch.bfloat16)
     else:

@@ -1,6 +1,6 @@
 """The packed (varlen) scoring kernel ``dar::key_weights_varlen`` against a torch per-sequence
 reference: each sequence scored on its own by the dense reference backend (with flash-attn's
-bottom-right causal rule as an explicit mask) and by the float64 oracle (tests/oracle.py).
+bottom-right causal rule as an explicit mask) and by the float64 oracle (tests/support/oracle.py).
 
 Runs on the CPU under ``TRITON_INTERPRET=1`` (and on CUDA when present).
 """

@@ -1,6 +1,6 @@
 """The static report's machinery (kernels/aot.py, benchmarks/static_report.py): SASS loop parsing,
 launcher-style specialisation, ``dar bench static``. The real ahead-of-time compiles and the
-Markdown table are checked in tests/test_static_targets.py, which compiles once for both.
+Markdown table are checked in tests/kernels/test_static_targets.py, which compiles once for both.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ if aot.tools_available() is not None:
 ROOT = Path(__file__).resolve().parents[2]
 features = pytest.importorskip("dar.kernels.features")
 VARIANTS = ("attn-plain", "attn-key_scale", "attn-key_scale-plain_rows", "attn-key_scale-per_row", "attn-prob_scale",
-            "attn-plain-tail", "attn-key_scale-tail", "attn-key_scale-tail-masked", "yardstick")
+            "attn-plain-tail", "attn-key_scale-tail", "attn-plain-tail-masked", "attn-key_scale-tail-masked",
+            "attn-key_scale-tail-masked-plain_rows", "attn-key_scale-tail-masked-per_row", "yardstick")
 
 _SCRIPT = """
 import json, sys
@@ -87,20 +88,21 @@ def test_plain_loop_matches_the_tma_yardstick():
                                                                                  "yardstick")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 tightens prob_scale to 1.10x the plain loop; measured 393 / 344 "
-                   "= 1.14x (Triton 3.8.0), 402 / 340 = 1.18x (3.6.0): the weighted loop adds a per-key "
-                   "log2 w load (cp.async) and one FADD per score, not yet folded away")
 def test_prob_scale_loop_within_10_percent():
+    """prob_scale, every row rebalanced (issue 20): e^(l + ln w) = e^l w, so the loop scores as the
+    plain one and takes w through V' = w * V (built by the host) and one FMA per score in the row
+    sum. Was 393 / 344 = 1.14x with Triton 3.8.0 (a log2 w load and an FADD per score)."""
     assert loop("attn-prob_scale") <= 1.10 * loop("attn-plain"), ratio("attn-prob_scale", "attn-plain")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: the masked key tail of a Qwen 3-reference key_scale call "
-                   "within 1.15x the plain loop; measured 655 / 340 = 1.93x (Triton 3.6.0), 499 / 344 = 1.45x "
-                   "(3.8.0): the tail runs the per-row rule (weight load, FSEL per score) for every kind of "
-                   "program, plus the key-range select")
 def test_masked_tail_within_15_percent_of_the_plain_loop():
-    assert loop("attn-key_scale-tail-masked") <= 1.15 * loop("attn-plain"), ratio("attn-key_scale-tail-masked",
-                                                                                  "attn-plain")
+    """The masked key tail of a Qwen 3-reference key_scale call (issue 20), for the programs whose
+    rows are all rebalanced and those with none: the tail is specialised by program kind like the
+    main loops, and its one partial tile is masked by adding a 0 / -inf key vector computed before
+    the loop. Was 499 / 344 = 1.45x (Triton 3.8.0), 655 / 340 = 1.93x (3.6.0): the per-row rule for
+    every kind of program, and the key mask as predicates."""
+    for name in ("attn-key_scale-tail-masked", "attn-key_scale-tail-masked-plain_rows", "attn-plain-tail-masked"):
+        assert loop(name) <= 1.15 * loop("attn-plain"), ratio(name, "attn-plain")
 
 
 def test_key_scale_loop_within_10_percent():
@@ -126,6 +128,11 @@ def test_mixed_program_loop_is_reported():
     assert r["fsel"] > 0 and 1 <= r["ldgsts"] <= _WEIGHT_LOADS, r
     assert loop("attn-key_scale-per_row") <= 1.35 * loop("attn-plain"), ratio("attn-key_scale-per_row",
                                                                                "attn-plain")
+    # Its masked tail, one tile per program: 441 / 344 (1.28x) with Triton 3.8.0, 528 / 340 (1.55x) with
+    # 3.6.0 and 587 / 386 (1.52x) with 3.4.0, which load the masked weights by 16 4-byte cp.async.
+    assert rows()["attn-key_scale-tail-masked-per_row"]["loop"]["fsel"] > 0
+    assert loop("attn-key_scale-tail-masked-per_row") <= 1.6 * loop("attn-plain"), ratio(
+        "attn-key_scale-tail-masked-per_row", "attn-plain")
 
 
 def test_no_spills_tma_in_the_main_loop_and_wgmma_not_serialised():
@@ -133,12 +140,19 @@ def test_no_spills_tma_in_the_main_loop_and_wgmma_not_serialised():
         assert r["spill_stores"] == 0 and r["local_bytes"] == 0, (name, r["spill_stores"], r["local_bytes"])
         assert not r["wgmma_serialized"], (name, r["ptxas_notes"])
         assert r["loop"]["hgmma"] > 0, name
-        if name.endswith("-masked"):  # the peeled tail: weights and bias by cp.async, targeted above
+        if "-masked" in name:  # the peeled tail: weights and bias by cp.async, targeted above
             continue
         assert r["loop"]["utmaldg"] >= 2, (name, "K and V should arrive by TMA in the main loop")
         if name.startswith("attn-"):
             assert r["loop"]["ldgsts"] <= _WEIGHT_LOADS, (name, "only the key weights may come through cp.async")
-            assert r["loop"]["ldg"] == 0, (name, "no plain global load in the main loop")
+            # prob_scale's weighted loop uses w only in its row sum, which no dot consumes, so Triton
+            # loads it by LDG rather than cp.async (8 LDG.64 per thread, issued from the QK^T wgmma
+            # on and read after the exponentials; `ldg_after_mma_wait` in the report says how many
+            # come after the loop first waits on that wgmma: 0 with Triton 3.8, 3 with 3.6, 4 with 3.4).
+            if name == "attn-prob_scale":
+                assert r["loop"]["ldg"] <= _WEIGHT_LOADS and r["loop"]["ldgsts"] == 0, (name, r["loop"])
+            else:
+                assert r["loop"]["ldg"] == 0, (name, "no plain global load in the main loop")
         if name in ("attn-key_scale", "attn-key_scale-tail"):
             assert r["loop"]["ldgsts"] == 0 and r["loop"]["fsel"] == 0, (name, "K' = w * K: no weight load")
 
